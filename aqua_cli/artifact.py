@@ -1,0 +1,413 @@
+"""The projection artifact: one directory, verified on every load, written atomically.
+
+Layout (docs/artifact-format.md is the reference)::
+
+    <name>/
+      projections.safetensors   layers.{i}.projection [G, D, D] f32, layers.{i}.singular_values [G, D] f32,
+                                header metadata (strings; JSON for structured values)
+      README.md                 model card (YAML front matter) generated from the metadata
+
+Loading checks, before any tensor is used: the safetensors header parses (never pickle), every layer's
+tensors are present with the declared shapes and dtype, the sha256 of the tensors matches the header,
+and the fingerprint hash matches the fingerprint. Saving writes into a temporary sibling directory and
+renames it into place under a file lock, so readers see the old artifact or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import __version__
+from .errors import ArtifactError, FingerprintMismatch, first_line
+from .models import (
+    DEFAULT_MODEL_ID,
+    describe_fingerprint,
+    fingerprint_hash,
+    model_fingerprint,
+)
+
+FORMAT_VERSION = "1"
+TENSOR_FILE = "projections.safetensors"
+CARD_FILE = "README.md"
+BASIS = "qk-joint-postrope-uncentered"
+REGISTRY_ENV = "AQUA_REGISTRY"
+_JSON_KEYS = ("fingerprint", "command", "extra")
+_INT_KEYS = ("tokens", "seq_len", "seed", "num_layers")
+
+
+@dataclass
+class Artifact:
+    """Per-layer projections ``P`` ([groups, D, D], columns = basis vectors by decreasing energy) and the
+    singular values of the calibration data in that basis, with their provenance."""
+
+    projections: list[torch.Tensor]
+    singular_values: list[torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    # -- shape -----------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.projections)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.projections[0].shape[-1])
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.projections[0].shape[0])
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.metadata["fingerprint"]
+
+    @property
+    def model_id(self) -> str:
+        return str(self.metadata.get("model_id", "?"))
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else registry_name(self.model_id)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (p, s) in enumerate(zip(self.projections, self.singular_values)):
+            out[f"layers.{i}.projection"] = p.contiguous()
+            out[f"layers.{i}.singular_values"] = s.contiguous()
+        return out
+
+    # -- checks ----------------------------------------------------------------------------------
+    def check_model(self, config: Any) -> None:
+        """Refuse a model whose attention shape or RoPE differs from the calibrated one."""
+        theirs = model_fingerprint(config)
+        if fingerprint_hash(theirs) != self.metadata.get("fingerprint_hash"):
+            raise FingerprintMismatch(
+                f"artifact '{self.name}' was calibrated for {self.model_id} ({describe_fingerprint(self.fingerprint)}) "
+                f"but the model is {getattr(config, '_name_or_path', '') or 'another model'} ({describe_fingerprint(theirs)}"
+                f"{'' if describe_fingerprint(theirs) != describe_fingerprint(self.fingerprint) else ', other RoPE'}); "
+                "calibrate one for this model with `aqua calibrate`"
+            )
+
+    def validate(self) -> None:
+        """Shapes, dtypes and finiteness, against the fingerprint."""
+        fp = self.fingerprint
+        if self.num_layers != fp["num_layers"]:
+            raise ArtifactError(f"artifact has {self.num_layers} layers but its fingerprint says {fp['num_layers']}")
+        groups = fp["num_kv_heads"]
+        d = fp["head_dim"]
+        for i, (p, s) in enumerate(zip(self.projections, self.singular_values)):
+            if tuple(p.shape) != (groups, d, d) or tuple(s.shape) != (groups, d):
+                raise ArtifactError(
+                    f"layer {i}: tensors of shape {tuple(p.shape)}/{tuple(s.shape)}, expected "
+                    f"{(groups, d, d)}/{(groups, d)}: the artifact is corrupt"
+                )
+            if p.dtype != torch.float32 or s.dtype != torch.float32:
+                raise ArtifactError(f"layer {i}: dtype {p.dtype}/{s.dtype}, expected float32: the artifact is corrupt")
+            if not (torch.isfinite(p).all() and torch.isfinite(s).all()):
+                raise ArtifactError(f"layer {i}: non-finite values in the artifact")
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, out_dir: str | Path, force: bool = False) -> Path:
+        """Write atomically to ``out_dir`` (a directory); refuse to replace one without ``force``."""
+        from safetensors.torch import save_file
+
+        self.validate()
+        target = Path(out_dir).expanduser().resolve()
+        meta = dict(self.metadata)
+        meta["tensors_sha256"] = tensors_sha256(self.tensors())
+        self.metadata = meta
+        parent = target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArtifactError(f"cannot create {parent}: {exc.strerror or exc}") from exc
+        if not os.access(parent, os.W_OK):
+            raise ArtifactError(f"{parent} is not writable: choose another --out")
+        with _lock(target):
+            if target.exists() and not force:
+                raise ArtifactError(f"{target} already exists: pass --force to replace it, or choose another --out")
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+            try:
+                save_file(self.tensors(), str(tmp / TENSOR_FILE), metadata=encode_metadata(meta))
+                (tmp / CARD_FILE).write_text(model_card(self), encoding="utf-8")
+                _fsync_dir(tmp)
+                _replace_dir(tmp, target)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ArtifactError(f"could not write {target}: {exc.strerror or exc}") from exc
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self.path = target
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Artifact":
+        """Load and verify an artifact directory (or its ``projections.safetensors``)."""
+        path = Path(path).expanduser()
+        file = path / TENSOR_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ArtifactError(f"no {TENSOR_FILE} in {path}: not an aqua artifact")
+        tensors, raw_meta = _read_safetensors(file)
+        meta = decode_metadata(raw_meta, file)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{file}: artifact format version {meta.get('format_version')!r}, this aqua reads {FORMAT_VERSION!r}: upgrade aqua_cli"
+            )
+        if fingerprint_hash(meta["fingerprint"]) != meta.get("fingerprint_hash"):
+            raise ArtifactError(f"{file}: fingerprint hash does not match the fingerprint: the metadata was altered")
+        actual = tensors_sha256(tensors)
+        if actual != meta.get("tensors_sha256"):
+            raise ArtifactError(f"{file}: sha256 of the tensors does not match the header: the file was modified or is corrupt")
+        layers = meta["fingerprint"]["num_layers"]
+        try:
+            projections = [tensors[f"layers.{i}.projection"] for i in range(layers)]
+            singular = [tensors[f"layers.{i}.singular_values"] for i in range(layers)]
+        except KeyError as exc:
+            raise ArtifactError(f"{file}: missing tensor {exc.args[0]}: the artifact is incomplete") from None
+        artifact = cls(projections, singular, meta, path if path.is_dir() else path.parent)
+        artifact.validate()
+        return artifact
+
+
+# -- metadata -------------------------------------------------------------------------------------
+def build_metadata(
+    *,
+    model_id: str,
+    config: Any,
+    revision: str | None,
+    data_id: str,
+    tokens: int,
+    seq_len: int,
+    seed: int,
+    dtype: str,
+    command: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    fp = model_fingerprint(config)
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": "aqua_cli",
+        "tool_version": __version__,
+        "model_id": model_id,
+        "model_revision": revision or "",
+        "fingerprint": fp,
+        "fingerprint_hash": fingerprint_hash(fp),
+        "num_layers": fp["num_layers"],
+        "data_id": data_id,
+        "tokens": int(tokens),
+        "seq_len": int(seq_len),
+        "seed": int(seed),
+        "basis": BASIS,
+        "dtype": dtype,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command or [],
+        "extra": extra or {},
+    }
+
+
+def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v, sort_keys=True) if k in _JSON_KEYS else str(v) for k, v in meta.items()}
+
+
+def decode_metadata(raw: dict[str, str] | None, file: Path) -> dict[str, Any]:
+    if not raw or raw.get("tool") != "aqua_cli":
+        raise ArtifactError(f"{file} is a safetensors file but not an aqua artifact (no aqua metadata)")
+    meta: dict[str, Any] = dict(raw)
+    try:
+        for key in _JSON_KEYS:
+            if key in meta:
+                meta[key] = json.loads(meta[key])
+        for key in _INT_KEYS:
+            if key in meta:
+                meta[key] = int(meta[key])
+        meta["fingerprint"]["num_layers"] = int(meta["fingerprint"]["num_layers"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{file}: malformed aqua metadata ({first_line(exc)})") from exc
+    return meta
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of names, dtypes, shapes and bytes, in name order: independent of file layout."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    from safetensors import safe_open
+
+    size = file.stat().st_size
+    if size < 8:
+        raise ArtifactError(f"{file} is empty or truncated ({size} bytes)")
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+    header_len = int.from_bytes(head, "little")
+    if header_len <= 0 or header_len > min(size - 8, 100_000_000):
+        raise ArtifactError(f"{file} is not a safetensors file (bad header length): truncated, corrupt or a pickle")
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            meta = fh.metadata()
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except Exception as exc:  # SafetensorError and friends
+        raise ArtifactError(f"{file} is not a valid safetensors file ({first_line(exc, 120)}): truncated or corrupt") from exc
+    return tensors, meta
+
+
+# -- registry -------------------------------------------------------------------------------------
+def registry_name(model_id: str) -> str:
+    """``org/name`` -> ``org--name``, the directory name in the registry (as the HF cache does)."""
+    name = model_id.strip("/").replace("\\", "/")
+    if os.path.isabs(model_id) or name.count("/") > 1:
+        name = Path(model_id).name
+    return name.replace("/", "--")
+
+
+def registry_dir() -> Path:
+    """Where ``aqua calibrate`` writes by default: ``$AQUA_REGISTRY`` or ``./artifacts``."""
+    return Path(os.environ.get(REGISTRY_ENV) or "artifacts").expanduser()
+
+
+def shipped_dir() -> Path:
+    """The artifacts shipped with the source tree (next to the package in an editable install)."""
+    return Path(__file__).resolve().parent.parent / "artifacts"
+
+
+def default_artifact_name() -> str:
+    return registry_name(DEFAULT_MODEL_ID)
+
+
+def resolve_artifact(name: str | Path | None) -> Path:
+    """An artifact path from a path, a registry name (``org--name`` or ``org/name``), or the default."""
+    if name is None:
+        name = default_artifact_name()
+    text = str(name)
+    if text.startswith("hf://"):
+        from .hub import pull  # noqa: PLC0415 - optional import: the Hub client is only needed here
+
+        return pull(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    candidates = [root / registry_name(text) for root in (registry_dir(), shipped_dir())]
+    for candidate in candidates:
+        if (candidate / TENSOR_FILE).is_file():
+            return candidate
+    raise ArtifactError(
+        f"artifact '{text}' not found (looked for a path, then {', '.join(str(c) for c in candidates)}): "
+        "run `aqua calibrate` or `aqua list`"
+    )
+
+
+def load_artifact(name: str | Path | None = None) -> Artifact:
+    return Artifact.load(resolve_artifact(name))
+
+
+# -- model card -----------------------------------------------------------------------------------
+def model_card(artifact: Artifact) -> str:
+    from .spectrum import energy_summary
+
+    meta = artifact.metadata
+    fp = artifact.fingerprint
+    summary = energy_summary(artifact)
+    tags = ["aqua", "attention", "projection", fp["architecture"]]
+    front = [
+        "---",
+        f"base_model: {meta['model_id']}",
+        "library_name: aqua_cli",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        "---",
+    ]
+    rows = "\n".join(f"| {r:.2f} | {summary[r]['min']:.4f} | {summary[r]['mean']:.4f} |" for r in sorted(summary))
+    command = " ".join(meta.get("command") or []) or "(Python API)"
+    body = f"""
+# AQUA projections for {meta['model_id']}
+
+Per-layer, per-KV-group orthogonal projections for [AQUA attention](https://arxiv.org/abs/2509.11155)
+(Attention via QUery mAgnitudes), made by `aqua_cli` {meta.get('tool_version', '')}.
+
+| | |
+|---|---|
+| model | {meta['model_id']} (revision: {meta.get('model_revision') or 'unknown'}) |
+| shape | {describe_fingerprint(fp)} |
+| calibration data | {meta.get('data_id')} |
+| tokens | {meta.get('tokens')} (windows of {meta.get('seq_len')}, seed {meta.get('seed')}) |
+| basis | {meta.get('basis')} |
+| model dtype | {meta.get('dtype')} |
+| created | {meta.get('created')} |
+| sha256 (tensors) | `{meta.get('tensors_sha256')}` |
+
+Made with: `{command}`
+
+## Spectrum: fraction of query/key energy in the first k projected dimensions
+
+| k / d | min over layers and groups | mean |
+|---|---|---|
+{rows}
+
+## Use
+
+```bash
+aqua eval {meta['model_id']} --artifact {artifact.name} --k 0.75 --mode dynamic
+```
+
+```python
+import aqua_cli
+handle = aqua_cli.patch(model, "{artifact.name}", k=0.75, mode="dynamic")
+```
+"""
+    return "\n".join(front) + "\n" + body
+
+
+# -- atomic directory replacement -----------------------------------------------------------------
+@contextlib.contextmanager
+def _lock(target: Path) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(target.parent / f".{target.name}.lock"))
+    try:
+        lock.acquire(timeout=600)
+    except Timeout:
+        raise ArtifactError(f"another aqua process holds the lock on {target}; try again when it finishes") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target``; an existing ``target`` is moved aside first and removed after."""
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if backup is not None:
+            os.replace(backup, target)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir():
+        with open(child, "rb") as fh:
+            os.fsync(fh.fileno())

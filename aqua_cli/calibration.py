@@ -1,0 +1,194 @@
+"""The paper's offline step: a basis per layer and KV group from the model's own queries and keys.
+
+The paper (arXiv 2509.11155, abstract) has "an efficient offline step where we compute a universal,
+language agnostic projection matrix via SVD on a calibration dataset, and an online inference step where
+we project query and key vectors and dynamically select a sparse subset of dimensions based on the
+query's magnitude". In the SVD basis the coordinates are ordered by how much q/k energy they carry, and
+a query's large-magnitude coordinates say which dimensions dominate its dot products. The choices the
+paper's wording leaves open, and why we made them:
+
+* **post-RoPE**: attention scores are dot products of rotated vectors; the basis must describe the
+  vectors that are actually multiplied, and the attention interface receives them after RoPE.
+* **joint query + key basis**: one projection ``P`` is applied to both sides, so ``(qP)·(kP) = q·k``
+  holds exactly for orthogonal ``P``; a basis fitted to queries alone would ignore where keys live.
+  Under GQA a group's query heads and its key head share that ``P`` (MHA: one per head).
+* **uncentered**: the dot product is not translation invariant, so the mean is signal, not noise;
+  the right singular vectors of the raw data matrix ``X`` are the eigenvectors of ``X^T X``.
+
+``X^T X`` is accumulated in float64 while streaming (``D x D`` per group, never the vectors), and
+eigen-decomposed once at the end: ``P`` = eigenvectors by decreasing eigenvalue, singular values
+``sqrt(eigenvalues)``. Each eigenvector's sign is fixed (largest entry positive) so runs compare.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .artifact import Artifact, build_metadata
+from .attention import HookedModel, attention_modules
+from .data import DataSpec, load_windows
+from .errors import AquaError
+from .models import ModelSource, attention_shape
+
+
+@dataclass
+class CalibrationConfig:
+    """How much text, cut how, in what order."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    tokens: int = 100_000
+    seq_len: int = 512
+    batch_size: int = 4
+    seed: int = 0
+
+
+class GramAccumulator:
+    """Streaming ``X^T X`` per layer and KV group, float64. ``grams[layer]`` is ``[groups, D, D]``."""
+
+    def __init__(self, num_layers: int, groups: int, head_dim: int, device: torch.device | str = "cpu"):
+        self.grams = torch.zeros(num_layers, groups, head_dim, head_dim, dtype=torch.float64, device=device)
+        self.vectors = torch.zeros(num_layers, dtype=torch.long)
+
+    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """query ``(B, Hq, S, D)``, key ``(B, Hkv, S, D)``: each group's q heads and its k head, stacked."""
+        batch, q_heads, seq, d = query.shape
+        groups = key.shape[1]
+        q = query.reshape(batch, groups, q_heads // groups, seq, d).transpose(0, 1).reshape(groups, -1, d)
+        k = key.transpose(0, 1).reshape(groups, -1, d)
+        x = torch.cat([q, k], dim=1).to(self.grams.device, torch.float64)
+        if not torch.isfinite(x).all():
+            raise AquaError(
+                f"non-finite query/key activations in layer {layer} (overflow, e.g. float16): "
+                "calibrate with --dtype float32 or bfloat16"
+            )
+        self.grams[layer] += x.transpose(1, 2) @ x
+        self.vectors[layer] += x.shape[1]
+
+    def hook(self, layer: int) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        def capture(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.add(layer, query.detach(), key.detach())
+            return query, key
+
+        return capture
+
+
+def eigenbasis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[G, D, D]`` Gram -> (P ``[G, D, D]`` float32, columns by decreasing eigenvalue; singular values ``[G, D]``)."""
+    values, vectors = torch.linalg.eigh(gram.double().cpu())
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    idx = vectors.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(vectors.gather(-2, idx))
+    signs[signs == 0] = 1
+    vectors = vectors * signs
+    return vectors.float().contiguous(), values.clamp_min(0).sqrt().float().contiguous()
+
+
+def _forward_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], Any]:
+    """The decoder without its LM head: calibration needs attention inputs, not logits."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    target = decoder if isinstance(decoder, torch.nn.Module) else model
+    return lambda ids: target(input_ids=ids, use_cache=False)
+
+
+def accumulate(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> GramAccumulator:
+    """Run ``windows`` ``[n, seq_len]`` through ``model`` and collect the Gram matrices."""
+    if batch_size < 1:
+        raise AquaError(f"--batch-size must be at least 1, got {batch_size}")
+    shape = attention_shape(model.config)
+    device = next(model.parameters()).device
+    modules = attention_modules(model)
+    acc = GramAccumulator(len(modules), shape["num_kv_heads"], shape["head_dim"], device)
+    forward = _forward_fn(model)
+    with HookedModel(model, [acc.hook(i) for i in range(len(modules))]), torch.inference_mode():
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            forward(batch)
+            if on_batch is not None:
+                on_batch(batch.numel())
+    return acc
+
+
+def calibrate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    source: ModelSource,
+    config: CalibrationConfig | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    command: list[str] | None = None,
+) -> Artifact:
+    """Calibrate ``model`` on ``config.data`` and return an (unsaved) artifact.
+
+    ``on_start(total_tokens)`` and ``on_batch(tokens)`` report progress (the CLI draws a bar with them).
+    """
+    config = config or CalibrationConfig()
+    windows = load_windows(config.data, tokenizer, config.seq_len, config.tokens, config.seed)
+    if on_start is not None:
+        on_start(int(windows.numel()))
+    return calibrate_windows(
+        model,
+        windows,
+        model_id=source.model_id,
+        revision=source.revision or _commit_hash(model),
+        data_id=config.data.describe(),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        on_batch=on_batch,
+        command=command if command is not None else ["aqua", *sys.argv[1:]],
+    )
+
+
+def calibrate_windows(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    *,
+    model_id: str,
+    revision: str | None = None,
+    data_id: str = "custom",
+    batch_size: int = 4,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+    command: list[str] | None = None,
+) -> Artifact:
+    """Calibrate on ready token windows ``[n, seq_len]`` (any tokenizer, any source)."""
+    started = time.perf_counter()
+    acc = accumulate(model, windows, batch_size, on_batch)
+    seconds = time.perf_counter() - started
+    return artifact_from_grams(
+        acc.grams,
+        model,
+        model_id=model_id,
+        revision=revision,
+        data_id=data_id,
+        tokens=int(windows.numel()),
+        seq_len=int(windows.shape[1]),
+        seed=seed,
+        command=command or [],
+        extra={"seconds": round(seconds, 3), "tokens_per_s": round(windows.numel() / max(seconds, 1e-9), 1), "batch_size": batch_size},
+    )
+
+
+def artifact_from_grams(grams: torch.Tensor, model: torch.nn.Module, **metadata: Any) -> Artifact:
+    """Eigen-decompose accumulated ``[layers, groups, D, D]`` Grams into an artifact for ``model``."""
+    projections, singular = zip(*(eigenbasis(g) for g in grams))
+    meta = build_metadata(
+        config=model.config,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        **metadata,
+    )
+    return Artifact(list(projections), list(singular), meta)
+
+
+def _commit_hash(model: torch.nn.Module) -> str | None:
+    return getattr(model.config, "_commit_hash", None)

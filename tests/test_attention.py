@@ -1,0 +1,166 @@
+"""AQUA attention through transformers' attention interface: exactness first, then what k < d does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+
+from aqua_cli.attention import (
+    ATTN_NAME,
+    HOOK_ATTR,
+    attention_modules,
+    k_dims,
+    parse_k,
+    patch,
+    select_dims,
+    unpatch,
+)
+from aqua_cli.errors import ConfigError, FingerprintMismatch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def inputs(batch: int = 2, length: int = 20, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_full_k_prefill_equals_dense(tiny, mode):
+    _, model, artifact = tiny
+    x = inputs()
+    with torch.no_grad():
+        ref = model(x).logits
+        with patch(model, artifact, k=1.0, mode=mode):
+            got = model(x).logits
+    assert rel_err(got, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_full_k_decode_with_cache_equals_dense(tiny, mode):
+    """Step-by-step decoding through the KV cache, token by token, logits at each step."""
+    _, model, artifact = tiny
+    x = inputs(batch=1, length=14)
+
+    def stepwise():
+        with torch.no_grad():
+            out = model(x[:, :6], use_cache=True)
+            cache, logits = out.past_key_values, [out.logits[:, -1]]
+            for t in range(6, x.shape[1]):
+                out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits.append(out.logits[:, -1])
+        return torch.stack(logits)
+
+    ref = stepwise()
+    with patch(model, artifact, k=artifact.head_dim, mode=mode):
+        got = stepwise()
+    assert rel_err(got, ref) <= 1e-4
+
+
+def test_full_k_generate_same_tokens(tiny):
+    _, model, artifact = tiny
+    x = inputs(batch=1, length=8)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(x, **kw)
+        with patch(model, artifact, k=1.0, mode="dynamic"):
+            got = model.generate(x, **kw)
+    assert torch.equal(got, ref)
+
+
+def test_padded_batch_keeps_its_mask(tiny):
+    """Left padding: the mask function registered beside the attention function must be used."""
+    _, model, artifact = tiny
+    x = inputs(batch=2, length=12)
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        ref = model(x, attention_mask=mask).logits
+        with patch(model, artifact, k=1.0, mode="dynamic"):
+            got = model(x, attention_mask=mask).logits
+    valid = mask.bool()
+    assert rel_err(got[valid], ref[valid]) <= 1e-4
+    # and the padding really matters: without the mask the first row changes
+    with torch.no_grad():
+        unmasked = model(x).logits
+    assert rel_err(unmasked[0, 5:], ref[0, 5:]) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_small_k_changes_logits_and_dense_mode_does_not(tiny, mode):
+    _, model, artifact = tiny
+    x = inputs()
+    with torch.no_grad():
+        ref = model(x).logits
+        with patch(model, artifact, k=0.25, mode=mode) as handle:
+            approx = model(x).logits
+            handle.set(mode="dense")
+            dense = model(x).logits
+    assert rel_err(approx, ref) > 1e-4
+    assert rel_err(dense, ref) <= 1e-6
+
+
+def test_dynamic_beats_random_basis_at_half_k(tiny):
+    """The calibrated basis must carry information: its dynamic AQUA is closer to dense than the same
+    selection in a random orthogonal basis."""
+    arch, model, artifact = tiny
+    from copy import deepcopy
+
+    x = inputs(length=24)
+    rnd = deepcopy(artifact)
+    gen = torch.Generator().manual_seed(0)
+    rnd.projections = [torch.linalg.qr(torch.randn(p.shape, generator=gen))[0].contiguous() for p in artifact.projections]
+    with torch.no_grad():
+        ref = model(x).logits
+        with patch(model, artifact, k=0.5, mode="static"):
+            calibrated = rel_err(model(x).logits, ref)
+        with patch(model, rnd, k=0.5, mode="static"):
+            random = rel_err(model(x).logits, ref)
+    assert calibrated < random
+
+
+def test_patch_is_undone(tiny):
+    _, model, artifact = tiny
+    before = model.config._attn_implementation
+    with patch(model, artifact, k=0.5):
+        assert model.config._attn_implementation == ATTN_NAME
+        assert all(hasattr(m, HOOK_ATTR) for m in attention_modules(model))
+    assert model.config._attn_implementation == before
+    assert not any(hasattr(m, HOOK_ATTR) for m in attention_modules(model))
+    handle = patch(model, artifact, k=0.5)
+    unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    handle.remove()
+
+
+def test_fingerprint_mismatch_is_refused(tiny):
+    arch, model, artifact = tiny
+    other = tiny_model("llama" if arch != "llama" else "qwen2")
+    with pytest.raises(FingerprintMismatch, match="calibrated for tiny/"):
+        patch(other, artifact)
+    assert other.config._attn_implementation == "sdpa"
+
+
+def test_select_dims_static_and_dynamic():
+    q = torch.tensor([[0.1, -3.0, 0.5, 2.0]])
+    assert torch.equal(select_dims(q, 2, "static"), torch.tensor([[0.1, -3.0, 0.0, 0.0]]))
+    assert torch.equal(select_dims(q, 2, "dynamic"), torch.tensor([[0.0, -3.0, 0.0, 2.0]]))
+    assert torch.equal(select_dims(q, 4, "dynamic"), q)
+    assert torch.equal(select_dims(q, 1, "dense"), q)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("0.75", 48), ("1.0", 64), ("1", 1), ("48", 48), (0.5, 32), (64, 64), ("0.001", 1)],
+)
+def test_k_parsing(value, expected):
+    assert k_dims(value, 64) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "65", "abc", "nan", 0, -3])
+def test_k_out_of_range(value):
+    with pytest.raises(ConfigError):
+        k_dims(parse_k(value), 64)

