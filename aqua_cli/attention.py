@@ -3,8 +3,8 @@
 transformers calls a registered attention function with the post-RoPE queries ``(B, Hq, Sq, D)`` and the
 keys and values after the cache update ``(B, Hkv, Skv, D)``. We register one function, ``"aqua"``, and a
 mask function beside it (``sdpa_mask``: without one a padded batch silently loses its mask). The function
-looks for a *hook* on the attention module; a hook rewrites the queries and keys, and the rest is
-transformers' own SDPA path, so masking, GQA, sliding windows, caches and ``generate()`` behave exactly as
+looks for a *hook* on the attention module; a hook rewrites the queries and keys (``hook(module, q, k)
+-> (q, k)``), and the rest is transformers' own SDPA path, so masking, GQA, sliding windows, caches and ``generate()`` behave exactly as
 with ``attn_implementation="sdpa"``.
 
 AQUA as a rewrite of q and k: with ``P`` orthogonal (columns ordered by calibration energy),
@@ -52,8 +52,12 @@ def aqua_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     hook = getattr(module, HOOK_ATTR, None)
-    if hook is not None:
-        query, key = hook(module, query, key)
+    if hook is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    attend = getattr(hook, "attend", None)
+    if attend is not None:  # a hook that computes attention itself (fused kernels, token selection)
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    query, key = hook(module, query, key)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -154,10 +158,27 @@ def parse_mode(mode: str) -> str:
     return mode
 
 
-def select_dims(q: torch.Tensor, k: int, mode: str) -> torch.Tensor:
-    """Zero all but ``k`` coordinates of projected queries ``(..., D)`` (see module docstring)."""
+def select_dims(q: torch.Tensor, k: int | torch.Tensor, mode: str) -> torch.Tensor:
+    """Zero all but ``k`` coordinates of projected queries ``(..., D)`` (see module docstring).
+
+    ``k`` is an int, or a tensor that broadcasts against ``q.shape[:-1]`` (per-group budgets, e.g.
+    shape ``(G, 1, 1)`` for ``q`` of shape ``(B, G, rep, S, D)``).
+    """
     head_dim = q.shape[-1]
-    if mode == "dense" or k >= head_dim:
+    if mode == "dense":
+        return q
+    if isinstance(k, torch.Tensor):
+        k = k.to(q.device)
+        if bool((k >= head_dim).all()):
+            return q
+        kmax = int(k.max())
+        rank = torch.arange(head_dim, device=q.device)
+        if mode == "static":
+            return q * (rank < k.unsqueeze(-1))
+        top = q.abs().topk(kmax, dim=-1).indices
+        kept = q.gather(-1, top) * (rank[:kmax] < k.unsqueeze(-1))
+        return torch.zeros_like(q).scatter_(-1, top, kept)
+    if k >= head_dim:
         return q
     if mode == "static":
         keep = torch.zeros(head_dim, dtype=q.dtype, device=q.device)
@@ -176,7 +197,7 @@ class ProjectionHook:
     """
 
     projection: torch.Tensor
-    k: int
+    k: int | torch.Tensor  # dims kept: one int, or a LongTensor [groups] (per-group budgets)
     mode: str = "dynamic"
     _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -199,7 +220,8 @@ class ProjectionHook:
             )
         q = query.float().view(batch, groups, q_heads // groups, q_len, head_dim) @ proj[:, None]
         k = key.float() @ proj
-        q = select_dims(q, self.k, self.mode)
+        budget = self.k.view(groups, 1, 1) if isinstance(self.k, torch.Tensor) else self.k
+        q = select_dims(q, budget, self.mode)
         return q.view(batch, q_heads, q_len, head_dim).to(query.dtype), k.to(key.dtype)
 
 
@@ -213,6 +235,18 @@ class AquaPatch(HookedModel):
         hooks = [ProjectionHook(p, k_dims(k, head_dim), parse_mode(mode)) for p in artifact.projections]
         super().__init__(model, hooks)
         self.k, self.mode = k, mode
+
+    def set_layer_k(self, budgets: Sequence[int | Sequence[int]]) -> None:
+        """Per-layer (and optionally per-group) numbers of kept dimensions, e.g. from a k-policy."""
+        if len(budgets) != len(self.hooks):
+            raise ConfigError(f"{len(budgets)} layer budgets for {len(self.hooks)} layers")
+        d, groups = self.artifact.head_dim, self.artifact.num_groups
+        for i, (hook, budget) in enumerate(zip(self.hooks, budgets)):
+            values = torch.as_tensor(budget, dtype=torch.long).reshape(-1)
+            if values.numel() not in (1, groups) or bool((values < 1).any() or (values > d).any()):
+                raise ConfigError(f"layer {i}: budget {values.tolist()} must be 1 or {groups} values in 1..{d}")
+            hook.k = int(values) if values.numel() == 1 else values
+        self.k = "per-layer"
 
     def set(self, k: float | int | None = None, mode: str | None = None) -> None:
         if k is not None:

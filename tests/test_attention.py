@@ -164,3 +164,30 @@ def test_k_parsing(value, expected):
 def test_k_out_of_range(value):
     with pytest.raises(ConfigError):
         k_dims(parse_k(value), 64)
+
+
+def test_per_group_budgets_match_per_group_selection():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 2, 5, 8)  # (B, G, rep, S, D)
+    k = torch.tensor([2, 8, 5]).view(3, 1, 1)
+    for mode in ("static", "dynamic"):
+        got = select_dims(q, k, mode)
+        for g, kg in enumerate([2, 8, 5]):
+            assert torch.equal(got[:, g], select_dims(q[:, g], kg, mode))
+
+
+def test_set_layer_k(tiny):
+    _, model, artifact = tiny
+    x = inputs()
+    d, groups = artifact.head_dim, artifact.num_groups
+    with torch.no_grad():
+        ref = model(x).logits
+        with patch(model, artifact, k=0.25, mode="dynamic") as handle:
+            handle.set_layer_k([[d] * groups] * artifact.num_layers)
+            full = model(x).logits
+            handle.set_layer_k([max(1, d // 4)] * artifact.num_layers)
+            quarter = model(x).logits
+            with pytest.raises(ConfigError, match="budget"):
+                handle.set_layer_k([d + 1] * artifact.num_layers)
+    assert rel_err(full, ref) <= 1e-4
+    assert rel_err(quarter, ref) > 1e-4
