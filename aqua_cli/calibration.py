@@ -32,6 +32,7 @@ import torch
 from .artifact import Artifact, build_metadata
 from .attention import HookedModel, attention_modules
 from .data import DataSpec, load_windows
+from .distributed import DistContext, agree, all_reduce_sum, shard
 from .errors import AquaError
 from .models import ModelSource, attention_shape
 
@@ -48,10 +49,12 @@ class CalibrationConfig:
 
 
 class GramAccumulator:
-    """Streaming ``X^T X`` per layer and KV group, float64. ``grams[layer]`` is ``[groups, D, D]``."""
+    """Streaming ``X^T X`` per layer and KV group, float64. ``grams[layer]`` is ``[groups, D, D]``,
+    kept on the device of that layer's activations (layers may sit on different GPUs)."""
 
-    def __init__(self, num_layers: int, groups: int, head_dim: int, device: torch.device | str = "cpu"):
-        self.grams = torch.zeros(num_layers, groups, head_dim, head_dim, dtype=torch.float64, device=device)
+    def __init__(self, num_layers: int, groups: int, head_dim: int):
+        self.shape = (groups, head_dim, head_dim)
+        self.grams: list[torch.Tensor | None] = [None] * num_layers
         self.vectors = torch.zeros(num_layers, dtype=torch.long)
 
     def add(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -60,14 +63,23 @@ class GramAccumulator:
         groups = key.shape[1]
         q = query.reshape(batch, groups, q_heads // groups, seq, d).transpose(0, 1).reshape(groups, -1, d)
         k = key.transpose(0, 1).reshape(groups, -1, d)
-        x = torch.cat([q, k], dim=1).to(self.grams.device, torch.float64)
+        x = torch.cat([q, k], dim=1).to(torch.float64)
         if not torch.isfinite(x).all():
             raise AquaError(
                 f"non-finite query/key activations in layer {layer} (overflow, e.g. float16): "
                 "calibrate with --dtype float32 or bfloat16"
             )
+        if self.grams[layer] is None:
+            self.grams[layer] = torch.zeros(self.shape, dtype=torch.float64, device=x.device)
         self.grams[layer] += x.transpose(1, 2) @ x
         self.vectors[layer] += x.shape[1]
+
+    def stacked(self) -> torch.Tensor:
+        """``[layers, groups, D, D]`` on the CPU; a layer never seen is an error."""
+        missing = [i for i, g in enumerate(self.grams) if g is None]
+        if missing:
+            raise AquaError(f"no queries/keys were captured for layers {missing[:5]}: does the model use the attention interface?")
+        return torch.stack([g.cpu() for g in self.grams])  # type: ignore[union-attr]
 
     def hook(self, layer: int) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         def capture(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +100,15 @@ def eigenbasis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vectors.float().contiguous(), values.clamp_min(0).sqrt().float().contiguous()
 
 
+def _input_device(model: torch.nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device (models split by ``device_map`` start there)."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if isinstance(emb, torch.nn.Module):
+        return next(emb.parameters()).device
+    return next(model.parameters()).device
+
+
 def _forward_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], Any]:
     """The decoder without its LM head: calibration needs attention inputs, not logits."""
     get_decoder = getattr(model, "get_decoder", None)
@@ -106,9 +127,9 @@ def accumulate(
     if batch_size < 1:
         raise AquaError(f"--batch-size must be at least 1, got {batch_size}")
     shape = attention_shape(model.config)
-    device = next(model.parameters()).device
+    device = _input_device(model)
     modules = attention_modules(model)
-    acc = GramAccumulator(len(modules), shape["num_kv_heads"], shape["head_dim"], device)
+    acc = GramAccumulator(len(modules), shape["num_kv_heads"], shape["head_dim"])
     forward = _forward_fn(model)
     with HookedModel(model, [acc.hook(i) for i in range(len(modules))]), torch.inference_mode():
         for start in range(0, windows.shape[0], batch_size):
@@ -127,13 +148,16 @@ def calibrate(
     on_batch: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     command: list[str] | None = None,
+    dist: DistContext | None = None,
 ) -> Artifact:
     """Calibrate ``model`` on ``config.data`` and return an (unsaved) artifact.
 
     ``on_start(total_tokens)`` and ``on_batch(tokens)`` report progress (the CLI draws a bar with them).
+    With ``dist`` (see :mod:`aqua_cli.distributed`) each rank calibrates its shard of the windows and the
+    Grams are summed over ranks; every rank returns the same artifact.
     """
     config = config or CalibrationConfig()
-    windows = load_windows(config.data, tokenizer, config.seq_len, config.tokens, config.seed)
+    windows = agree(dist, lambda: load_windows(config.data, tokenizer, config.seq_len, config.tokens, config.seed), "loading the data")
     if on_start is not None:
         on_start(int(windows.numel()))
     return calibrate_windows(
@@ -146,6 +170,7 @@ def calibrate(
         seed=config.seed,
         on_batch=on_batch,
         command=command if command is not None else ["aqua", *sys.argv[1:]],
+        dist=dist,
     )
 
 
@@ -160,13 +185,26 @@ def calibrate_windows(
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
     command: list[str] | None = None,
+    dist: DistContext | None = None,
 ) -> Artifact:
-    """Calibrate on ready token windows ``[n, seq_len]`` (any tokenizer, any source)."""
+    """Calibrate on ready token windows ``[n, seq_len]`` (any tokenizer, any source).
+
+    With ``dist``, ``windows`` are all the windows; this rank takes its shard.
+    """
     started = time.perf_counter()
-    acc = accumulate(model, windows, batch_size, on_batch)
+    acc = agree(dist, lambda: accumulate(model, shard(windows, dist), batch_size, on_batch), "calibration")
+    grams = acc.stacked().to(_reduce_device(dist))
+    reduce_s = all_reduce_sum([grams], dist)
     seconds = time.perf_counter() - started
+    extra = {
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(windows.numel() / max(seconds, 1e-9), 1),
+        "batch_size": batch_size,
+        "world_size": dist.world_size if dist else 1,
+        "all_reduce_s": round(reduce_s, 4),
+    }
     return artifact_from_grams(
-        acc.grams,
+        grams.cpu(),
         model,
         model_id=model_id,
         revision=revision,
@@ -175,8 +213,12 @@ def calibrate_windows(
         seq_len=int(windows.shape[1]),
         seed=seed,
         command=command or [],
-        extra={"seconds": round(seconds, 3), "tokens_per_s": round(windows.numel() / max(seconds, 1e-9), 1), "batch_size": batch_size},
+        extra=extra,
     )
+
+
+def _reduce_device(dist: DistContext | None) -> torch.device:
+    return dist.device() if dist is not None else torch.device("cpu")
 
 
 def artifact_from_grams(grams: torch.Tensor, model: torch.nn.Module, **metadata: Any) -> Artifact:

@@ -38,6 +38,9 @@ ModelArg = Annotated[
 ]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) of the model.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+DeviceMapOpt = Annotated[
+    Optional[str], typer.Option("--device-map", help="accelerate device map (e.g. auto) to spread a model larger than one GPU over several.")
+]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model dtype: auto, float32, bfloat16, float16 (GGUF: float32).")]
 DataOpt = Annotated[
     str,
@@ -90,7 +93,7 @@ def write_json(target: str | None, payload: Any) -> None:
     err.print(f"wrote {path}")
 
 
-def progress(description: str):
+def progress(description: str, enabled: bool = True):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -110,16 +113,16 @@ def progress(description: str):
         TimeRemainingColumn(),
         console=err,
         transient=False,
-        disable=not err.is_terminal and os.environ.get("AQUA_PROGRESS") != "1",
+        disable=not enabled or (not err.is_terminal and os.environ.get("AQUA_PROGRESS") != "1"),
     )
 
 
-def load(model: str | None, revision: str | None, device: str, dtype: str):
+def load(model: str | None, revision: str | None, device: str, dtype: str, device_map: str | None = None):
     from .models import load_model, resolve_model
 
     source = resolve_model(model, revision)
     with err.status(f"loading {source.model_id} ..."):
-        loaded, tokenizer = load_model(source, device, dtype)
+        loaded, tokenizer = load_model(source, device, dtype, device_map=device_map)
     return source, loaded, tokenizer
 
 

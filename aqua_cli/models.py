@@ -148,17 +148,20 @@ def load_model(
     source: ModelSource,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM and its tokenizer, in eval mode on ``device``.
 
     GGUF files are de-quantized to float32 by transformers unless another dtype is asked for.
+    ``device_map`` (e.g. ``"auto"``) hands placement to accelerate, for models larger than one device;
+    ``device`` is then ignored.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype)
     target = device if isinstance(device, torch.device) else parse_device(device)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"device_map": device_map} if device_map else {}
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
         torch_dtype = torch_dtype or torch.float32
@@ -170,7 +173,8 @@ def load_model(
     if source.kind == "gguf":
         cached = _gguf_cache_dir(source)
         if cached is not None and (cached / "config.json").is_file():
-            location, kwargs = str(cached), {}
+            location = str(cached)
+            kwargs.pop("gguf_file", None)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -184,7 +188,8 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    model.to(target)
+    if not device_map:
+        model.to(target)
     model.eval()
     return model, tokenizer
 

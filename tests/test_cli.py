@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import tiny_model
 
 from aqua_cli.cli import main
 
@@ -15,24 +14,6 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
         main(list(args))
     captured = capsys.readouterr()
     return exc.value.code, captured.out, captured.err
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama saved with a small BPE tokenizer trained on the bundled text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from aqua_cli.data import DataSpec, load_texts
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(load_texts(DataSpec())[:200], trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>", "<s>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(path)
-    tiny_model("llama").save_pretrained(path)
-    return path
 
 
 def assert_one_line_error(code: int, err: str, needle: str) -> None:

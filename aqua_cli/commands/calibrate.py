@@ -13,6 +13,7 @@ from ..cli import (
     BatchOpt,
     DataConfigOpt,
     DataOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -50,38 +51,53 @@ def calibrate(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Artifact directory. Default: the registry, artifacts/<org>--<name>.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
     json_out: JsonOpt = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Calibrate AQUA projections: SVD of the model's post-RoPE queries and keys, per layer and KV group.
 
     Examples: `aqua calibrate` (SmolLM2 on the bundled text), `aqua calibrate meta-llama/Llama-3.1-8B --device cuda
     --dtype bfloat16 --tokens 1000000`, `aqua calibrate ./model.gguf --data notes.txt --out runs/notes`.
+    Data-parallel on several GPUs: `torchrun --nproc_per_node 8 -m aqua_cli calibrate ...` (docs/distributed.md).
     """
     from ..artifact import TENSOR_FILE, registry_dir, registry_name
     from ..calibration import CalibrationConfig
     from ..calibration import calibrate as run_calibration
     from ..data import DataSpec
+    from ..distributed import agree, barrier, init_from_env, shutdown
     from ..spectrum import energy_summary
 
     check_positive(tokens=tokens, seq_len=seq_len, batch_size=batch_size)
-    source, loaded, tokenizer = load(model, revision, device, dtype)
-    target = out_dir or registry_dir() / registry_name(source.model_id)
-    if (target / TENSOR_FILE).exists() and not force:
-        raise AquaError(f"{target} already exists: pass --force to replace it, or choose another --out")
-    config = CalibrationConfig(DataSpec(data, data_config, split, text_column), tokens, seq_len, batch_size, seed)
-    started = time.perf_counter()
-    with progress("calibrating") as bar:
-        task = bar.add_task("calibrating", total=None, rate="")
+    dist = init_from_env(device)
+    try:
+        main_rank = dist is None or dist.is_main
+        source, loaded, tokenizer = load(model, revision, str(dist.device()) if dist else device, dtype, device_map)
+        target = out_dir or registry_dir() / registry_name(source.model_id)
 
-        def on_start(total: int) -> None:
-            bar.update(task, total=total)
+        def check_target() -> None:
+            if main_rank and (target / TENSOR_FILE).exists() and not force:
+                raise AquaError(f"{target} already exists: pass --force to replace it, or choose another --out")
 
-        def on_batch(n: int) -> None:
-            bar.advance(task, n)
-            done = bar.tasks[0].completed
-            bar.update(task, rate=f"{done / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
+        agree(dist, check_target, "the output check")
+        config = CalibrationConfig(DataSpec(data, data_config, split, text_column), tokens, seq_len, batch_size, seed)
+        world = dist.world_size if dist else 1
+        started = time.perf_counter()
+        with progress("calibrating", enabled=main_rank) as bar:
+            task = bar.add_task("calibrating", total=None, rate="")
 
-        artifact = run_calibration(loaded, tokenizer, source, config, on_batch=on_batch, on_start=on_start)
-    path = artifact.save(target, force=force)
+            def on_start(total: int) -> None:
+                bar.update(task, total=total)
+
+            def on_batch(n: int) -> None:  # rank 0 reports for all: shards are the same size within a window
+                bar.advance(task, n * world)
+                bar.update(task, rate=f"{bar.tasks[0].completed / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
+
+            artifact = run_calibration(loaded, tokenizer, source, config, on_batch=on_batch, on_start=on_start, dist=dist)
+        path = artifact.save(target, force=force) if main_rank else target
+        barrier(dist)
+    finally:
+        shutdown(dist)
+    if not main_rank:
+        return
     extra = artifact.metadata["extra"]
     summary = {
         "artifact": str(path),
@@ -90,6 +106,8 @@ def calibrate(
         "tokens": artifact.metadata["tokens"],
         "seconds": extra["seconds"],
         "tokens_per_s": extra["tokens_per_s"],
+        "world_size": extra.get("world_size", 1),
+        "all_reduce_s": extra.get("all_reduce_s", 0.0),
         "energy": {f"{r:g}": v for r, v in energy_summary(artifact).items()},
     }
     table = Table(title="aqua calibrate", show_header=False)
