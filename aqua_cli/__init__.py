@@ -7,32 +7,48 @@ The Python API is what the ``aqua`` CLI runs::
     artifact = aqua_cli.load_artifact()                                     # the shipped artifact
     with aqua_cli.patch(model, artifact, k=0.75, mode="dynamic"):
         model.generate(...)
+
+Names are imported on first use, so ``import aqua_cli`` (and the CLI's start) does not pay for torch
+and transformers until they are needed.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .artifact import Artifact, load_artifact, resolve_artifact  # noqa: E402
-from .attention import AquaPatch, k_dims, parse_k, patch, register, unpatch  # noqa: E402
-from .calibration import CalibrationConfig, calibrate  # noqa: E402
-from .data import DataSpec  # noqa: E402
-from .errors import AquaError  # noqa: E402
-from .models import load_model, model_fingerprint, resolve_model  # noqa: E402
+_EXPORTS = {
+    "Artifact": "artifact",
+    "load_artifact": "artifact",
+    "resolve_artifact": "artifact",
+    "AquaPatch": "attention",
+    "k_dims": "attention",
+    "parse_k": "attention",
+    "patch": "attention",
+    "register": "attention",
+    "unpatch": "attention",
+    "CalibrationConfig": "calibration",
+    "calibrate": "calibration",
+    "DataSpec": "data",
+    "AquaError": "errors",
+    "load_model": "models",
+    "model_fingerprint": "models",
+    "resolve_model": "models",
+}
 
-__all__ = [
-    "Artifact",
-    "AquaError",
-    "AquaPatch",
-    "CalibrationConfig",
-    "DataSpec",
-    "calibrate",
-    "k_dims",
-    "load_artifact",
-    "load_model",
-    "model_fingerprint",
-    "parse_k",
-    "patch",
-    "register",
-    "resolve_artifact",
-    "resolve_model",
-    "unpatch",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aqua_cli' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

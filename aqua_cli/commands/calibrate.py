@@ -52,6 +52,7 @@ def calibrate(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
     json_out: JsonOpt = None,
     device_map: DeviceMapOpt = None,
+    push_to: Annotated[Optional[str], typer.Option("--push", help="Also publish the artifact to this Hub repo (org/repo) once saved.")] = None,
 ) -> None:
     """Calibrate AQUA projections: SVD of the model's post-RoPE queries and keys, per layer and KV group.
 
@@ -67,15 +68,22 @@ def calibrate(
     from ..spectrum import energy_summary
 
     check_positive(tokens=tokens, seq_len=seq_len, batch_size=batch_size)
+    push_token = _push_target(push_to)
     dist = init_from_env(device)
     try:
         main_rank = dist is None or dist.is_main
         source, loaded, tokenizer = load(model, revision, str(dist.device()) if dist else device, dtype, device_map)
         target = out_dir or registry_dir() / registry_name(source.model_id)
 
-        def check_target() -> None:
-            if main_rank and (target / TENSOR_FILE).exists() and not force:
+        def check_target() -> None:  # fail before the long run, not after it
+            if not main_rank:
+                return
+            if (target / TENSOR_FILE).exists() and not force:
                 raise AquaError(f"{target} already exists: pass --force to replace it, or choose another --out")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise AquaError(f"cannot create the output directory {target.parent}: {exc.strerror or exc}") from exc
 
         agree(dist, check_target, "the output check")
         config = CalibrationConfig(DataSpec(data, data_config, split, text_column), tokens, seq_len, batch_size, seed)
@@ -116,4 +124,16 @@ def calibrate(
     for r, v in summary["energy"].items():
         table.add_row(f"energy kept at k={r}d", f"min {v['min']:.3f}  mean {v['mean']:.3f}")
     out.print(table)
+    if push_to:
+        from ..hub import push_saved
+
+        summary["pushed"] = push_saved(path, push_to, push_token).commit_url
+        out.print(summary["pushed"], highlight=False)
     write_json(json_out, summary)
+
+
+def _push_target(repo_id: str | None) -> str | None:
+    """Check ``--push`` (repo id, token) before calibrating, so a typo does not cost a calibration run."""
+    from ..hub import check_push_target
+
+    return check_push_target(repo_id) if repo_id else None
