@@ -136,6 +136,7 @@ class Artifact:
         if not os.access(parent, os.W_OK):
             raise ArtifactError(f"{parent} is not writable: choose another --out")
         with _lock(target):
+            _remove_stale(target)
             if target.exists() and not force:
                 raise ArtifactError(f"{target} already exists: pass --force to replace it, or choose another --out")
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
@@ -319,23 +320,64 @@ def load_artifact(name: str | Path | None = None) -> Artifact:
 
 
 # -- model card -----------------------------------------------------------------------------------
-def model_card(artifact: Artifact) -> str:
-    from .spectrum import energy_summary
+def model_card(artifact: Artifact, hub_repo: str | None = None) -> str:
+    """The README.md of an artifact: Hub metadata (YAML front matter), provenance, spectrum and usage.
+
+    ``hub_repo`` (``org/repo``) is set when the card is rendered for a push: usage then names ``hf://org/repo``.
+    Eval results the artifact carries (``extra["eval_results"]``: dicts with ``task``, ``dataset``, ``metric``,
+    ``value`` and optionally ``k``, ``mode``, ``name``) become the card's ``model-index``.
+    """
+    import re
+
+    from huggingface_hub import EvalResult, ModelCardData
+
+    from .spectrum import DEFAULT_RATIOS, energy_summary, layer_rows
 
     meta = artifact.metadata
     fp = artifact.fingerprint
     summary = energy_summary(artifact)
-    tags = ["aqua", "attention", "projection", fp["architecture"]]
-    front = [
-        "---",
-        f"base_model: {meta['model_id']}",
-        "library_name: aqua_cli",
-        "tags:",
-        *[f"- {t}" for t in tags],
-        "---",
+    hub_id = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+    model_id = str(meta["model_id"])
+    data_name = str(meta.get("data_id") or "").split(":")[0]
+    evals = [r for r in (meta.get("extra") or {}).get("eval_results", []) if isinstance(r, dict) and "value" in r]
+    eval_results = [
+        EvalResult(
+            task_type=str(r.get("task", "text-generation")),
+            dataset_type=str(r.get("dataset", data_name or "unknown")),
+            dataset_name=str(r.get("dataset", data_name or "unknown")),
+            metric_type=str(r.get("metric", "perplexity")),
+            metric_value=r["value"],
+            metric_name=r.get("name") or " ".join(
+                [str(r.get("metric", "perplexity"))] + [f"{key}={r[key]}" for key in ("k", "mode") if key in r]
+            ),
+        )
+        for r in evals
     ]
+    card_data = ModelCardData(
+        base_model=model_id if hub_id.fullmatch(model_id) and not Path(model_id).exists() else None,
+        library_name="aqua_cli",
+        tags=["aqua", "attention", "projection", fp["architecture"]],
+        datasets=[data_name] if hub_id.fullmatch(data_name) and not Path(data_name).exists() else None,
+        model_name=(hub_repo or artifact.name) if eval_results else None,  # only model-index uses it
+        eval_results=eval_results or None,
+    )
+    front = "---\n" + card_data.to_yaml() + "\n---"
     rows = "\n".join(f"| {r:.2f} | {summary[r]['min']:.4f} | {summary[r]['mean']:.4f} |" for r in sorted(summary))
+    layers = "\n".join(
+        f"| {row['layer']} | " + " | ".join(f"{row[f'energy_{r:g}_min']:.3f} / {row[f'energy_{r:g}_mean']:.3f}" for r in DEFAULT_RATIOS)
+        + f" | {row['orthogonality_error']:.1e} |"
+        for row in layer_rows(artifact)
+    )
+    layer_head = " | ".join(f"k={r:g}d" for r in DEFAULT_RATIOS)
     command = " ".join(meta.get("command") or []) or "(Python API)"
+    name = f"hf://{hub_repo}" if hub_repo else artifact.name
+    results = "\n".join(
+        f"| {r.get('task', 'text-generation')} | {r.get('dataset', data_name)} | {r.get('metric', 'perplexity')} | {r.get('k', '')} | {r.get('mode', '')} | {r['value']} |"
+        for r in evals
+    )
+    results_section = (
+        f"\n## Evaluation\n\n| task | dataset | metric | k | mode | value |\n|---|---|---|---|---|---|\n{results}\n" if evals else ""
+    )
     body = f"""
 # AQUA projections for {meta['model_id']}
 
@@ -361,18 +403,26 @@ Made with: `{command}`
 |---|---|---|
 {rows}
 
+<details><summary>Per layer (min / mean over KV groups), as <code>aqua inspect</code> shows it</summary>
+
+| layer | {layer_head} | max abs(PᵀP − I) |
+|---|{'---|' * len(DEFAULT_RATIOS)}---|
+{layers}
+
+</details>
+{results_section}
 ## Use
 
 ```bash
-aqua eval {meta['model_id']} --artifact {artifact.name} --k 0.75 --mode dynamic
+aqua eval {meta['model_id']} --artifact {name} --k 0.75 --mode dynamic
 ```
 
 ```python
 import aqua_cli
-handle = aqua_cli.patch(model, "{artifact.name}", k=0.75, mode="dynamic")
+handle = aqua_cli.patch(model, "{name}", k=0.75, mode="dynamic")
 ```
 """
-    return "\n".join(front) + "\n" + body
+    return front + "\n" + body
 
 
 # -- atomic directory replacement -----------------------------------------------------------------
@@ -405,6 +455,16 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _remove_stale(target: Path) -> None:
+    """Temporary or moved-aside directories of ``target`` left by a killed writer (we hold the lock, so
+    no live writer owns them). A moved-aside artifact with no artifact in place is restored first."""
+    backups = sorted(target.parent.glob(f".{target.name}.old-*"))
+    if backups and not target.exists():
+        os.replace(backups.pop(), target)
+    for stale in [*target.parent.glob(f".{target.name}.tmp-*"), *backups]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
