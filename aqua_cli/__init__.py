@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_artifact": "artifact",
     "resolve_artifact": "artifact",
     "AquaPatch": "attention",
+    "load_patched": "attention",
     "k_dims": "attention",
     "parse_k": "attention",
     "patch": "attention",

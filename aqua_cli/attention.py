@@ -285,3 +285,26 @@ def unpatch(model: torch.nn.Module) -> None:
             delattr(module, HOOK_ATTR)
     if model.config._attn_implementation == ATTN_NAME:
         model.set_attn_implementation("sdpa")
+
+
+def load_patched(
+    model: str | None = None,
+    artifact: Any = None,
+    k: float | int = 0.75,
+    mode: str = "dynamic",
+    revision: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> tuple[torch.nn.Module, Any, AquaPatch]:
+    """Load a model (Hub id, directory, .gguf, or the default SmolLM2) and patch it in one call.
+
+    ``artifact`` is a path, a registry name or ``hf://org/repo``; None picks the registry entry named
+    after the model (the shipped one for SmolLM2). Returns ``(model, tokenizer, handle)``.
+    """
+    from .artifact import load_artifact, registry_name
+    from .models import load_model, resolve_model
+
+    source = resolve_model(model, revision)
+    art = load_artifact(artifact if artifact is not None else registry_name(source.model_id))
+    loaded, tokenizer = load_model(source, device, dtype)
+    return loaded, tokenizer, patch(loaded, art, k=k, mode=mode)

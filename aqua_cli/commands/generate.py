@@ -1,0 +1,113 @@
+"""`aqua generate`: run an AQUA-patched model on a prompt, streaming, optionally beside dense."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ..cli import DeviceOpt, DtypeOpt, JsonOpt, RevisionOpt, app, err, out, write_json
+from ..errors import AquaError
+
+
+@app.command()
+def generate(
+    args: Annotated[Optional[list[str]], typer.Argument(help="[MODEL] PROMPT. MODEL as for calibrate (default SmolLM2); PROMPT text ('-' or none: standard input).", show_default=False)] = None,
+    artifact: Annotated[Optional[str], typer.Option("--artifact", help="Artifact path, registry name or hf://org/repo. Default: the registry entry of the model.")] = None,
+    k: Annotated[str, typer.Option("--k", help="Dimensions kept: a ratio of head_dim (0.75) or a count (48).")] = "0.75",
+    mode: Annotated[str, typer.Option("--mode", help="dynamic (top-k |q| dims, the paper), static (first k dims) or dense.")] = "dynamic",
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from this file.")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap the prompt in the model's chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling (with --temperature > 0).")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    compare: Annotated[bool, typer.Option("--compare", help="Also run dense attention and show both, first difference marked.")] = False,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = None,
+) -> None:
+    """Generate text with AQUA attention, streamed as it is produced.
+
+    Examples: `aqua generate "The capital of France is"`, `aqua generate --chat --k 0.5 "Explain RoPE"`,
+    `echo "def fib(n):" | aqua generate --compare`, `aqua generate ./model.gguf --artifact runs/mine "Hello"`.
+    """
+    from transformers import TextStreamer
+
+    from ..attention import k_dims, load_patched, parse_mode
+    from ..generation import SamplingConfig, attention_flops_saved, first_divergence, generate_text
+
+    model_name, prompt = _split_args(args or [], prompt_file)
+    config = SamplingConfig(max_new_tokens, temperature, top_p, seed, chat)
+    parse_mode(mode)
+    with err.status("loading model and artifact ..."):
+        model, tokenizer, handle = load_patched(model_name, artifact, k=_k(k), mode=mode, revision=revision, device=device, dtype=dtype)
+    dims = k_dims(_k(k), handle.artifact.head_dim)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if not compare else None
+    result = generate_text(model, tokenizer, prompt, config, streamer)
+    saved = attention_flops_saved(model.config, dims, result.prompt_tokens, len(result.new_ids)) if mode != "dense" else 0.0
+    payload = {
+        "model": handle.artifact.model_id, "artifact": str(handle.artifact.path), "k": k, "dims": dims, "mode": mode,
+        "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.new_ids), "tokens_per_s": round(result.tokens_per_s, 2),
+        "attention_flops_saved": round(saved, 4), "text": result.text,
+    }
+    if compare:
+        handle.remove()
+        dense = generate_text(model, tokenizer, prompt, config)
+        where = first_divergence(result.new_ids, dense.new_ids)
+        payload.update(dense_text=dense.text, dense_tokens_per_s=round(dense.tokens_per_s, 2), first_divergence=where)
+        out.print(_side_by_side(tokenizer, result.new_ids, dense.new_ids, where, k, mode))
+    err.print(
+        f"[{len(result.new_ids)} tokens, {result.tokens_per_s:.1f} tok/s, prompt {result.prompt_tokens} tokens, "
+        f"k={dims}/{handle.artifact.head_dim} {mode}: attention FLOPs saved at this length {saved:+.1%}]",
+        highlight=False,
+    )
+    write_json(json_out, payload)
+
+
+def _k(text: str) -> float | int:
+    from ..attention import parse_k
+
+    return parse_k(text)
+
+
+def _split_args(args: list[str], prompt_file: Path | None) -> tuple[str | None, str]:
+    if len(args) > 2:
+        raise AquaError(f"expected [MODEL] PROMPT, got {len(args)} arguments: quote the prompt")
+    model = args[0] if len(args) == 2 else None
+    text = args[-1] if args else None
+    if prompt_file is not None:
+        if text is not None and len(args) == 2:
+            raise AquaError("give the prompt as text or with --prompt-file, not both")
+        model = args[0] if args else None
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AquaError(f"cannot read --prompt-file {prompt_file}: {exc}") from exc
+    elif text is None or text == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise AquaError("no prompt: give it as an argument, with --prompt-file, or on standard input")
+        text = sys.stdin.read()
+    return model, text
+
+
+def _side_by_side(tokenizer, aqua_ids: list[int], dense_ids: list[int], where: int | None, k: str, mode: str) -> Table:
+    table = Table(title="first difference marked" if where is not None else "identical outputs", show_lines=True)
+    table.add_column(f"AQUA ({mode}, k={k})", ratio=1)
+    table.add_column("dense", ratio=1)
+    table.add_row(_marked(tokenizer, aqua_ids, where), _marked(tokenizer, dense_ids, where))
+    return table
+
+
+def _marked(tokenizer, ids: list[int], where: int | None) -> Text:
+    if where is None or where >= len(ids):
+        return Text(tokenizer.decode(ids, skip_special_tokens=True))
+    text = Text(tokenizer.decode(ids[:where], skip_special_tokens=True))
+    text.append(tokenizer.decode(ids[where : where + 1], skip_special_tokens=True), style="bold reverse red")
+    text.append(tokenizer.decode(ids[where + 1 :], skip_special_tokens=True))
+    return text
