@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..cli import JsonOpt, app, out, write_json
-from .push import TokenOpt
+from ..cli import JsonOpt, TokenOpt, app, out, write_json
 
 RefArg = Annotated[str, typer.Argument(help="hf://org/repo[@revision] (or org/repo).")]
 RefRevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of the artifact repo. Default: main.")]

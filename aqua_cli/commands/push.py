@@ -6,10 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import ArtifactArg, JsonOpt, app, out, write_json
+from ..cli import ArtifactArg, JsonOpt, TokenOpt, app, out, write_json
 
-# Hub options shared by push and pull (one spelling and help text; candidates for cli.py).
-TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hugging Face token. Default: HF_TOKEN, then the `hf auth login` token.")]
 BranchOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (created from main if missing). Default: main.")]
 RepoArg = Annotated[str, typer.Argument(help="Hub repo id, org/repo (created if missing).")]
 
