@@ -1,0 +1,491 @@
+"""`aqua bench` as a Python API: the analytical cost model and the timing harness.
+
+Decode attention reads the whole KV cache per step, so on a GPU it is bound by bytes, not FLOPs: the
+paper's saving (a FLOP count) pays only when a kernel reads fewer bytes. This module puts both side by
+side for every sequence length: FLOPs and bytes of dense vs AQUA (projection and top-k selection
+included), and measured latencies of dense SDPA, the PyTorch reference and the fused kernels.
+
+No weights are needed: random tensors of the model's attention shape and a random orthogonal projection
+(or a real artifact's) time the same as real ones.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import ConfigError
+
+MAX_SEQ = 1 << 20  # 1M tokens: beyond any model we bench, and beyond one GPU's memory at batch 8
+PHASES = ("decode", "prefill")
+
+
+# -- sequence lengths ----------------------------------------------------------------------------------
+def _seq_int(text: str, spec: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", text)
+    if not match:
+        raise ConfigError(f"invalid --seq '{spec}': '{text}' is not a number (use e.g. 64..4096, 64..4096:x4, 1024,4096, 32k)")
+    value = int(match.group(1)) * (1024 if match.group(2) else 1)
+    if value < 1:
+        raise ConfigError(f"invalid --seq '{spec}': sequence lengths must be at least 1")
+    if value > MAX_SEQ:
+        raise ConfigError(f"invalid --seq '{spec}': {value} tokens is more than the limit of {MAX_SEQ}")
+    return value
+
+
+def parse_seq(spec: str, default_start: int = 64) -> list[int]:
+    """Sequence lengths from ``64..4096`` (doubling), ``64..4096:x4`` (times 4), ``1024,4096`` or
+    ``..131072`` (from ``default_start``); ``k`` suffix = 1024."""
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("invalid --seq '': give e.g. 64..4096 or 1024,4096")
+    if ".." not in spec:
+        values = [_seq_int(part, spec) for part in spec.split(",")]
+        return sorted(set(values))
+    body, _, step_text = spec.partition(":")
+    factor = 2
+    if step_text:
+        match = re.fullmatch(r"\s*[xX]?(\d+)\s*", step_text)
+        if not match or int(match.group(1)) < 2:
+            raise ConfigError(f"invalid --seq '{spec}': the step must be a factor such as :x2 or :x4")
+        factor = int(match.group(1))
+    start_text, _, end_text = body.partition("..")
+    start = _seq_int(start_text, spec) if start_text.strip() else default_start
+    end = _seq_int(end_text, spec)
+    if start > end:
+        raise ConfigError(f"invalid --seq '{spec}': the range is reversed ({start} > {end})")
+    values = []
+    value = start
+    while value <= end:
+        values.append(value)
+        value *= factor
+    return values
+
+
+# -- model shapes --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttnShape:
+    """The attention shape a benchmark needs: heads, KV heads, head_dim (and layers, for the notes)."""
+
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int = 1
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+PRESETS = {
+    "llama-3.1-8b": AttnShape("llama-3.1-8b", 32, 8, 128, 32),
+    "llama-3.2-1b": AttnShape("llama-3.2-1b", 32, 8, 64, 16),
+    "mistral-7b": AttnShape("mistral-7b", 32, 8, 128, 32),
+    "qwen2.5-7b": AttnShape("qwen2.5-7b", 28, 4, 128, 28),
+    "smollm2-135m": AttnShape("smollm2-135m", 9, 3, 64, 30),
+}
+
+
+def resolve_shape(model: str | None) -> AttnShape:
+    """A preset name, or a Hub id / local model whose config gives the shape (no weights loaded)."""
+    name = (model or "llama-3.1-8b").strip()
+    if name.lower() in PRESETS:
+        return PRESETS[name.lower()]
+    if "/" not in name and not Path(name).expanduser().exists():
+        raise ConfigError(f"unknown model '{name}': give a preset ({', '.join(PRESETS)}), a Hub id (org/name) or a local model")
+    from .models import attention_shape, load_config, resolve_model
+
+    try:
+        source = resolve_model(name)
+    except Exception as exc:  # ModelLoadError: say what presets exist too
+        raise ConfigError(f"unknown model '{name}': not a preset ({', '.join(PRESETS)}) and {exc}") from None
+    shape = attention_shape(load_config(source))
+    return AttnShape(source.model_id, shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], shape["num_layers"])
+
+
+# -- cost model ----------------------------------------------------------------------------------------
+def paper_break_even(head_dim: int, dims: int) -> float:
+    """Context length above which AQUA does fewer multiply-adds per query than dense attention.
+
+    Per query head: dense scores cost ``L*d``; AQUA costs the query projection ``d*d``, the top-k
+    selection (about ``d``) and ``L*k`` scores (the value sum is the same in both). Equal when
+    ``L = (d*d + d) / (d - k)``. Keys are projected once when cached, so they add no per-step cost.
+    """
+    if dims >= head_dim:
+        return math.inf
+    return (head_dim * head_dim + head_dim) / (head_dim - dims)
+
+
+def cost_model(shape: AttnShape, batch: int, seq: int, phase: str, dims: int,
+               token_ratio: float | None = None, elem: int = 2) -> dict[str, float]:
+    """FLOPs and bytes of one attention layer, dense vs AQUA (dims, or dims + top-T tokens).
+
+    Decode (one query per sequence): bytes are the KV cache reads, which is what decides time on a GPU.
+    Prefill (``seq`` queries, causal): FLOPs decide; the static AQUA path scores on the first ``dims``.
+    """
+    hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    if phase == "decode":
+        queries, pairs = batch, batch * seq
+        dense_flops = 4 * hq * pairs * d
+        proj_flops = 2 * hq * queries * d * d
+        select_flops = 2 * hq * queries * d  # |q| and a linear-time selection over d values
+        if token_ratio is None:
+            aqua_flops = proj_flops + select_flops + 2 * hq * pairs * dims + 2 * hq * pairs * d
+            aqua_bytes = batch * hkv * seq * (dims + d) * elem
+        else:
+            tokens = math.ceil(token_ratio * seq)
+            aqua_flops = proj_flops + select_flops + 2 * hq * pairs * dims + 4 * hq * batch * tokens * d
+            aqua_bytes = batch * hkv * (seq * dims + 2 * tokens * d) * elem
+        dense_bytes = 2 * batch * hkv * seq * d * elem
+    else:
+        pairs = batch * seq * (seq + 1) / 2
+        dense_flops = 4 * hq * pairs * d
+        proj_flops = 2 * batch * seq * (hq + hkv) * d * dims
+        aqua_flops = proj_flops + 2 * hq * pairs * dims + 2 * hq * pairs * d
+        dense_bytes = batch * seq * (2 * hq + 2 * hkv) * d * elem
+        aqua_bytes = batch * seq * (hq * (dims + d) + hkv * (dims + d)) * elem
+    return {
+        "dense_flops": float(dense_flops),
+        "aqua_flops": float(aqua_flops),
+        "dense_bytes": float(dense_bytes),
+        "aqua_bytes": float(aqua_bytes),
+        "flop_ratio": aqua_flops / dense_flops,
+        "byte_bound_speedup": dense_bytes / aqua_bytes,
+    }
+
+
+# -- timing --------------------------------------------------------------------------------------------
+def time_us(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 20, graph: bool = True) -> float:
+    """Median latency of ``fn`` in microseconds: CUDA events around CUDA-graph replays on a GPU (launch gaps
+    out, as a serving loop would run), ``perf_counter`` on the CPU. Warm-up (compilation) is not timed."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e6)
+        return statistics.median(times)
+    torch.cuda.synchronize(device)
+    run = fn
+    if graph:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            fn()
+        run = cuda_graph.replay
+        run()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+# -- the benchmark -------------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    """One ``aqua bench`` run. ``k`` is a ratio of head_dim; ``token_ratios`` are the T/L of dims + top-T
+    rows; ``reference_max_seq`` bounds the slow PyTorch reference; ``rotate_bytes`` is how much distinct
+    input a timed call cycles through, so that small shapes are not timed out of the L2 cache."""
+
+    seqs: list[int]
+    batch: int = 1
+    ks: list[float] = field(default_factory=lambda: [0.5])
+    phase: str = "decode"
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    token_ratios: list[float] = field(default_factory=list)
+    gqa: str = "group"
+    select_block: int = 512
+    kernels: bool = True
+    hybrid: bool = True
+    reference_max_seq: int = 32768
+    warmup: int = 3
+    repeats: int = 20
+    rotate_bytes: int = 256 << 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ConfigError(f"unknown phase '{self.phase}': use decode or prefill")
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be at least 1, got {self.batch}")
+        for k in self.ks:
+            if not (0.0 < k <= 1.0):
+                raise ConfigError(f"k ratio {k} is outside (0, 1]: give e.g. 0.5 or 0.75")
+        for ratio in self.token_ratios:
+            if not (0.0 < ratio <= 1.0):
+                raise ConfigError(f"token ratio T/L = {ratio} is outside (0, 1]: give e.g. 0.0625 (1/16)")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ConfigError("--repeats must be at least 1 and --warmup at least 0")
+
+
+def random_projection(groups: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A random orthogonal ``(groups, D, D)`` float32 matrix (QR of a Gaussian): timing needs no calibration."""
+    q, r = torch.linalg.qr(torch.randn(groups, dim, dim, generator=generator))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+
+
+@dataclass
+class _Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kd: torch.Tensor
+
+
+def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, dtype: torch.dtype,
+                   device: torch.device, sets: int) -> list[_Inputs]:
+    from .kernels.reference import project_keys
+
+    out = []
+    for _ in range(sets):
+        q = torch.randn(batch, shape.num_heads, shape.head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, shape.num_kv_heads, seq, shape.head_dim, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        out.append(_Inputs(q, k, v, project_keys(k, proj)))
+    return out
+
+
+def _rotating(fn: Callable[[_Inputs], Any], sets: Sequence[_Inputs]) -> Callable[[], None]:
+    def run() -> None:
+        for inputs in sets:
+            fn(inputs)
+    return run
+
+
+def decode_impls(config: BenchConfig, shape: AttnShape, dims: int, proj: torch.Tensor, device: torch.device,
+                 seq: int) -> dict[str, tuple[Callable[[_Inputs], torch.Tensor], dict[str, Any]]]:
+    """Name -> (step function, row fields) for one k: dense, reference, fused kernels, hybrid."""
+    from .kernels.hybrid import HybridDecode
+    from .kernels.reference import aqua_decode_reference, dense_decode
+
+    impls: dict[str, tuple[Callable[[_Inputs], torch.Tensor], dict[str, Any]]] = {}
+    impls["dense"] = (lambda x: dense_decode(x.q, x.k, x.v), {})
+    run_ref = seq <= config.reference_max_seq
+    if run_ref:
+        impls["reference"] = (lambda x: aqua_decode_reference(x.q, x.k, x.v, x.kd, proj, dims, config.gqa), {})
+    use_kernels = config.kernels and device.type == "cuda"
+    if use_kernels:
+        from .kernels.decode import DecodeConfig, aqua_decode
+
+        cfg = DecodeConfig(dims, config.gqa, None, config.select_block)
+        impls["aqua-dims"] = (lambda x, c=cfg: aqua_decode(x.q, x.k, x.v, x.kd, proj, c), {})
+        if config.hybrid:
+            hyb = HybridDecode(cfg)
+            impls["hybrid-dims"] = (lambda x, h=hyb: h(x.q, x.k, x.v, x.kd, proj), {"uses_aqua": hyb.uses_aqua(config.batch, seq, shape.head_dim)})
+    for ratio in config.token_ratios:
+        extra = {"token_ratio": ratio, "select_block": config.select_block}
+        if run_ref:
+            impls[f"reference-topt-1/{round(1 / ratio)}"] = (
+                lambda x, r=ratio: aqua_decode_reference(x.q, x.k, x.v, x.kd, proj, dims, config.gqa, r, config.select_block), extra)
+        if use_kernels:
+            cfg = DecodeConfig(dims, config.gqa, ratio, config.select_block)
+            impls[f"aqua-topt-1/{round(1 / ratio)}"] = (lambda x, c=cfg: aqua_decode(x.q, x.k, x.v, x.kd, proj, c), extra)
+            if config.hybrid:
+                hyb = HybridDecode(cfg)
+                impls[f"hybrid-topt-1/{round(1 / ratio)}"] = (
+                    lambda x, h=hyb: h(x.q, x.k, x.v, x.kd, proj), {**extra, "uses_aqua": hyb.uses_aqua(config.batch, seq, shape.head_dim)})
+    return impls
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torch.Tensor, device: torch.device,
+                     dtype: torch.dtype) -> list[dict[str, Any]]:
+    """All rows of one decode sequence length: every k, every implementation, with its error vs the
+    reference where the reference ran (a speed number is worthless if the output is wrong)."""
+    elem = torch.finfo(dtype).bits // 8
+    set_bytes = 2 * config.batch * shape.num_kv_heads * seq * shape.head_dim * elem
+    sets = max(1, min(8, -(-config.rotate_bytes // set_bytes))) if device.type == "cuda" else 1
+    inputs = _decode_inputs(shape, config.batch, seq, proj, dtype, device, sets)
+    rows: list[dict[str, Any]] = []
+    dense_us = None
+    for k in config.ks:
+        dims = max(1, min(shape.head_dim, round(k * shape.head_dim)))
+        impls = decode_impls(config, shape, dims, proj, device, seq)
+        refs: dict[float | None, torch.Tensor] = {}
+        for name, (fn, extra) in impls.items():
+            if name == "dense" and dense_us is not None:
+                continue
+            ratio = extra.get("token_ratio")
+            out = fn(inputs[0])
+            if name.startswith("reference"):
+                refs[ratio] = out
+            slow = name.startswith("reference")
+            # the composed reference makes host->device copies that a CUDA graph cannot capture: time it eagerly
+            latency = time_us(_rotating(fn, inputs), device, config.warmup, max(3, config.repeats // 4) if slow else config.repeats,
+                              graph=not slow) / sets
+            if name == "dense":
+                dense_us = latency
+            model = cost_model(shape, config.batch, seq, "decode", dims if name != "dense" else shape.head_dim, ratio, elem)
+            moved = model["dense_bytes"] if name == "dense" else model["aqua_bytes"]
+            row = {
+                "seq": seq, "batch": config.batch, "phase": "decode", "impl": name,
+                "k": 1.0 if name == "dense" else k, "dims": shape.head_dim if name == "dense" else dims,
+                "gqa": config.gqa, "token_ratio": ratio, "latency_us": round(latency, 2),
+                "speedup_vs_dense": round(dense_us / latency, 4) if dense_us else None,
+                "model_bytes": model["dense_bytes"] if name == "dense" else model["aqua_bytes"],
+                "model_flops": model["dense_flops"] if name == "dense" else model["aqua_flops"],
+                "byte_bound_speedup": 1.0 if name == "dense" else round(model["byte_bound_speedup"], 4),
+                "achieved_tb_s": round(moved / latency / 1e6, 3),
+                **{key: val for key, val in extra.items() if key not in ("token_ratio",)},
+            }
+            if not slow and ratio in refs and name != "dense" and extra.get("uses_aqua", True):
+                row["rel_err_vs_reference"] = _rel_err(out, refs[ratio])
+            rows.append(row)
+    return rows
+
+
+def bench_prefill_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torch.Tensor, device: torch.device,
+                      dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Prefill: dense causal SDPA vs the static-slice path (the first ``k`` projected dims of q and k,
+    projection included, then SDPA with a narrower q/k than v)."""
+    import torch.nn.functional as F
+
+    elem = torch.finfo(dtype).bits // 8
+    q = torch.randn(config.batch, shape.num_heads, seq, shape.head_dim, device=device, dtype=dtype)
+    k = torch.randn(config.batch, shape.num_kv_heads, seq, shape.head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    scale = shape.head_dim ** -0.5
+    proj_d = proj.to(device, dtype)
+    dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    dense_us = time_us(dense, device, config.warmup, config.repeats, graph=False)
+    rows = [{"seq": seq, "batch": config.batch, "phase": "prefill", "impl": "dense", "k": 1.0, "dims": shape.head_dim,
+             "latency_us": round(dense_us, 2), "speedup_vs_dense": 1.0,
+             "model_flops": cost_model(shape, config.batch, seq, "prefill", shape.head_dim, None, elem)["dense_flops"]}]
+    group = shape.group
+    for kr in config.ks:
+        dims = max(1, min(shape.head_dim, round(kr * shape.head_dim)))
+        p = proj_d[:, :, :dims]
+
+        def static(p: torch.Tensor = p) -> torch.Tensor:
+            qp = (q.view(config.batch, shape.num_kv_heads, group * seq, shape.head_dim) @ p[None]).view(
+                config.batch, shape.num_heads, seq, p.shape[-1])
+            kp = k @ p[None]
+            return F.scaled_dot_product_attention(qp, kp, v, is_causal=True, enable_gqa=True, scale=scale)
+
+        latency = time_us(static, device, config.warmup, config.repeats, graph=False)
+        rows.append({"seq": seq, "batch": config.batch, "phase": "prefill", "impl": "aqua-static", "k": kr, "dims": dims,
+                     "latency_us": round(latency, 2), "speedup_vs_dense": round(dense_us / latency, 4),
+                     "model_flops": cost_model(shape, config.batch, seq, "prefill", dims, None, elem)["aqua_flops"]})
+    return rows
+
+
+def run_bench(config: BenchConfig, shape: AttnShape, projection: torch.Tensor | None = None,
+              on_seq: Callable[[int, list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every row of a benchmark (see :func:`bench_decode_seq`); ``on_seq`` reports progress."""
+    from .models import parse_device, parse_dtype
+
+    device = parse_device(config.device)
+    dtype = parse_dtype(config.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    proj = projection if projection is not None else random_projection(shape.num_kv_heads, shape.head_dim, generator)
+    if tuple(proj.shape) != (shape.num_kv_heads, shape.head_dim, shape.head_dim):
+        raise ConfigError(f"projection {tuple(proj.shape)} does not fit {shape.num_kv_heads} KV heads of dim {shape.head_dim}")
+    proj = proj.to(device, torch.float32)
+    rows: list[dict[str, Any]] = []
+    step = bench_decode_seq if config.phase == "decode" else bench_prefill_seq
+    for seq in config.seqs:
+        try:
+            seq_rows = step(config, shape, seq, proj, device, dtype)
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"out of memory at --seq {seq} --batch {config.batch}: give shorter sequences or a smaller batch") from None
+        rows.extend(seq_rows)
+        if on_seq is not None:
+            on_seq(seq, seq_rows)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def measured_break_even(rows: Sequence[dict[str, Any]], impl: str, k: float | None = None) -> int | None:
+    """Smallest measured length from which ``impl`` (at ``k``) is at least as fast as dense at every longer
+    length (None if it never is)."""
+    points = sorted((r["seq"], r["speedup_vs_dense"]) for r in rows
+                    if r["impl"] == impl and r["speedup_vs_dense"] and (k is None or r["k"] == k))
+    found = None
+    for seq, speedup in reversed(points):
+        if speedup < 1.0:
+            break
+        found = seq
+    return found
+
+
+def plot_rows(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Speedup vs dense against sequence length, one line per implementation and k (log-2 x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["impl"] == "dense" or not r.get("speedup_vs_dense"):
+            continue
+        label = f"{r['impl']} k={r['k']:g} B{r['batch']} {r['phase']}"
+        series.setdefault(label, []).append((r["seq"], r["speedup_vs_dense"]))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for label, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=label)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("speedup vs dense SDPA (same run)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary(config: BenchConfig, shape: AttnShape, rows: Sequence[dict[str, Any]], device_name: str) -> dict[str, Any]:
+    impls = sorted({r["impl"] for r in rows if r["impl"] != "dense"})
+    ks = sorted({r["k"] for r in rows if r["impl"] != "dense"})
+    return {
+        "device": device_name,
+        "torch": torch.__version__,
+        "shape": asdict(shape),
+        "config": {key: val for key, val in asdict(config).items()},
+        "paper_break_even": {f"k={k:g}": paper_break_even(shape.head_dim, round(k * shape.head_dim)) for k in ks},
+        "measured_break_even": {f"{impl} k={k:g}": measured_break_even(rows, impl, k) for impl in impls for k in ks},
+    }
+
+
+def device_name(device: str) -> str:
+    from .models import parse_device
+
+    dev = parse_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()})"

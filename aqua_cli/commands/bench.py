@@ -1,0 +1,114 @@
+"""`aqua bench`: cost model and measured latency of dense vs AQUA attention, per sequence length."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..cli import DtypeOpt, JsonOpt, PlotOpt, app, err, out, write_json
+from ..errors import AquaError, ConfigError
+
+
+def _ratios(text: str | None, what: str) -> list[float]:
+    if not text:
+        return []
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = float(part.split("/")[0]) / float(part.split("/")[1]) if "/" in part else float(part)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"invalid {what} '{part}': give ratios such as 0.5 or 1/16") from None
+        if not (0.0 < value <= 1.0):
+            raise ConfigError(f"{what} {part} is outside (0, 1]")
+        values.append(value)
+    return values
+
+
+def _table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("seq", "impl", "k", "latency us", "x dense", "byte bound", "TB/s", "err vs ref"):
+        table.add_column(col, justify="right" if col != "impl" else "left")
+    for r in rows:
+        err_ref = r.get("rel_err_vs_reference")
+        table.add_row(
+            str(r["seq"]), r["impl"], f"{r['k']:g}", f"{r['latency_us']:.1f}",
+            f"{r['speedup_vs_dense']:.2f}" if r.get("speedup_vs_dense") else "",
+            f"{r['byte_bound_speedup']:.2f}" if r.get("byte_bound_speedup") else "",
+            f"{r['achieved_tb_s']:.2f}" if r.get("achieved_tb_s") else "",
+            f"{err_ref:.1e}" if err_ref is not None else "",
+        )
+    return table
+
+
+@app.command()
+def bench(
+    seq: Annotated[str, typer.Option("--seq", help="Sequence lengths: 64..4096 (doubling), 64..4096:x4, 1024,4096, ..131072, 32k.")] = "64..4096",
+    batch: Annotated[int, typer.Option("--batch", help="Sequences per step.")] = 1,
+    k: Annotated[str, typer.Option("--k", help="Kept ratio(s) of head_dim, comma-separated, e.g. 0.5,0.75.")] = "0.5",
+    phase: Annotated[str, typer.Option("--phase", help="decode (one query per sequence) or prefill (causal, whole prompt).")] = "decode",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda (cuda runs the fused Triton kernels).")] = "cpu",
+    model: Annotated[Optional[str], typer.Option("--model", help="Preset (llama-3.1-8b, qwen2.5-7b, smollm2-135m...), Hub id or local model: its attention shape.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32.")] = "auto",
+    tokens: Annotated[Optional[str], typer.Option("--tokens", help="T/L ratios for dims + top-T token rows, e.g. 1/16,1/8 (default: none).")] = None,
+    gqa: Annotated[str, typer.Option("--gqa", help="Dim selection under GQA: group (sum |q| over the group) or head (union of per-head dims).")] = "group",
+    select_block: Annotated[int, typer.Option("--select-block", help="Tokens per top-T selection block (power of two).")] = 512,
+    artifact: Annotated[Optional[str], typer.Option("--artifact", help="Use this artifact's layer-0 projection instead of a random orthogonal one.")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats (median reported).")] = 20,
+    no_hybrid: Annotated[bool, typer.Option("--no-hybrid", help="Skip the hybrid (dense below break-even) rows.")] = False,
+    json_out: JsonOpt = None,
+    plot: PlotOpt = None,
+) -> None:
+    """Benchmark AQUA attention against dense SDPA: analytical FLOPs/bytes and measured latency per length.
+
+    Examples: `aqua bench` (CPU, reference path), `aqua bench --device cuda --seq 1024..131072 --batch 8 --k 0.5,0.75
+    --tokens 1/16 --json bench.json --plot bench.png`, `aqua bench --phase prefill --device cuda --seq 1k..32k`.
+    """
+    from ..bench import BenchConfig, device_name, parse_seq, resolve_shape, run_bench, summary
+    from ..models import parse_device
+
+    seqs = parse_seq(seq)
+    ks = _ratios(k, "k")
+    if not ks:
+        raise ConfigError("--k needs at least one ratio, e.g. 0.5")
+    dev = parse_device(device)
+    if select_block < 16 or select_block & (select_block - 1):
+        raise ConfigError(f"--select-block must be a power of two >= 16, got {select_block}")
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    config = BenchConfig(seqs=seqs, batch=batch, ks=ks, phase=phase, device=str(dev), dtype=dtype,
+                         token_ratios=_ratios(tokens, "--tokens"), gqa=gqa, select_block=select_block,
+                         hybrid=not no_hybrid, repeats=repeats)
+    if gqa not in ("group", "head"):
+        raise ConfigError(f"unknown --gqa '{gqa}': use group or head")
+    shape = resolve_shape(model)
+    projection = _artifact_projection(artifact, shape) if artifact else None
+    name = device_name(str(dev))
+    err.print(f"bench {shape.name} ({shape.num_heads} q / {shape.num_kv_heads} kv heads, d={shape.head_dim}) on {name}, "
+              f"batch {batch}, {phase}, k={k}, seq {seqs[0]}..{seqs[-1]}")
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("bench", total=len(seqs))
+        rows = run_bench(config, shape, projection, on_seq=lambda s, _r: bar.update(task, advance=1, description=f"seq {s}"))
+    info = summary(config, shape, rows, name)
+    out.print(_table(rows, f"{shape.name} {phase} B{batch} on {name}"))
+    out.print(f"paper break-even (FLOPs): {info['paper_break_even']}")
+    out.print(f"measured break-even: {info['measured_break_even']}")
+    write_json(json_out, {**info, "rows": rows})
+    if plot is not None:
+        from ..bench import plot_rows
+
+        err.print(f"wrote {plot_rows(rows, plot, f'{shape.name} {phase} B{batch} on {name}')}")
+
+
+def _artifact_projection(name: str, shape):
+    from ..artifact import load_artifact
+
+    art = load_artifact(name)
+    proj = art.projections[0]
+    if tuple(proj.shape) != (shape.num_kv_heads, shape.head_dim, shape.head_dim):
+        raise AquaError(f"artifact {art.name} has projections {tuple(proj.shape)}, not the shape of {shape.name}")
+    return proj

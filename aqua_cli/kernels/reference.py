@@ -1,0 +1,225 @@
+"""PyTorch references for the fused decode kernels, and a top-T hook for quality runs on any device.
+
+Conventions (one decode step, the shapes the kernels take):
+
+* ``q``  ``(B, Hq, D)`` post-RoPE queries; ``Hq = Hkv * G`` (GQA, query head ``h*G + g`` reads KV head ``h``);
+* ``k``, ``v`` ``(B, Hkv, L, D)`` the ordinary token-major cache;
+* ``kd`` ``(B, Hkv, D, L)`` the keys *in the projected basis*, dimension-major, so that one selected
+  dimension is one contiguous row of ``L`` values (what makes reading only ``k`` dims cheap);
+* ``proj`` ``(Hkv, D, D)`` float32, ``P`` of the artifact (columns by decreasing energy).
+
+Dimension selection under GQA (``gqa``):
+
+* ``"group"``: one set of ``k`` dims per KV head, the largest ``sum_g |qP|`` over the group's query heads.
+  The kernel reads ``k`` rows of ``kd`` once for the whole group.
+* ``"head"``: each query head keeps its own top-``k`` dims (the paper's rule, exact per head); the kernel
+  reads the *union* of the group's dims and each head multiplies zeros outside its own set.
+
+Token selection ("dims + top-T", as SparQ and Loki do): the selected dims give approximate logits; per KV
+group a token's score is the max over the group's heads; the sequence is cut into blocks of
+``select_block`` tokens and each block keeps its ``tokens_in_block(n)`` best tokens (a fixed share ``T/L``
+of every block, so the selection needs no global sort and runs inside the kernel). Exact attention then
+runs over the chosen tokens with the full ``q`` and ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+GQA_MODES = ("group", "head")
+
+
+def tokens_in_block(n: torch.Tensor | int, block_keep: int, block: int) -> torch.Tensor | int:
+    """Tokens kept from a block holding ``n`` valid tokens: ``ceil(n * block_keep / block)``.
+
+    ``block_keep = ceil(ratio * block)`` is what a full block keeps; the kernel uses the same integer rule.
+    """
+    if isinstance(n, torch.Tensor):
+        return (n * block_keep + block - 1) // block
+    return (n * block_keep + block - 1) // block
+
+
+def block_keep_for(ratio: float, block: int) -> int:
+    if not (0.0 < ratio <= 1.0):
+        raise ConfigError(f"token ratio T/L = {ratio} is outside (0, 1]")
+    return max(1, math.ceil(ratio * block))
+
+
+def project_keys(k: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, L, D)`` keys -> ``(B, Hkv, D, L)`` projected keys, dimension-major, in ``k``'s dtype."""
+    return (k.float() @ proj.to(k.device, torch.float32)[None]).to(k.dtype).transpose(-1, -2).contiguous()
+
+
+def project_queries(q: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``(B, Hq, D)`` -> ``(B, Hkv, G, D)`` float32 projected queries."""
+    batch, q_heads, dim = q.shape
+    groups = proj.shape[0]
+    return q.float().view(batch, groups, q_heads // groups, dim) @ proj.to(q.device, torch.float32)[None]
+
+
+def select_dims(qp: torch.Tensor, k: int, gqa: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dims each KV group reads, for projected queries ``qp`` ``(B, Hkv, G, D)``.
+
+    Returns ``idx`` ``(B, Hkv, KP)`` int32 dims (sorted ascending: neighbouring rows of ``kd``),
+    ``count`` ``(B, Hkv)`` int32 valid entries of ``idx``, and ``qsel`` ``(B, Hkv, G, KP)`` the queries at
+    those dims (zero where a head did not select the dim, and past ``count``).
+    """
+    if gqa not in GQA_MODES:
+        raise ConfigError(f"unknown GQA selection '{gqa}': use one of {', '.join(GQA_MODES)}")
+    batch, groups, rep, dim = qp.shape
+    if k >= dim:
+        idx = torch.arange(dim, device=qp.device, dtype=torch.int32).expand(batch, groups, dim).contiguous()
+        return idx, torch.full((batch, groups), dim, dtype=torch.int32, device=qp.device), qp
+    if gqa == "group":
+        idx = qp.abs().sum(2).topk(k, dim=-1).indices.sort(-1).values  # (B, Hkv, k)
+        qsel = qp.gather(-1, idx[:, :, None].expand(batch, groups, rep, k))
+        count = torch.full((batch, groups), k, dtype=torch.int32, device=qp.device)
+        return idx.to(torch.int32), count, qsel
+    top = qp.abs().topk(k, dim=-1).indices  # (B, Hkv, G, k)
+    mask = torch.zeros_like(qp, dtype=torch.bool).scatter_(-1, top, True)
+    union = mask.any(2)  # (B, Hkv, D)
+    idx = torch.argsort((~union).to(torch.int8), dim=-1, stable=True)  # union dims first, ascending
+    count = union.sum(-1).to(torch.int32)
+    qsel = (qp * mask).gather(-1, idx[:, :, None].expand(batch, groups, rep, dim))
+    return idx.to(torch.int32), count, qsel
+
+
+def approx_logits(qsel: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, G, L)`` logits over the selected dims only (unscaled), in float32."""
+    dims = idx.shape[-1]
+    valid = torch.arange(dims, device=idx.device)[None, None] < count[..., None]
+    rows = kd.gather(2, idx.long()[..., None].expand(*idx.shape, kd.shape[-1])).float()  # (B, Hkv, KP, L)
+    return (qsel.float() * valid[:, :, None]) @ (rows * valid[..., None])
+
+
+def select_tokens(scores: torch.Tensor, length: torch.Tensor | int, ratio: float, block: int) -> torch.Tensor:
+    """Boolean keep-mask over the last axis of ``scores`` (``-inf`` = not visible): per block of ``block``
+    keys, the ``tokens_in_block(n)`` highest, ``n`` = visible keys in that block (``length`` of them, from 0).
+
+    ``scores`` ``(..., Q, L)``; ``length`` broadcasts against ``(..., Q)`` (causal prefill: ``1..Q``).
+    """
+    keep_full = block_keep_for(ratio, block)
+    total = scores.shape[-1]
+    blocks = -(-total // block)
+    pad = blocks * block - total
+    padded = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    view = padded.view(*scores.shape[:-1], blocks, block)
+    rank = torch.sort(view, dim=-1, descending=True, stable=True).indices.argsort(-1)  # 0 = best in its block
+    length = torch.as_tensor(length, device=scores.device)
+    starts = torch.arange(blocks, device=scores.device) * block
+    n = (length[..., None] - starts).clamp(0, block)  # (..., Q, blocks) visible keys per block
+    keep = rank < tokens_in_block(n, keep_full, block)[..., None]
+    return keep.view(*scores.shape[:-1], blocks * block)[..., :total]
+
+
+def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense attention of one decode step, ``(B, Hq, D)`` (SDPA, the baseline every AQUA path is timed against)."""
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+    return out[:, :, 0]
+
+
+def aqua_decode_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kd: torch.Tensor,
+    proj: torch.Tensor,
+    dims: int,
+    gqa: str = "group",
+    token_ratio: float | None = None,
+    select_block: int = 512,
+) -> torch.Tensor:
+    """AQUA for one decode step in plain PyTorch: what every kernel must match. Returns ``(B, Hq, D)``.
+
+    Without ``token_ratio``: softmax over the selected-dims logits, times ``v`` (the paper's method).
+    With it: those logits only pick tokens; the attention over them is exact (full ``q``, ``k``).
+    """
+    batch, q_heads, dim = q.shape
+    groups = k.shape[1]
+    scale = dim ** -0.5
+    qp = project_queries(q, proj).to(q.dtype)
+    idx, count, qsel = select_dims(qp, dims, gqa)
+    logits = approx_logits(qsel, idx, count, kd) * scale  # (B, Hkv, G, L)
+    if token_ratio is None:
+        probs = logits.softmax(-1)
+    else:
+        keep = select_tokens(logits.amax(2), kd.shape[-1], token_ratio, select_block)  # (B, Hkv, L)
+        exact = q.float().view(batch, groups, -1, dim) @ k.float().transpose(-1, -2) * scale
+        probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
+    out = probs @ v.float()  # (B, Hkv, G, L) @ (B, Hkv, L, D)
+    return out.reshape(batch, q_heads, dim).to(q.dtype)
+
+
+@dataclass
+class TopTokensHook:
+    """AQUA dims + top-T tokens for one layer, as an ``attend()`` hook (prefill and decode, any device).
+
+    Scores every visible key on the ``k`` selected projected dims, keeps per KV group and block of
+    ``select_block`` keys the best ``T/L`` share, and attends exactly over those. ``token_ratio=None``
+    gives AQUA dims only (softmax over the approximate logits), ``dims=D`` and ``token_ratio=None`` dense.
+    Quality reference only: it materialises ``(B, H, Q, L)`` scores.
+    """
+
+    projection: torch.Tensor  # (Hkv, D, D) float32
+    dims: int
+    token_ratio: float | None = None
+    gqa: str = "group"
+    select_block: int = 512
+    _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def _proj(self, device: torch.device) -> torch.Tensor:
+        if device not in self._cache:
+            self._cache = {device: self.projection.to(device, torch.float32)}
+        return self._cache[device]
+
+    def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        batch, q_heads, q_len, dim = query.shape
+        groups, kv_len = key.shape[1], key.shape[2]
+        rep = q_heads // groups
+        scale = scaling if scaling is not None else dim ** -0.5
+        proj = self._proj(query.device)
+        q = query.float().view(batch, groups, rep, q_len, dim)
+        kf = key.float()
+        qp, kp = q @ proj[:, None], kf @ proj  # (B, Hkv, G, Q, D), (B, Hkv, L, D)
+        # dims per query position: move Q next to B so select_dims sees (B*, Hkv, G, D)
+        flat = qp.permute(0, 3, 1, 2, 4).reshape(batch * q_len, groups, rep, dim)
+        idx, count, qsel = select_dims(flat, self.dims, self.gqa)
+        valid = (torch.arange(idx.shape[-1], device=idx.device) < count[..., None])
+        qsparse = torch.zeros_like(flat).scatter_(-1, idx.long()[:, :, None].expand_as(qsel), qsel * valid[:, :, None])
+        qsparse = qsparse.view(batch, q_len, groups, rep, dim).permute(0, 2, 3, 1, 4)
+        approx = qsparse @ kp[:, :, None].transpose(-1, -2) * scale  # (B, Hkv, G, Q, L)
+        visible = _visible(attention_mask, batch, q_len, kv_len, query.device)  # (B, 1, Q, L) bool
+        approx = approx.masked_fill(~visible[:, :, None], float("-inf"))
+        if self.token_ratio is None:
+            probs = approx.softmax(-1)
+        else:
+            keep = _keep_causal(approx.amax(2), visible, self.token_ratio, self.select_block)  # (B, Hkv, Q, L)
+            exact = (q @ kf[:, :, None].transpose(-1, -2)) * scale
+            probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
+        out = probs @ value.float()[:, :, None]  # (B, Hkv, G, Q, D)
+        out = out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).to(query.dtype)
+        return out, None
+
+
+def _visible(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``(B, 1, Q, L)``: which keys each query sees (causal when transformers passes no mask)."""
+    if mask is None:
+        offset = kv_len - q_len
+        rows = torch.arange(q_len, device=device)[:, None] + offset
+        return (torch.arange(kv_len, device=device)[None] <= rows)[None, None].expand(batch, 1, q_len, kv_len)
+    if mask.dtype == torch.bool:
+        return mask[:, :1, :, -kv_len:].expand(batch, 1, q_len, kv_len)
+    return (mask[:, :1, :, -kv_len:] > float("-inf")).expand(batch, 1, q_len, kv_len)
+
+
+def _keep_causal(scores: torch.Tensor, visible: torch.Tensor, ratio: float, block: int) -> torch.Tensor:
+    """Top-T per block for every query row; visible keys are a prefix (causal), so its length is the count."""
+    lengths = visible.sum(-1)  # (B, 1, Q)
+    return select_tokens(scores, lengths, ratio, block) & visible

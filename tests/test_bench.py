@@ -1,0 +1,101 @@
+"""`aqua bench`: sequence parsing, cost model, the CPU reference run end to end, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import assert_one_line_error, run
+
+from aqua_cli.bench import PRESETS, cost_model, measured_break_even, paper_break_even, parse_seq
+from aqua_cli.errors import ConfigError
+
+
+def test_parse_seq_forms():
+    assert parse_seq("64..512") == [64, 128, 256, 512]
+    assert parse_seq("64..4096:x4") == [64, 256, 1024, 4096]
+    assert parse_seq("4096,1024") == [1024, 4096]
+    assert parse_seq("..256") == [64, 128, 256]
+    assert parse_seq("1k..4k") == [1024, 2048, 4096]
+    assert parse_seq("100..300") == [100, 200]
+
+
+@pytest.mark.parametrize("spec", ["4096..64", "0..64", "a..b", "64..x", "", "64..4096:x1", "1,abc", str(1 << 30)])
+def test_parse_seq_rejects(spec):
+    with pytest.raises(ConfigError):
+        parse_seq(spec)
+
+
+def test_cost_model_byte_bounds_match_the_perf_notes():
+    shape = PRESETS["llama-3.1-8b"]
+    dims = cost_model(shape, 8, 32768, "decode", 64)
+    assert dims["byte_bound_speedup"] == pytest.approx(4 / 3)
+    assert cost_model(shape, 8, 32768, "decode", 96)["byte_bound_speedup"] == pytest.approx(2 / 1.75)
+    topt = cost_model(shape, 8, 32768, "decode", 64, token_ratio=1 / 16)
+    assert topt["byte_bound_speedup"] == pytest.approx(2 / (0.5 + 2 / 16))
+    assert dims["flop_ratio"] < 1.0 and cost_model(shape, 1, 64, "decode", 64)["flop_ratio"] > 1.0
+
+
+def test_paper_break_even_is_where_flops_cross():
+    shape = PRESETS["llama-3.1-8b"]
+    length = paper_break_even(128, 64)
+    assert length == pytest.approx((128 * 128 + 128) / 64)
+    assert cost_model(shape, 1, int(length) - 1, "decode", 64)["flop_ratio"] > 1.0
+    assert cost_model(shape, 1, int(length) + 1, "decode", 64)["flop_ratio"] < 1.0
+
+
+def test_measured_break_even_needs_every_longer_length():
+    rows = [{"impl": "a", "k": 0.5, "seq": s, "speedup_vs_dense": x} for s, x in [(64, 1.2), (128, 0.9), (256, 1.1), (512, 1.3)]]
+    assert measured_break_even(rows, "a") == 256
+    assert measured_break_even(rows[:2], "a") is None
+
+
+def test_bench_cpu_end_to_end(capsys, tmp_path):
+    target, plot = tmp_path / "b.json", tmp_path / "b.png"
+    code, out, err = run(capsys, "bench", "--seq", "16,48", "--model", "smollm2-135m", "--k", "0.5", "--tokens", "1/4",
+                         "--repeats", "2", "--select-block", "16", "--json", str(target), "--plot", str(plot))
+    assert code == 0, err
+    data = json.loads(target.read_text())
+    impls = {r["impl"] for r in data["rows"]}
+    assert {"dense", "reference", "reference-topt-1/4"} <= impls
+    for row in data["rows"]:
+        assert {"seq", "batch", "phase", "impl", "k", "latency_us", "speedup_vs_dense"} <= row.keys()
+        assert row["latency_us"] > 0
+    assert plot.stat().st_size > 0 and "reference" in out
+
+
+def test_bench_prefill_cpu(capsys, tmp_path):
+    target = tmp_path / "p.json"
+    code, _, err = run(capsys, "bench", "--phase", "prefill", "--seq", "32", "--model", "smollm2-135m", "--repeats", "1", "--json", str(target))
+    assert code == 0, err
+    assert {r["impl"] for r in json.loads(target.read_text())["rows"]} == {"dense", "aqua-static"}
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--seq", "4096..64"], "reversed"),
+        (["--seq", "0"], "at least 1"),
+        (["--seq", "abc"], "not a number"),
+        (["--seq", "64..99999999999"], "limit"),
+        (["--k", "1.5"], "outside (0, 1]"),
+        (["--k", "0"], "outside (0, 1]"),
+        (["--tokens", "2"], "outside (0, 1]"),
+        (["--model", "no-such-preset"], "unknown model"),
+        (["--phase", "train"], "unknown phase"),
+        (["--gqa", "row"], "unknown --gqa"),
+        (["--batch", "0"], "--batch"),
+    ],
+)
+def test_bench_bad_input_is_one_line(capsys, args, needle):
+    code, _, err = run(capsys, "bench", "--seq", "16", *args) if "--seq" not in args else run(capsys, "bench", *args)
+    assert_one_line_error(code, err, needle)
+
+
+def test_bench_cuda_without_cuda_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, "bench", "--device", "cuda", "--seq", "16")
+    assert_one_line_error(code, err, "CUDA is not available")
