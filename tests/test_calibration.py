@@ -39,8 +39,11 @@ def test_non_finite_activations_are_reported():
     acc = GramAccumulator(1, 1, 4)
     q = torch.ones(1, 1, 2, 4)
     q[0, 0, 1, 2] = float("inf")
-    with pytest.raises(AquaError, match="non-finite"):
-        acc.add(0, q, torch.ones(1, 1, 2, 4))
+    acc.add(0, torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4))
+    acc.check_finite()  # finite so far
+    acc.add(0, q, torch.ones(1, 1, 2, 4))
+    with pytest.raises(AquaError, match="non-finite query/key activations in layer 0"):
+        acc.check_finite()
 
 
 def test_eigenbasis_is_orthogonal_ordered_and_reconstructs():
