@@ -188,3 +188,57 @@ def test_hybrid_switches_to_dense_below_threshold():
     assert torch.equal(hyb(q, k, v, kd, proj), dense_decode(q, k, v))
     hyb.min_seq = {1: 1}
     assert rel(hyb(q, k, v, kd, proj), aqua_decode_reference(q, k, v, kd, proj, 32)) < 2e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 1.0])
+def test_fused_dim_selection_matches_topk_mass(shape, ratio):
+    """The one-launch selection keeps a set with the same total sum_g |qP| as torch.topk (it may differ
+    only on exact ties), ascending, with the projected q values at those dims."""
+    from aqua_cli.kernels.decode import launch_select_dims
+    from aqua_cli.kernels.reference import project_queries
+
+    batch, heads, kv_heads, length, dim = shape
+    q, k, v, proj, kd = inputs(batch, heads, kv_heads, 8, dim, torch.bfloat16, "cuda", seed=11 + length)
+    dims = round(ratio * dim)
+    qsel, idx, count = launch_select_dims(q, proj, dims)
+    qp = project_queries(q, proj).to(q.dtype).float().flatten(0, 1)  # (B*Hkv, G, D)
+    score = qp.abs().sum(1)
+    chosen = idx[:, :dims].long()
+    assert (count == dims).all()
+    assert (chosen[:, 1:] > chosen[:, :-1]).all()
+    got, want = score.gather(-1, chosen).sum(-1), score.topk(dims, -1).values.sum(-1)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    want_q = qp.gather(-1, chosen[:, None].expand(-1, qp.shape[1], -1))
+    assert torch.allclose(qsel[..., :dims].float(), want_q, rtol=1e-2, atol=1e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [True, False])
+def test_kernel_selection_paths_agree(fused):
+    from aqua_cli.kernels.decode import DecodeConfig, aqua_decode
+
+    q, k, v, proj, kd = inputs(2, 32, 8, 5000, 128, torch.bfloat16, "cuda", seed=3)
+    ref = aqua_decode_reference(q, k, v, kd, proj, 64)
+    out = aqua_decode(q, k, v, kd, proj, DecodeConfig(64, fused_select=fused, block_n=128, num_warps=8))
+    assert rel(out, ref) < 2e-2
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_is_graph_capturable():
+    from aqua_cli.kernels.decode import DecodeConfig, aqua_decode
+
+    q, k, v, proj, kd = inputs(2, 32, 8, 3000, 128, torch.bfloat16, "cuda", seed=4)
+    for cfg in (DecodeConfig(64), DecodeConfig(96), DecodeConfig(64, token_ratio=1 / 16)):
+        eager = aqua_decode(q, k, v, kd, proj, cfg)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = aqua_decode(q, k, v, kd, proj, cfg)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and rel(out, eager) < 1e-3

@@ -18,8 +18,8 @@ from .reference import dense_decode
 # Smallest sequence length per batch size from which the kernel beat SDPA at every longer length in
 # docs/results/bench-h100.json; batch sizes in between use the nearest smaller key. NEVER: dense always.
 NEVER = 1 << 40
-DEFAULT_MIN_SEQ_DIMS = {1: NEVER, 8: 65536}
-DEFAULT_MIN_SEQ_TOPT = {1: NEVER, 8: 32768}
+DEFAULT_MIN_SEQ_DIMS = {1: 131072, 8: 16384}
+DEFAULT_MIN_SEQ_TOPT = {1: 65536, 8: 8192}
 MAX_DEFAULT_RATIO = 0.5  # with the defaults, k/d above this never beat dense on the H100: stay dense
 
 

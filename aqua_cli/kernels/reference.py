@@ -77,7 +77,8 @@ def select_dims(qp: torch.Tensor, k: int, gqa: str) -> tuple[torch.Tensor, torch
         idx = torch.arange(dim, device=qp.device, dtype=torch.int32).expand(batch, groups, dim).contiguous()
         return idx, torch.full((batch, groups), dim, dtype=torch.int32, device=qp.device), qp
     if gqa == "group":
-        idx = qp.abs().sum(2).topk(k, dim=-1).indices.sort(-1).values  # (B, Hkv, k)
+        # scores in float32 (a bf16 sum rounds many near-ties into exact ties); the fused kernel does the same
+        idx = qp.float().abs().sum(2).topk(k, dim=-1).indices.sort(-1).values  # (B, Hkv, k)
         qsel = qp.gather(-1, idx[:, :, None].expand(batch, groups, rep, k))
         count = torch.full((batch, groups), k, dtype=torch.int32, device=qp.device)
         return idx.to(torch.int32), count, qsel
