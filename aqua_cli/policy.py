@@ -1,0 +1,122 @@
+"""Per-layer (and per-KV-group) k budgets from the calibration spectrum: an open question of the paper.
+
+The paper uses one ``k`` for every layer and head. Layers differ, though: ``aqua inspect`` shows some
+layers whose first quarter of projected dimensions holds nearly all the query/key energy and others
+that are close to isotropic. A *k-policy* spends the same total attention dot-product budget as
+uniform ``k`` but moves dimensions to where the spectrum says they matter.
+
+Cost model: every query head of a KV group uses the group's ``k``, and every group has the same
+number of query heads, so the dot-product cost of a layer is proportional to the sum of its groups'
+``k``. A policy must return integer budgets ``k[l][g]`` in ``1..D`` with
+``sum k[l][g] == layers * groups * k_uniform`` exactly (tested), so "equal cost" is literal.
+
+Policies:
+
+* ``uniform``: the paper's choice, ``k`` everywhere.
+* ``energy``: maximise the total static energy kept, ``sum_lg E_lg(k_lg)`` where ``E_lg(k)`` is the
+  fraction of calibration energy in the first ``k`` projected dims. ``E`` is concave (singular values
+  are sorted), so taking dimensions greedily by their marginal energy share ``s_j^2 / sum s^2`` is
+  optimal. Tends to starve already-concentrated layers and feed flat ones.
+* ``equal-energy``: the smallest ``k_lg`` reaching a common energy target ``tau``, with ``tau``
+  chosen (bisection) so that the budget is met; the remainder goes greedily. Equalises the worst
+  case rather than the sum.
+
+Both use the static energy as a proxy for what dynamic selection keeps; whether that proxy helps on
+real text is what ``aqua eval --k-policy uniform,energy`` measures (docs/eval.md has the answer for
+SmolLM2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .errors import ConfigError
+from .spectrum import energy_curves
+
+Budgets = list[list[int]]
+
+
+def uniform_budgets(curves: torch.Tensor, k: int) -> Budgets:
+    layers, groups, _ = curves.shape
+    return [[k] * groups for _ in range(layers)]
+
+
+def energy_budgets(curves: torch.Tensor, k: int, floor: int = 1) -> Budgets:
+    """Greedy marginal-energy allocation (optimal for a concave objective), every budget >= ``floor``."""
+    layers, groups, d = curves.shape
+    total = layers * groups * k
+    floor = min(floor, k)
+    marginal = torch.diff(curves.double(), dim=-1, prepend=torch.zeros(layers, groups, 1, dtype=torch.float64))
+    # dims below the floor are taken first (score +inf); ties broken by (layer, group, dim) order
+    score = marginal.clone()
+    score[..., :floor] = float("inf")
+    flat = score.reshape(-1)
+    order = torch.argsort(flat, descending=True, stable=True)[:total]
+    # take the top ``total`` marginal dims; concavity means each (l, g) takes a prefix of its dims
+    counts = torch.zeros(layers * groups, dtype=torch.long)
+    counts.index_add_(0, order // d, torch.ones_like(order))
+    return counts.view(layers, groups).tolist()
+
+
+def equal_energy_budgets(curves: torch.Tensor, k: int, floor: int = 1) -> Budgets:
+    """Smallest k per (layer, group) reaching a common energy target, then the remainder greedily."""
+    layers, groups, d = curves.shape
+    total = layers * groups * k
+    c = curves.double()
+
+    def needed(tau: float) -> torch.Tensor:
+        # first k (1-based) with curve >= tau, at least ``floor``
+        reach = (c < tau).sum(-1) + 1
+        return reach.clamp(min=min(floor, k), max=d)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if int(needed(mid).sum()) <= total:
+            lo = mid
+        else:
+            hi = mid
+    base = needed(lo)
+    spare = total - int(base.sum())
+    if spare > 0:  # hand the rest out by marginal energy of the next dimension
+        marginal = torch.diff(c, dim=-1, prepend=torch.zeros(layers, groups, 1, dtype=torch.float64))
+        rank = torch.arange(d).expand(layers, groups, d)
+        score = torch.where(rank >= base.unsqueeze(-1), marginal, torch.full_like(marginal, -1.0))
+        order = torch.argsort(score.reshape(-1), descending=True, stable=True)[:spare]
+        extra = torch.zeros(layers * groups, dtype=torch.long)
+        extra.index_add_(0, order // d, torch.ones_like(order))
+        base = base + extra.view(layers, groups)
+    return base.tolist()
+
+
+POLICIES: dict[str, Callable[[torch.Tensor, int], Budgets]] = {
+    "uniform": uniform_budgets,
+    "energy": energy_budgets,
+    "equal-energy": equal_energy_budgets,
+}
+
+
+def parse_policy(name: str) -> str:
+    if name not in POLICIES:
+        raise ConfigError(f"unknown k-policy '{name}': use one of {', '.join(POLICIES)}")
+    return name
+
+
+def allocate(artifact: Any, k: int, policy: str = "uniform") -> Budgets:
+    """Integer budgets ``[layers][groups]`` summing to ``layers * groups * k`` (``k`` in dims)."""
+    parse_policy(policy)
+    d = artifact.head_dim
+    if not 1 <= k <= d:
+        raise ConfigError(f"k = {k} dimensions is outside 1..{d}")
+    budgets = POLICIES[policy](energy_curves(artifact), k)
+    assert sum(map(sum, budgets)) == artifact.num_layers * artifact.num_groups * k, "budget not conserved"
+    return budgets
+
+
+def kept_energy(artifact: Any, budgets: Budgets) -> float:
+    """Mean over layers and groups of the static energy fraction the budgets keep."""
+    curves = energy_curves(artifact)
+    idx = torch.as_tensor(budgets, dtype=torch.long).unsqueeze(-1) - 1
+    return float(curves.gather(-1, idx).mean())
