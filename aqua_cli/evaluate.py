@@ -131,10 +131,17 @@ def window_bytes(tokenizer: Any, windows: torch.Tensor) -> int:
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, num_bytes: int = 0,
-               on_batch: Callable[[int], None] | None = None) -> Perplexity:
-    """Summed next-token NLL over ``[n, seq_len]`` windows (no cache, no padding)."""
+               on_batch: Callable[[int], None] | None = None, dist: Any = None) -> Perplexity:
+    """Summed next-token NLL over ``[n, seq_len]`` windows (no cache, no padding).
+
+    With ``dist`` (:mod:`aqua_cli.distributed`), each rank scores its shard of the windows and the sums
+    are all-reduced: every rank returns the perplexity of all the windows.
+    """
+    from .distributed import all_reduce_sum, shard
+
     device = next(model.parameters()).device
     nll, count = 0.0, 0
+    windows = shard(windows, dist)
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
@@ -146,6 +153,10 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         count += targets.numel()
         if on_batch is not None:
             on_batch(batch.numel())
+    if dist is not None:
+        sums = torch.tensor([nll, float(count)], dtype=torch.float64)
+        all_reduce_sum([sums], dist)
+        nll, count = float(sums[0]), int(sums[1])
     return Perplexity(nll, count, num_bytes)
 
 
@@ -290,6 +301,7 @@ def evaluate(
     windows: torch.Tensor | None = None,
     on_point: Callable[[EvalRow], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    dist: Any = None,
 ) -> list[EvalRow]:
     """Perplexity (and retention) at every point of ``config``, against dense on the same windows.
 
@@ -314,7 +326,7 @@ def evaluate(
         for point in grid:
             started = time.perf_counter()
             mean_dims, energy = set_point(handle, artifact, point)
-            result = perplexity(model, windows, config.batch_size, num_bytes, on_batch)
+            result = perplexity(model, windows, config.batch_size, num_bytes, on_batch, dist)
             if reference is None:
                 reference = result
             kept = retention(handle, sample) if (len(sample) and point.mode != "dense") else {}

@@ -70,3 +70,30 @@ def test_failed_rank_stops_every_rank_and_writes_nothing(model_dir, tmp_path):
     assert "data file not found" in results[1][1]
     assert not (tmp_path / "art").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_two_rank_perplexity_equals_one(model_dir, tmp_path):
+    """`aqua eval` under torchrun: each rank scores its shard, the sums are all-reduced."""
+    import json
+
+    from conftest import tiny_artifact
+    from transformers import AutoModelForCausalLM
+
+    art = tiny_artifact(AutoModelForCausalLM.from_pretrained(model_dir), "llama").save(tmp_path / "art")
+    args = ["eval", str(model_dir), "--artifact", str(art), "--tokens", "768", "--seq-len", "64", "--k", "0.5,1.0",
+            "--mode", "dense,dynamic", "--retention-windows", "0", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "aqua_cli", *args, "--json", str(tmp_path / "one.json")],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), "-m", "aqua_cli", *args, "--json", str(tmp_path / "two.json")],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one.json").read_text())["rows"]
+    b = json.loads((tmp_path / "two.json").read_text())["rows"]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert (x["mode"], x["k"], x["tokens"]) == (y["mode"], y["k"], y["tokens"])
+        assert abs(x["ppl"] - y["ppl"]) <= 1e-4 * x["ppl"]

@@ -75,7 +75,7 @@ def eval_command(
     from ..artifact import load_artifact
     from ..data import DataSpec
     from ..errors import ConfigError
-    from ..evaluate import EvalConfig, evaluate, prepare_windows
+    from ..evaluate import EvalConfig
     from ..lmeval import check_available, parse_tasks
     from ..models import load_config, resolve_model
 
@@ -96,13 +96,28 @@ def eval_command(
     art = load_artifact(artifact if artifact is not None else _default_artifact(source.model_id))
     config.validate(art.head_dim)
     art.check_model(load_config(source))
+    from ..distributed import init_from_env, shutdown
+
+    dist = init_from_env(device)  # torchrun / accelerate launch: perplexity data-parallel over ranks
+    try:
+        _run(config, model, revision, str(dist.device()) if dist else device, dtype, art, source, task_names, limit,
+             task_batch_size, seed, no_ppl, json_out, plot, dist)
+    finally:
+        shutdown(dist)
+
+
+def _run(config, model, revision, device, dtype, art, source, task_names, limit, task_batch_size, seed, no_ppl,
+         json_out, plot, dist) -> None:
+    from ..evaluate import evaluate, prepare_windows
+
+    main_rank = dist is None or dist.is_main
     source, loaded, tokenizer = load(model, revision, device, dtype)
     windows = None if no_ppl else prepare_windows(tokenizer, config)
 
     rows: list[dict[str, Any]] = []
     if not no_ppl:
         total = windows.numel() * _passes(config)
-        with progress("eval") as bar:
+        with progress("eval", enabled=main_rank) as bar:
             task = bar.add_task("eval", total=total, rate="")
             started = time.perf_counter()
 
@@ -111,9 +126,12 @@ def eval_command(
                 done = bar.tasks[0].completed
                 bar.update(task, rate=f"{done / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
 
-            result = evaluate(loaded, tokenizer, art, config, source.model_id, windows=windows, on_batch=on_batch)
+            result = evaluate(loaded, tokenizer, art, config, source.model_id, windows=windows, on_batch=on_batch, dist=dist)
         rows = [r.as_dict() for r in result]
-        out.print(ppl_table(rows), width=_width())
+        if main_rank:
+            out.print(ppl_table(rows), width=_width())
+    if not main_rank:
+        return
     task_rows = _run_tasks(loaded, tokenizer, art, config, task_names, limit, task_batch_size, seed, source.model_id)
     if task_rows:
         out.print(task_table(task_rows, limit), width=_width())
