@@ -1,0 +1,246 @@
+"""H2O eviction, alone and over AQUA scores: exact with a budget that evicts nothing, then eviction itself
+(exact budget, heavy hitters by accumulated score, positions after eviction), then bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_artifact
+from tiny_models import VOCAB, tiny_model
+from transformers import DynamicCache
+
+from aqua_cli.attention import patch
+from aqua_cli.cache import cache_bytes
+from aqua_cli.errors import AquaError, ConfigError
+from aqua_cli.h2o import H2OLayer, H2OState, continuation_nll, parse_budget, patch_h2o
+
+FULL = ("llama", "qwen2", "olmoe")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def inputs(batch: int = 1, length: int = 20, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=FULL)
+def full(request):
+    model = tiny_model(request.param)
+    return request.param, model, tiny_artifact(model, request.param)
+
+
+def stepwise(model, x, cache, prefill=6):
+    with torch.no_grad():
+        out = model(x[:, :prefill], past_key_values=cache, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for t in range(prefill, x.shape[1]):
+            out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits)
+
+
+# -- exactness: a budget that never evicts ------------------------------------------------------------
+@pytest.mark.parametrize("aqua", [False, True])
+def test_full_budget_prefill_equals_dense(full, aqua):
+    _, model, art = full
+    x = inputs(batch=2)
+    with torch.no_grad():
+        ref = model(x).logits
+        with patch_h2o(model, 1.0, artifact=art if aqua else None, k=1.0) as h:
+            cache = h.new_cache()
+            got = model(x, past_key_values=cache, use_cache=True).logits
+    assert rel_err(got, ref) <= 1e-4
+    assert cache.layers[0].keys.shape[-2] == x.shape[1]  # ratio 1.0 of the prompt keeps it all
+
+
+@pytest.mark.parametrize("aqua", [False, True])
+def test_full_budget_decode_and_generate_equal_dense(full, aqua):
+    _, model, art = full
+    x = inputs(length=16)
+    ref = stepwise(model, x, DynamicCache())
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ref_tokens = model.generate(x[:, :8], **kw)
+    with patch_h2o(model, 64, artifact=art if aqua else None, k=art.head_dim) as h:
+        got = stepwise(model, x, h.new_cache())
+        with torch.no_grad():
+            tokens = model.generate(x[:, :8], past_key_values=h.new_cache(), **kw)
+    assert rel_err(got, ref) <= 1e-4
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_aqua_h2o_without_eviction_equals_aqua(full):
+    """With nothing evicted, AQUA + H2O is AQUA: the explicit attention matches the SDPA path at k < D."""
+    _, model, art = full
+    x = inputs(batch=2)
+    with torch.no_grad():
+        with patch(model, art, k=0.5, mode="dynamic"):
+            ref = model(x).logits
+        with patch_h2o(model, 1.0, artifact=art, k=0.5, mode="dynamic") as h:
+            got = model(x, past_key_values=h.new_cache(), use_cache=True).logits
+    assert rel_err(got, ref) <= 1e-4
+
+
+# -- eviction -----------------------------------------------------------------------------------------
+def test_eviction_keeps_exactly_the_budget_and_counts_positions(full):
+    _, model, _ = full
+    x = inputs(batch=2, length=20)
+    with patch_h2o(model, 8) as h:
+        cache = h.new_cache()
+        with torch.no_grad():
+            model(x, past_key_values=cache, use_cache=True)
+            assert all(layer.keys.shape[-2] == 8 and layer.scores.shape[-1] == 8 for layer in cache.layers)
+            for t in range(5):
+                model(inputs(batch=2, length=1, seed=10 + t), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 25  # tokens seen: the next token's RoPE position
+    assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)
+    held = cache_bytes(cache)
+    assert held["keys"] == held["values"] == 2 * len(cache.layers) * cache.layers[0].keys.shape[1] * 8 * cache.layers[0].keys.shape[-1] * 4
+
+
+def test_ratio_budget_is_fixed_by_the_prompt(full):
+    _, model, _ = full
+    with patch_h2o(model, 0.25) as h:
+        cache = h.new_cache()
+        with torch.no_grad():
+            model(inputs(length=40), past_key_values=cache, use_cache=True)
+            model(inputs(length=3, seed=4), past_key_values=cache, use_cache=True)
+    assert cache.layers[0].capacity == 10 and cache.layers[0].keys.shape[-2] == 10
+
+
+def test_heavy_hitters_are_chosen_by_accumulated_score():
+    """Half recent, half the highest accumulated scores among the older tokens, kept in order."""
+    state = H2OState(budget=4)
+    layer = H2OLayer(state)
+    k = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 3).contiguous()
+    layer.update(k, k.clone())
+    scores = torch.zeros(1, 2, 10)
+    scores[0, 0, [2, 5]] = 1.0  # head 0: heavy hitters 2 and 5
+    scores[0, 1, [0, 7]] = 1.0  # head 1: 0 and 7
+    scores[0, :, 9] = 5.0  # a recent token: kept anyway, not counted as a heavy hitter
+    layer.scores = scores
+    layer.evict()
+    kept = layer.keys[0, :, :, 0]
+    assert kept[0].tolist() == [2.0, 5.0, 8.0, 9.0]
+    assert kept[1].tolist() == [0.0, 7.0, 8.0, 9.0]
+    assert layer.scores[0, 0].tolist() == [1.0, 1.0, 0.0, 5.0]
+
+
+def test_attention_accumulates_probability_mass(full):
+    """Scores sum, over queries and the group's query heads, to (queries x heads per group) per KV head."""
+    _, model, _ = full
+    x = inputs(length=12)
+    with patch_h2o(model, 1.0) as h:
+        cache = h.new_cache()
+        with torch.no_grad():
+            model(x, past_key_values=cache, use_cache=True)
+    rep = model.config.num_attention_heads // cache.layers[0].keys.shape[1]
+    total = cache.layers[0].scores.sum(-1)
+    assert torch.allclose(total, torch.full_like(total, 12.0 * rep), rtol=1e-4)
+
+
+def test_positions_stay_right_after_eviction(full):
+    """Under the budget nothing is evicted and decode equals dense; a single eviction in prefill then
+    decoding must still give RoPE positions of tokens seen (a cache that counted stored tokens would
+    shift them): compare with a budget that evicts only tokens no query attends to."""
+    _, model, _ = full
+    x = inputs(length=18)
+    ref = stepwise(model, x, DynamicCache(), prefill=10)
+    with patch_h2o(model, 18) as h:  # longer than the sequence: no eviction
+        got = stepwise(model, x, h.new_cache(), prefill=10)
+    assert rel_err(got, ref) <= 1e-4
+    with patch_h2o(model, 6) as h:
+        cache = h.new_cache()
+        stepwise(model, x, cache, prefill=10)
+    assert cache.get_seq_length() == 18 and cache.get_mask_sizes(1, 0) == (7, 12)
+
+
+def test_rope_positions_after_eviction_are_tokens_seen(full):
+    """The RoPE module must see position 20, 21, ... for the decode steps after a 20-token prompt was
+    compressed to 6 tokens (a cache that reported its stored length would give 6, 7, ...)."""
+    _, model, _ = full
+    seen: list[int] = []
+
+    def record(module, args, kwargs, out):
+        positions = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+        seen.append(int(positions[0, -1]))
+
+    hook = model.model.rotary_emb.register_forward_hook(record, with_kwargs=True)
+    try:
+        with patch_h2o(model, 6) as h:
+            cache = h.new_cache()
+            with torch.no_grad():
+                model(inputs(length=20), past_key_values=cache, use_cache=True)
+                for t in range(3):
+                    model(inputs(length=1, seed=5 + t), past_key_values=cache, use_cache=True)
+    finally:
+        hook.remove()
+    assert seen == [19, 20, 21, 22]
+    assert all(layer.keys.shape[-2] == 6 for layer in cache.layers)
+
+
+def test_evicting_changes_outputs_and_aqua_changes_the_choice(full):
+    _, model, art = full
+    x = inputs(length=24)
+    ref = stepwise(model, x, DynamicCache(), prefill=16)
+    with patch_h2o(model, 6) as h:
+        plain_cache = h.new_cache()
+        plain = stepwise(model, x, plain_cache, prefill=16)
+    with patch_h2o(model, 6, artifact=art, k=1, mode="dynamic") as h:
+        aqua_cache = h.new_cache()
+        stepwise(model, x, aqua_cache, prefill=16)
+    assert rel_err(plain, ref) > 1e-4
+    # the approximate scores drive the accumulation: different scores, so (in general) different survivors
+    assert all(rel_err(a.scores, p.scores) > 1e-3 for a, p in zip(aqua_cache.layers, plain_cache.layers))
+
+
+def test_continuation_nll_full_budget_equals_dense(full):
+    _, model, _ = full
+    x = inputs(length=16)
+    dense = continuation_nll(model, x, 8, DynamicCache())
+    with patch_h2o(model, 32) as h:
+        got = continuation_nll(model, x, 8, h.new_cache())
+    assert got[1] == dense[1] == 8 and abs(got[0] - dense[0]) <= 1e-3 * abs(dense[0])
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [0, -1, 1, 0.0, 1.5, -0.2, "x", "nan"])
+def test_bad_budget(value):
+    with pytest.raises(ConfigError, match="budget"):
+        parse_budget(value)
+
+
+def test_cache_without_its_hooks_is_refused(full):
+    _, model, _ = full
+    h = patch_h2o(model, 8)
+    cache = h.new_cache()
+    h.remove()
+    with pytest.raises(AquaError, match="without its attention hooks"), torch.no_grad():
+        for t in range(2):
+            model(inputs(length=4, seed=t), past_key_values=cache, use_cache=True)
+
+
+def test_cache_for_another_model_is_refused(full):
+    arch, model, _ = full
+    other = tiny_model("llama" if arch != "llama" else "olmoe")
+    with patch_h2o(other, 8) as h:
+        cache = h.new_cache()
+    with patch_h2o(model, 8), pytest.raises(ConfigError, match="built for"), torch.no_grad():
+        model(inputs(), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_sliding_window_models_are_refused(arch):
+    with pytest.raises(ConfigError, match="full-attention layers only"):
+        patch_h2o(tiny_model(arch), 0.5)
+
+
+def test_padded_batch_is_refused_after_eviction():
+    model = tiny_model("llama")
+    x = inputs(batch=2, length=12)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with patch_h2o(model, 6) as h, pytest.raises(ConfigError, match="padded"), torch.no_grad():
+        model.generate(x, attention_mask=mask, past_key_values=h.new_cache(), max_new_tokens=3, do_sample=False, pad_token_id=0)
