@@ -319,6 +319,12 @@ def load_artifact(name: str | Path | None = None) -> Artifact:
     return Artifact.load(resolve_artifact(name))
 
 
+def artifact_for_model(name: str | Path | None, model_id: str) -> Artifact:
+    """The artifact the user named, else the registry entry named after the model (for the default
+    model, the shipped one)."""
+    return load_artifact(name if name is not None else registry_name(model_id))
+
+
 # -- model card -----------------------------------------------------------------------------------
 def model_card(artifact: Artifact, hub_repo: str | None = None) -> str:
     """The README.md of an artifact: Hub metadata (YAML front matter), provenance, spectrum and usage.

@@ -301,10 +301,10 @@ def load_patched(
     ``artifact`` is a path, a registry name or ``hf://org/repo``; None picks the registry entry named
     after the model (the shipped one for SmolLM2). Returns ``(model, tokenizer, handle)``.
     """
-    from .artifact import load_artifact, registry_name
+    from .artifact import artifact_for_model
     from .models import load_model, resolve_model
 
     source = resolve_model(model, revision)
-    art = load_artifact(artifact if artifact is not None else registry_name(source.model_id))
+    art = artifact_for_model(artifact, source.model_id)
     loaded, tokenizer = load_model(source, device, dtype)
     return loaded, tokenizer, patch(loaded, art, k=k, mode=mode)

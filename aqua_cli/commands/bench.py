@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..cli import DtypeOpt, JsonOpt, PlotOpt, app, err, out, write_json
+from ..cli import JsonOpt, PlotOpt, app, err, out, write_json
 from ..errors import AquaError, ConfigError
 
 

