@@ -3,7 +3,6 @@ and what to do, no traceback. (Signals, races, disk full and overflow: tests/tes
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
