@@ -436,11 +436,9 @@ def measured_break_even(rows: Sequence[dict[str, Any]], impl: str, k: float | No
 
 def plot_rows(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Speedup vs dense against sequence length, one line per implementation and k (log-2 x axis)."""
-    import matplotlib
+    from .plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
@@ -460,11 +458,7 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> P
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def summary(config: BenchConfig, shape: AttnShape, rows: Sequence[dict[str, Any]], device_name: str) -> dict[str, Any]:

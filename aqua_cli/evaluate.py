@@ -377,13 +377,11 @@ def compare_policies(rows: Sequence[EvalRow]) -> list[dict[str, Any]]:
 
 def plot_rows(rows: Sequence[dict[str, Any]], path: Any, title: str = "aqua eval") -> Any:
     """ppl against k, one line per (mode, policy) and data; dense as a horizontal line."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    from pathlib import Path
+    from .plotting import pyplot, save_figure
 
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     datas = list(dict.fromkeys(r["data"] for r in rows))
     fig, axes = plt.subplots(1, len(datas), figsize=(6 * len(datas), 4.2), dpi=120, squeeze=False)
@@ -407,12 +405,7 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: Any, title: str = "aqua eval
         ax.set_title(f"{title}: {data}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def _head_dim(rows: Sequence[dict[str, Any]]) -> float:

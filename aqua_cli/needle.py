@@ -264,12 +264,9 @@ def label(r: dict[str, Any]) -> str:
 
 def plot_grid(rows: Sequence[dict[str, Any]], path: Any, title: str = "needle in a haystack") -> Any:
     """One heat map (depth x length, green = retrieved) per method configuration."""
-    import matplotlib
+    from .plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(dict.fromkeys(label(r) for r in rows))
     lengths = sorted({r["length"] for r in rows})
@@ -293,9 +290,4 @@ def plot_grid(rows: Sequence[dict[str, Any]], path: Any, title: str = "needle in
         acc = float(grid[~grid.isnan()].mean()) if (~grid.isnan()).any() else float("nan")
         ax.set_title(f"{name}\nacc {acc:.2f}", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

@@ -60,10 +60,9 @@ def orthogonality_error(projection: torch.Tensor) -> float:
 
 def plot_energy(artifact: Any, path: str | Path) -> Path:
     """Energy-vs-k curves, one line per layer (mean over groups), coloured by depth."""
-    import matplotlib
+    from .plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = energy_curves(artifact).mean(1)  # [layers, D]
     d = artifact.head_dim
@@ -81,9 +80,4 @@ def plot_energy(artifact: Any, path: str | Path) -> Path:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

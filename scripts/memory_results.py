@@ -63,10 +63,9 @@ def part_kv(args, source, model, tokenizer, art) -> None:
 
 
 def plot_kv(rows, path) -> None:
-    import matplotlib
+    from aqua_cli.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     dense = rows[0]
@@ -85,9 +84,7 @@ def plot_kv(rows, path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     log(f"wrote {path}")
 
 

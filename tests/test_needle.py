@@ -93,8 +93,10 @@ def test_memory_command_end_to_end(capsys, tiny_dir, tmp_path):
     code, out, err = run(
         capsys, "memory", str(model_dir), "--artifact", str(tmp_path / "art"), "--kv-dims", "0.5,1.0", "--k", "0.5",
         "--h2o-budget", "8", "--seq-len", "32", "--tokens", "64", "--prompt-len", "16", "--device", "cpu", "--json", "-",
+        "--plot", str(tmp_path / "m.png"),
     )
     assert code == 0, err
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
     rows = json.loads(out[out.index('{\n  "rows"'):])["rows"]
     kv = {(r["method"], r["k"], r["kv_dims"]): r for r in rows if "prompt_len" not in r}
     by = {(r["method"], r["k"], r["h2o_budget"]): r for r in rows if "prompt_len" in r}

@@ -131,12 +131,9 @@ def _g(value: Any) -> str:
 
 def plot_rows(rows: list[dict[str, Any]], path: Any) -> Any:
     """Perplexity against the fraction of dense KV bytes held, one point per row."""
-    import matplotlib
+    from ..plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in rows:
@@ -146,9 +143,4 @@ def plot_rows(rows: list[dict[str, Any]], path: Any) -> Any:
         ax.annotate(name, (r["kv_bytes"] / r["dense_kv_bytes"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="KV bytes held / dense", ylabel="perplexity", title="aqua memory")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_path = Path(path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, path)
