@@ -46,7 +46,6 @@ class CalibrationConfig:
     seq_len: int = 512
     batch_size: int = 4
     seed: int = 0
-    compile: bool = False  # torch.compile the decoder after the first batch (see accumulate)
 
 
 class GramAccumulator:
@@ -131,14 +130,8 @@ def accumulate(
     windows: torch.Tensor,
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
-    compile: bool = False,
 ) -> GramAccumulator:
-    """Run ``windows`` ``[n, seq_len]`` through ``model`` and collect the Gram matrices.
-
-    ``compile`` runs the decoder through ``torch.compile`` after the first batch: on CPU it fuses the
-    RMSNorm/RoPE/SiLU element-wise ops that take about a third of the eager time, at the price of a
-    compilation of a minute or more (cached on disk by torch for later runs).
-    """
+    """Run ``windows`` ``[n, seq_len]`` through ``model`` and collect the Gram matrices."""
     if batch_size < 1:
         raise AquaError(f"--batch-size must be at least 1, got {batch_size}")
     shape = attention_shape(model.config)
@@ -147,14 +140,12 @@ def accumulate(
     acc = GramAccumulator(len(modules), shape["num_kv_heads"], shape["head_dim"])
     forward = _forward_fn(model)
     with HookedModel(model, [acc.hook(i) for i in range(len(modules))]), torch.inference_mode():
-        for number, start in enumerate(range(0, windows.shape[0], batch_size)):
+        for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(device)
             forward(batch)
             acc.check_finite()
             if on_batch is not None:
                 on_batch(batch.numel())
-            if compile and number == 0:  # the first batch ran eagerly and allocated the Grams
-                forward = torch.compile(forward, dynamic=False)
     return acc
 
 
@@ -189,7 +180,6 @@ def calibrate(
         on_batch=on_batch,
         command=command if command is not None else ["aqua", *sys.argv[1:]],
         dist=dist,
-        compile=config.compile,
     )
 
 
@@ -205,14 +195,13 @@ def calibrate_windows(
     on_batch: Callable[[int], None] | None = None,
     command: list[str] | None = None,
     dist: DistContext | None = None,
-    compile: bool = False,
 ) -> Artifact:
     """Calibrate on ready token windows ``[n, seq_len]`` (any tokenizer, any source).
 
     With ``dist``, ``windows`` are all the windows; this rank takes its shard.
     """
     started = time.perf_counter()
-    acc = agree(dist, lambda: accumulate(model, shard(windows, dist), batch_size, on_batch, compile), "calibration")
+    acc = agree(dist, lambda: accumulate(model, shard(windows, dist), batch_size, on_batch), "calibration")
     grams = acc.stacked().to(_reduce_device(dist))
     reduce_s = all_reduce_sum([grams], dist)
     seconds = time.perf_counter() - started

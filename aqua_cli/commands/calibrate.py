@@ -53,7 +53,6 @@ def calibrate(
     json_out: JsonOpt = None,
     device_map: DeviceMapOpt = None,
     push_to: Annotated[Optional[str], typer.Option("--push", help="Also publish the artifact to this Hub repo (org/repo) once saved.")] = None,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decoder: faster long runs after a compilation of a minute or more.")] = False,
 ) -> None:
     """Calibrate AQUA projections: SVD of the model's post-RoPE queries and keys, per layer and KV group.
 
@@ -87,7 +86,7 @@ def calibrate(
                 raise AquaError(f"cannot create the output directory {target.parent}: {exc.strerror or exc}") from exc
 
         agree(dist, check_target, "the output check")
-        config = CalibrationConfig(DataSpec(data, data_config, split, text_column), tokens, seq_len, batch_size, seed, compile)
+        config = CalibrationConfig(DataSpec(data, data_config, split, text_column), tokens, seq_len, batch_size, seed)
         world = dist.world_size if dist else 1
         started = time.perf_counter()
         with progress("calibrating", enabled=main_rank) as bar:
