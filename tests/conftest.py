@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import ARCHS, VOCAB, tiny_model  # noqa: E402
+from tiny_models import ARCHS, FULL_ATTENTION, VOCAB, tiny_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the network
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -28,6 +28,13 @@ def tiny_artifact(model: torch.nn.Module, arch: str, windows: int = 4, seq_len: 
 @pytest.fixture(scope="session", params=ARCHS)
 def tiny(request):
     """(arch, model, artifact) for each architecture family."""
+    model = tiny_model(request.param)
+    return request.param, model, tiny_artifact(model, request.param)
+
+
+@pytest.fixture(scope="module", params=FULL_ATTENTION)
+def full(request):
+    """(arch, model, artifact) for the families without sliding windows (the caches refuse those)."""
     model = tiny_model(request.param)
     return request.param, model, tiny_artifact(model, request.param)
 

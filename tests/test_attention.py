@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
+from tiny_models import rel_err, tiny_model, token_ids
 
 from aqua_cli.attention import (
     ATTN_NAME,
@@ -19,12 +19,8 @@ from aqua_cli.attention import (
 from aqua_cli.errors import ConfigError, FingerprintMismatch
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def inputs(batch: int = 2, length: int = 20, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return token_ids(batch, length, seed)
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])

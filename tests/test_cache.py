@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_artifact
-from tiny_models import VOCAB, tiny_model
+from tiny_models import rel_err, tiny_model, token_ids
 from transformers import DynamicCache
 
 from aqua_cli.attention import patch
@@ -19,22 +19,6 @@ from aqua_cli.cache import (
     projected_cache,
 )
 from aqua_cli.errors import AquaError, ConfigError
-
-FULL = ("llama", "qwen2", "olmoe")  # full-attention families (mistral and gemma3 slide: refused, tested below)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def inputs(batch: int = 1, length: int = 20, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module", params=FULL)
-def full(request):
-    model = tiny_model(request.param)
-    return request.param, model, tiny_artifact(model, request.param)
 
 
 def stepwise(model, x, cache=None, prefill=6):
@@ -51,7 +35,7 @@ def stepwise(model, x, cache=None, prefill=6):
 # -- exactness -------------------------------------------------------------------------------------
 def test_full_dims_prefill_equals_dense(full):
     _, model, art = full
-    x = inputs(batch=2)
+    x = token_ids(batch=2)
     with torch.no_grad():
         ref = model(x).logits
         got = model(x, past_key_values=projected_cache(model, art, 1.0), use_cache=True).logits
@@ -60,7 +44,7 @@ def test_full_dims_prefill_equals_dense(full):
 
 def test_full_dims_decode_equals_dense(full):
     _, model, art = full
-    x = inputs(length=14)
+    x = token_ids(length=14)
     ref, _ = stepwise(model, x)
     got, cache = stepwise(model, x, projected_cache(model, art, art.head_dim))
     assert rel_err(got, ref) <= 1e-4
@@ -69,7 +53,7 @@ def test_full_dims_decode_equals_dense(full):
 
 def test_full_dims_generate_same_tokens(full):
     _, model, art = full
-    x = inputs(length=8)
+    x = token_ids(length=8)
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         ref = model.generate(x, **kw)
@@ -84,7 +68,7 @@ def test_full_dims_generate_same_tokens(full):
 def test_key_bytes_shrink_by_m_over_d(full, ratio):
     """Bytes from the tensors: keys shrink to m/D of dense, values are untouched."""
     _, model, art = full
-    x = inputs(batch=2, length=17)
+    x = token_ids(batch=2, length=17)
     dense, proj = DynamicCache(), projected_cache(model, art, ratio)
     with torch.no_grad():
         model(x, past_key_values=dense, use_cache=True)
@@ -100,7 +84,7 @@ def test_key_bytes_shrink_by_m_over_d(full, ratio):
 def test_truncated_keys_equal_static_aqua_at_k_equals_m(full):
     """q . k_rec = (qP)[:m] . (kP)[:m]: the cache at m with dense attention is static AQUA at k = m."""
     _, model, art = full
-    x = inputs(batch=2)
+    x = token_ids(batch=2)
     m = max(1, art.head_dim // 2)
     with torch.no_grad():
         got = model(x, past_key_values=projected_cache(model, art, m), use_cache=True).logits
@@ -152,7 +136,7 @@ def test_cache_for_another_model_is_refused(full):
     with pytest.raises(ConfigError, match="built for"):
         cache.check_model(other.config)
     with pytest.raises(ConfigError, match="built for"), torch.no_grad():
-        other(inputs(), past_key_values=cache, use_cache=True)
+        other(token_ids(), past_key_values=cache, use_cache=True)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])

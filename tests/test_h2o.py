@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_artifact
-from tiny_models import VOCAB, tiny_model
+from tiny_models import rel_err, tiny_model, token_ids
 from transformers import DynamicCache
 
 from aqua_cli.attention import patch
 from aqua_cli.cache import cache_bytes
 from aqua_cli.errors import AquaError, ConfigError
 from aqua_cli.h2o import H2OLayer, H2OState, continuation_nll, parse_budget, patch_h2o
-
-FULL = ("llama", "qwen2", "olmoe")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def inputs(batch: int = 1, length: int = 20, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module", params=FULL)
-def full(request):
-    model = tiny_model(request.param)
-    return request.param, model, tiny_artifact(model, request.param)
 
 
 def stepwise(model, x, cache, prefill=6):
@@ -45,7 +28,7 @@ def stepwise(model, x, cache, prefill=6):
 @pytest.mark.parametrize("aqua", [False, True])
 def test_full_budget_prefill_equals_dense(full, aqua):
     _, model, art = full
-    x = inputs(batch=2)
+    x = token_ids(batch=2)
     with torch.no_grad():
         ref = model(x).logits
         with patch_h2o(model, 1.0, artifact=art if aqua else None, k=1.0) as h:
@@ -58,7 +41,7 @@ def test_full_budget_prefill_equals_dense(full, aqua):
 @pytest.mark.parametrize("aqua", [False, True])
 def test_full_budget_decode_and_generate_equal_dense(full, aqua):
     _, model, art = full
-    x = inputs(length=16)
+    x = token_ids(length=16)
     ref = stepwise(model, x, DynamicCache())
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
@@ -74,7 +57,7 @@ def test_full_budget_decode_and_generate_equal_dense(full, aqua):
 def test_aqua_h2o_without_eviction_equals_aqua(full):
     """With nothing evicted, AQUA + H2O is AQUA: the explicit attention matches the SDPA path at k < D."""
     _, model, art = full
-    x = inputs(batch=2)
+    x = token_ids(batch=2)
     with torch.no_grad():
         with patch(model, art, k=0.5, mode="dynamic"):
             ref = model(x).logits
@@ -86,14 +69,14 @@ def test_aqua_h2o_without_eviction_equals_aqua(full):
 # -- eviction -----------------------------------------------------------------------------------------
 def test_eviction_keeps_exactly_the_budget_and_counts_positions(full):
     _, model, _ = full
-    x = inputs(batch=2, length=20)
+    x = token_ids(batch=2, length=20)
     with patch_h2o(model, 8) as h:
         cache = h.new_cache()
         with torch.no_grad():
             model(x, past_key_values=cache, use_cache=True)
             assert all(layer.keys.shape[-2] == 8 and layer.scores.shape[-1] == 8 for layer in cache.layers)
             for t in range(5):
-                model(inputs(batch=2, length=1, seed=10 + t), past_key_values=cache, use_cache=True)
+                model(token_ids(batch=2, length=1, seed=10 + t), past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == 25  # tokens seen: the next token's RoPE position
     assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)
     held = cache_bytes(cache)
@@ -105,8 +88,8 @@ def test_ratio_budget_is_fixed_by_the_prompt(full):
     with patch_h2o(model, 0.25) as h:
         cache = h.new_cache()
         with torch.no_grad():
-            model(inputs(length=40), past_key_values=cache, use_cache=True)
-            model(inputs(length=3, seed=4), past_key_values=cache, use_cache=True)
+            model(token_ids(length=40), past_key_values=cache, use_cache=True)
+            model(token_ids(length=3, seed=4), past_key_values=cache, use_cache=True)
     assert cache.layers[0].capacity == 10 and cache.layers[0].keys.shape[-2] == 10
 
 
@@ -131,7 +114,7 @@ def test_heavy_hitters_are_chosen_by_accumulated_score():
 def test_attention_accumulates_probability_mass(full):
     """Scores sum, over queries and the group's query heads, to (queries x heads per group) per KV head."""
     _, model, _ = full
-    x = inputs(length=12)
+    x = token_ids(length=12)
     with patch_h2o(model, 1.0) as h:
         cache = h.new_cache()
         with torch.no_grad():
@@ -146,7 +129,7 @@ def test_positions_stay_right_after_eviction(full):
     decoding must still give RoPE positions of tokens seen (a cache that counted stored tokens would
     shift them): compare with a budget that evicts only tokens no query attends to."""
     _, model, _ = full
-    x = inputs(length=18)
+    x = token_ids(length=18)
     ref = stepwise(model, x, DynamicCache(), prefill=10)
     with patch_h2o(model, 18) as h:  # longer than the sequence: no eviction
         got = stepwise(model, x, h.new_cache(), prefill=10)
@@ -172,9 +155,9 @@ def test_rope_positions_after_eviction_are_tokens_seen(full):
         with patch_h2o(model, 6) as h:
             cache = h.new_cache()
             with torch.no_grad():
-                model(inputs(length=20), past_key_values=cache, use_cache=True)
+                model(token_ids(length=20), past_key_values=cache, use_cache=True)
                 for t in range(3):
-                    model(inputs(length=1, seed=5 + t), past_key_values=cache, use_cache=True)
+                    model(token_ids(length=1, seed=5 + t), past_key_values=cache, use_cache=True)
     finally:
         hook.remove()
     assert seen == [19, 20, 21, 22]
@@ -183,7 +166,7 @@ def test_rope_positions_after_eviction_are_tokens_seen(full):
 
 def test_evicting_changes_outputs_and_aqua_changes_the_choice(full):
     _, model, art = full
-    x = inputs(length=24)
+    x = token_ids(length=24)
     ref = stepwise(model, x, DynamicCache(), prefill=16)
     with patch_h2o(model, 6) as h:
         plain_cache = h.new_cache()
@@ -198,7 +181,7 @@ def test_evicting_changes_outputs_and_aqua_changes_the_choice(full):
 
 def test_continuation_nll_full_budget_equals_dense(full):
     _, model, _ = full
-    x = inputs(length=16)
+    x = token_ids(length=16)
     dense = continuation_nll(model, x, 8, DynamicCache())
     with patch_h2o(model, 32) as h:
         got = continuation_nll(model, x, 8, h.new_cache())
@@ -219,7 +202,7 @@ def test_cache_without_its_hooks_is_refused(full):
     h.remove()
     with pytest.raises(AquaError, match="without its attention hooks"), torch.no_grad():
         for t in range(2):
-            model(inputs(length=4, seed=t), past_key_values=cache, use_cache=True)
+            model(token_ids(length=4, seed=t), past_key_values=cache, use_cache=True)
 
 
 def test_cache_for_another_model_is_refused(full):
@@ -228,7 +211,7 @@ def test_cache_for_another_model_is_refused(full):
     with patch_h2o(other, 8) as h:
         cache = h.new_cache()
     with patch_h2o(model, 8), pytest.raises(ConfigError, match="built for"), torch.no_grad():
-        model(inputs(), past_key_values=cache, use_cache=True)
+        model(token_ids(), past_key_values=cache, use_cache=True)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])
@@ -239,7 +222,7 @@ def test_sliding_window_models_are_refused(arch):
 
 def test_padded_batch_is_refused_after_eviction():
     model = tiny_model("llama")
-    x = inputs(batch=2, length=12)
+    x = token_ids(batch=2, length=12)
     mask = torch.ones_like(x)
     mask[0, :3] = 0
     with patch_h2o(model, 6) as h, pytest.raises(ConfigError, match="padded"), torch.no_grad():

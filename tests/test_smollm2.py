@@ -8,11 +8,9 @@ import torch
 
 from aqua_cli.attention import patch
 
+from tiny_models import rel_err
+
 pytestmark = pytest.mark.slow
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

@@ -48,3 +48,16 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32, attn_implementation="sdpa")
     return model.eval()
+
+
+FULL_ATTENTION = ("llama", "qwen2", "olmoe")  # mistral and gemma3 use sliding windows
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖: the exactness measure of every test (fp32, 1e-4 for k = d)."""
+    return float((a - b).norm() / b.norm())
+
+
+def token_ids(batch: int = 1, length: int = 20, seed: int = 1) -> torch.Tensor:
+    """Random ids of the tiny vocabulary (ids 0-2 are the special tokens)."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
