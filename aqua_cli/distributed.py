@@ -127,8 +127,13 @@ def barrier(ctx: DistContext | None) -> None:
 
 
 def shutdown(ctx: DistContext | None) -> None:
+    """Leave the process group together: a rank that tears its group down while a peer is still
+    inside a collective can make gloo abort that peer at exit (SIGABRT), failing a finished run."""
     if ctx is not None:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
