@@ -21,6 +21,22 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    """torchrun with two ranks on loopback. Once in a few dozen runs on this 2-core machine, a gloo rank
+    aborts in its C++ teardown with GLOO_EXIT_ABORT (seen in a clean-clone CI run, not reproduced in 12
+    local tries); that one signature gets a second launch, any other failure fails the test."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
+        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    return result
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,14 +49,7 @@ def test_two_ranks_equal_one(model_dir, tmp_path):
         env=_env(), capture_output=True, text=True, timeout=600,
     )
     assert single.returncode == 0, single.stderr
-    launched = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            "-m", "aqua_cli", "calibrate", str(model_dir), *ARGS, "--out", str(tmp_path / "two"),
-        ],
-        env=_env(), capture_output=True, text=True, timeout=600,
-    )
+    launched = _torchrun(["-m", "aqua_cli", "calibrate", str(model_dir), *ARGS, "--out", str(tmp_path / "two"), "--force"])
     assert launched.returncode == 0, launched.stderr[-3000:]
     one, two = Artifact.load(tmp_path / "one"), Artifact.load(tmp_path / "two")
     assert one.metadata["tokens"] == two.metadata["tokens"] == 2048
@@ -85,11 +94,7 @@ def test_two_rank_perplexity_equals_one(model_dir, tmp_path):
     one = subprocess.run([sys.executable, "-m", "aqua_cli", *args, "--json", str(tmp_path / "one.json")],
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "aqua_cli", *args, "--json", str(tmp_path / "two.json")],
-        env=_env(), capture_output=True, text=True, timeout=600,
-    )
+    two = _torchrun(["-m", "aqua_cli", *args, "--json", str(tmp_path / "two.json")])
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one.json").read_text())["rows"]
     b = json.loads((tmp_path / "two.json").read_text())["rows"]
