@@ -28,7 +28,8 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain click usage errors: short lines that scripts can read
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console(soft_wrap=True)
+# piped or redirected results keep every column (rich would squeeze tables to 80 and cut numbers)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 # -- shared options (one spelling and help text for every command) --------------------------------
