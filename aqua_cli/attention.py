@@ -122,6 +122,13 @@ class HookedModel:
         self.remove()
 
 
+def ratio_or_count(text: str) -> float | int:
+    """The convention every budget option shares: an integer string is a count, anything with a
+    decimal point a ratio. Raises ValueError for text that is neither."""
+    text = text.strip()
+    return int(text) if text.lstrip("+-").isdigit() else float(text)
+
+
 def parse_k(value: str | float | int) -> float | int:
     """``k`` as the user gives it: a ratio of head_dim (has a decimal point, ``0 < k <= 1``) or a count
     of dimensions (an integer, ``1 <= k <= head_dim``). ``"1"`` is one dimension, ``"1.0"`` all of them."""
@@ -130,7 +137,7 @@ def parse_k(value: str | float | int) -> float | int:
     if isinstance(value, str):
         text = value.strip()
         try:
-            value = int(text) if text.lstrip("+-").isdigit() else float(text)
+            value = ratio_or_count(text)
         except ValueError:
             raise ConfigError(f"invalid k '{text}': give a ratio such as 0.75 or a number of dimensions such as 48") from None
     if isinstance(value, float):

@@ -39,6 +39,7 @@ from .attention import (
     attention_modules,
     k_dims,
     parse_mode,
+    ratio_or_count,
 )
 from .cache import full_attention_only
 from .errors import ConfigError
@@ -52,7 +53,7 @@ def parse_budget(value: str | float) -> float | int:
     if isinstance(value, str):
         text = value.strip()
         try:
-            value = int(text) if text.lstrip("+-").isdigit() else float(text)
+            value = ratio_or_count(text)
         except ValueError:
             raise ConfigError(f"invalid --h2o-budget '{text}': give a ratio of the prompt such as 0.5 or a number of tokens such as 256") from None
     if isinstance(value, float):

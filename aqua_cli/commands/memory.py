@@ -35,10 +35,6 @@ def split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def number(text: str) -> float | int:
-    return int(text) if text.lstrip("+-").isdigit() else float(text)
-
-
 @app.command("memory")
 def memory_command(
     model: ModelArg = None,
@@ -64,6 +60,7 @@ def memory_command(
     `aqua memory --kv-dims 32 --k ""`; `aqua memory --kv-dims "" --h2o-budget 0.5,0.25 --k 0.75 --json -`.
     """
     from ..artifact import artifact_for_model
+    from ..attention import ratio_or_count
     from ..cache import full_attention_only, kv_rows, parse_kv_dims
     from ..data import DataSpec
     from ..errors import ConfigError
@@ -101,7 +98,7 @@ def memory_command(
 
     if dims:
         with err.status("projected key cache: perplexity per kept-dims point ..."):
-            rows += kv_rows(loaded, tokenizer, art, windows, kv_dims=tuple(number(m) for m in dims), ks=(None, *ks), on_row=show)
+            rows += kv_rows(loaded, tokenizer, art, windows, kv_dims=tuple(ratio_or_count(m) for m in dims), ks=(None, *ks), on_row=show)
     if budgets:
         with err.status("H2O: prefill, then token-by-token decoding per window ..."):
             rows += h2o_rows(loaded, art, windows, prompt_len, budgets=tuple(budgets), ks=(None, *ks), on_row=show)
