@@ -55,6 +55,10 @@ SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the window order (runs are deterministic for a seed).")]
 ArtifactArg = Annotated[Optional[str], typer.Argument(help="Artifact directory, registry name (org--name) or hf://org/repo. Default: the shipped SmolLM2 artifact.")]
+ArtifactOpt = Annotated[
+    Optional[str],
+    typer.Option("--artifact", help="Artifact path, registry name or hf://org/repo. Default: the model's registry entry (the shipped one for SmolLM2)."),
+]
 TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hugging Face token. Default: HF_TOKEN, then the `hf auth login` token.")]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write results as JSON to this path ('-' for stdout).")]
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot to this path.")]

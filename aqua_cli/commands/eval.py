@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..cli import (
+    ArtifactOpt,
     BatchOpt,
     DataConfigOpt,
     DataOpt,
@@ -32,7 +33,6 @@ from ..cli import (
 KOpt = Annotated[str, typer.Option("--k", help="Comma list of k: ratios of head_dim (0.5) or numbers of dims (32).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="Comma list of modes: dense, static, dynamic.")]
 PolicyOpt = Annotated[str, typer.Option("--k-policy", help="Comma list of per-layer k policies at equal total cost: uniform, energy, equal-energy.")]
-ArtifactOpt = Annotated[Optional[str], typer.Option("--artifact", help="Artifact directory or registry name. Default: the model's artifact in the registry (the shipped one for SmolLM2).")]
 
 
 def _split(text: str) -> list[str]:

@@ -10,14 +10,24 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ..cli import DeviceOpt, DtypeOpt, JsonOpt, RevisionOpt, app, err, out, write_json
+from ..cli import (
+    ArtifactOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    RevisionOpt,
+    app,
+    err,
+    out,
+    write_json,
+)
 from ..errors import AquaError
 
 
 @app.command()
 def generate(
     args: Annotated[Optional[list[str]], typer.Argument(help="[MODEL] PROMPT. MODEL as for calibrate (default SmolLM2); PROMPT text ('-' or none: standard input).", show_default=False)] = None,
-    artifact: Annotated[Optional[str], typer.Option("--artifact", help="Artifact path, registry name or hf://org/repo. Default: the registry entry of the model.")] = None,
+    artifact: ArtifactOpt = None,
     k: Annotated[str, typer.Option("--k", help="Dimensions kept: a ratio of head_dim (0.75) or a count (48).")] = "0.75",
     mode: Annotated[str, typer.Option("--mode", help="dynamic (top-k |q| dims, the paper), static (first k dims) or dense.")] = "dynamic",
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from this file.")] = None,
@@ -40,7 +50,12 @@ def generate(
     from transformers import TextStreamer
 
     from ..attention import k_dims, load_patched, parse_mode
-    from ..generation import SamplingConfig, attention_flops_saved, first_divergence, generate_text
+    from ..generation import (
+        SamplingConfig,
+        attention_flops_saved,
+        first_divergence,
+        generate_text,
+    )
 
     model_name, prompt = _split_args(args or [], prompt_file)
     config = SamplingConfig(max_new_tokens, temperature, top_p, seed, chat)

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from ..cli import (
+    ArtifactOpt,
     DataOpt,
     DeviceOpt,
     DtypeOpt,
@@ -27,8 +28,6 @@ from ..cli import (
     out,
     write_json,
 )
-
-ArtifactOpt = Annotated[str | None, typer.Option("--artifact", help="Artifact directory or registry name. Default: the model's artifact in the registry (the shipped one for SmolLM2).")]
 
 
 def split(text: str | None) -> list[str]:

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from ..cli import (
+    ArtifactOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -26,7 +27,7 @@ from ..cli import (
     progress,
     write_json,
 )
-from .memory import ArtifactOpt, split
+from .memory import split
 
 
 @app.command("needle")
