@@ -21,11 +21,32 @@ Importing this module needs Triton (and the kernels a CUDA GPU); :mod:`aqua_cli.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # the pure-Python glue (configs, padding, byte counts) imports and runs without Triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+
+def _jit(fn):
+    """``triton.jit`` where Triton is installed; elsewhere the plain function (launching it raises)."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if triton is not None:
+    _INTERPRET = tl.constexpr(_INTERPRET)
+
+
+def _need_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the fused AQUA kernels need the 'triton' package (pip install triton)")
 
 from .reference import block_keep_for, project_queries, select_dims
 
@@ -34,50 +55,109 @@ GROUP_PAD = 16  # tl.dot needs at least 16 rows
 
 
 # -- kernels ------------------------------------------------------------------------------------------
-@triton.jit
+@_jit
+def _dot(a, b):
+    """``tl.dot``; under ``TRITON_INTERPRET=1`` in float32 (the CPU interpreter of Triton 3.9 computes
+    bf16 x bf16 products wrongly; float32 products of bf16 values are exact, so results stay comparable)."""
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@_jit
+def _dot_acc(a, b, acc):
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@_jit
+def _kth_key(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
+    """The K-th largest of the int64 ``key`` (1 <= K <= len): a FAN-ary search on the value, FAN - 1
+    candidates per reduction, ITERS rounds (9 rounds of 16 cover a 2^32 range exactly). No sort."""
+    lo = tl.min(key, 0)  # count(key >= lo) >= K
+    hi = tl.max(key, 0) + 1  # count(key >= hi) == 0 < K
+    frac = (tl.arange(0, FAN) + 1).to(tl.int64)
+    for _ in tl.static_range(ITERS):
+        cand = lo + ((hi - lo) * frac) // FAN  # the last candidate is hi
+        cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+        ok = cnt >= K
+        new_lo = tl.max(tl.where(ok, cand, lo), 0)
+        hi = tl.min(tl.where(ok, hi, cand), 0)
+        lo = new_lo
+    return lo
+
+
+@_jit
+def _top_mask(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
+    """Keep-mask of the K largest ``key`` (exact ties to the lower index) and each kept entry's slot."""
+    kth = _kth_key(key, K, FAN, ITERS)
+    gt = key > kth
+    n_gt = tl.sum(gt.to(tl.int32), 0)
+    eq = key == kth
+    eq_pos = tl.cumsum(eq.to(tl.int32), 0) - 1
+    keep = gt | (eq & (eq_pos < K - n_gt))
+    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    return keep, pos
+
+
+@_jit
+def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr,
+                  CK: tl.constexpr):
+    """Per-KV-group dim selection, in registers (the prologue of the fused kernels).
+
+    qP on the tensor cores with ``P`` split in three bf16 terms (hi + mid + lo: float32 accuracy, the
+    bf16 ``q`` is exact), rounded to q's dtype as the reference does; score ``sum_g |qP|`` in float32;
+    the top K dims by ``_top_mask`` (ties to the lower index), compacted by one-hot: ``idx`` ``(KP,)``
+    ascending (0 past K) and ``qsel = qP @ onehot`` ``(GP, KP)`` (exact: one non-zero term).
+    Returns (qP ``(GP, D)``, qsel, idx)."""
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, CK)
+    gmask = offs_g < G
+    qp = tl.zeros([GP, D], tl.float32)
+    for c0 in tl.static_range(0, D, CK):
+        qc = tl.load(Q + (bh * G + offs_g[:, None]) * D + (c0 + offs_c)[None, :], mask=gmask[:, None], other=0.0)
+        poff = h * D * D + (c0 + offs_c)[:, None] * D + offs_d[None, :]
+        qp = _dot_acc(qc, tl.load(PS + poff), qp)
+        qp = _dot_acc(qc, tl.load(PS + HKV * D * D + poff), qp)
+        qp = _dot_acc(qc, tl.load(PS + 2 * HKV * D * D + poff), qp)
+    qpq = qp.to(Q.dtype.element_ty)
+    score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
+    key = score.to(tl.int32, bitcast=True).to(tl.int64)
+    keep, pos = _top_mask(key, K, 16, 9)
+    offs_j = tl.arange(0, KP)
+    hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
+    idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
+    onehot = tl.trans(tl.where(hit, 1.0, 0.0).to(Q.dtype.element_ty))  # (D, KP)
+    qsel = _dot(qpq, onehot).to(Q.dtype.element_ty)
+    return qpq, qsel, idx
+
+
+@_jit
 def _select_dims_kernel(
-    Q,  # (B, Hq, D) queries, contiguous; query head h*G + g reads KV head h
-    P,  # (Hkv, D, D) float32 projection, contiguous
+    Q,  # (B, Hq, D) queries (bf16), contiguous; query head h*G + g reads KV head h
+    PS,  # (3, Hkv, D, D) bf16: the projection split in hi + mid + lo terms (``_proj_split``)
     QSEL,  # (B*Hkv, G, KP) out: projected queries at the selected dims (ascending), in Q's dtype
     IDX,  # (B*Hkv, KP) int32 out: selected dims, ascending
     CNT,  # (B*Hkv,) int32 out: K
     HKV, K,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
 ):
-    """Per KV group: qP for the group's heads, sum |qP| over them, the top K dims and their q values.
-
-    Exact rank (no sort, no bisection): dim i ranks by how many dims beat it, larger score first and
-    the lower index on an exact tie; ranks < K are kept, their slots come from a prefix sum."""
+    """Standalone dim selection (one program per KV group) for the unfused paths (token top-T)."""
     bh = tl.program_id(0)
     h = bh % HKV
+    _, qsel, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
     offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    offs_c = tl.arange(0, CK)
-    gmask = offs_g < G
-    # qP by FMA in float32, CK rows of P at a time (independent loads; a (GP, D) x (D, D) tl.dot in
-    # float32 would hold a whole operand per thread and spill)
-    qp = tl.zeros([GP, D], tl.float32)
-    for c0 in tl.static_range(0, D, CK):
-        qc = tl.load(Q + bh * G * D + offs_g[:, None, None] * D + (c0 + offs_c)[None, :, None],
-                     mask=gmask[:, None, None], other=0.0).to(tl.float32)  # (GP, CK, 1)
-        pc = tl.load(P + h * D * D + (c0 + offs_c)[None, :, None] * D + offs_d[None, None, :])  # (1, CK, D)
-        qp += tl.sum(qc * pc, 1)
-    qp = qp.to(Q.dtype.element_ty)  # the reference rounds qP to q's dtype too
-    score = tl.sum(tl.abs(qp.to(tl.float32)), 0)  # (D,) padded rows are zero
-    s_i = score[:, None]
-    s_j = tl.reshape(score, (1, D))
-    i_idx = offs_d[:, None]
-    j_idx = tl.reshape(offs_d, (1, D))
-    beats = (s_j > s_i) | ((s_j == s_i) & (j_idx < i_idx))
-    rank = tl.sum(beats.to(tl.int32), 1)  # (D,)
-    keep = rank < K
-    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(IDX + bh * KP + pos, offs_d, mask=keep)
-    tl.store(QSEL + bh * G * KP + offs_g[:, None] * KP + pos[None, :], qp, mask=gmask[:, None] & keep[None, :])
+    offs_j = tl.arange(0, KP)
+    tl.store(IDX + bh * KP + offs_j, idx)
+    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], qsel, mask=offs_g[:, None] < G)
     tl.store(CNT + bh, K)
 
 
-@triton.jit
+@_jit
 def _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, n0, L, m_i, l_i, acc, qk_scale,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, FULL_ROWS: tl.constexpr):
     """One block of BLOCK_N tokens of the dims kernel; unmasked along tokens unless MASKED (the tail),
@@ -99,18 +179,18 @@ def _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, n0, L, m_i, l_i, acc, q
         else:
             kd = tl.load(kptr, mask=jmask[:, None], other=0.0)
         v = tl.load(vptr)
-    s = tl.dot(q, kd) * qk_scale  # (GP, BN)
+    s = _dot(q, kd) * qk_scale  # (GP, BN)
     if MASKED:
         s = tl.where(nmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
-@triton.jit
+@_jit
 def _dims_split_kernel(
     Q,  # (B*Hkv, G, KP) selected projected queries (unscaled)
     IDX,  # (B*Hkv, KP) int32 selected dims
@@ -163,7 +243,194 @@ def _dims_split_kernel(
     tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
 
 
-@triton.jit
+@_jit
+def _dims_fused_kernel(
+    Q,  # (B, Hq, D) queries (bf16)
+    PS,  # (3, Hkv, D, D) bf16 split projection
+    KD, V, O, M, LS,  # as in _dims_split_kernel
+    L, K, blocks_per_split, HKV, qk_scale,
+    s_kb, s_kh, s_kd, s_vb, s_vh, s_vl,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, BLOCK_N: tl.constexpr,
+    FULL_ROWS: tl.constexpr,
+):
+    """AQUA dims only with the dim selection folded in: every program selects its group's dims in its
+    prologue (a few microseconds, overlapped with the other programs' streaming) instead of a separate
+    launch, then runs the split's blocks exactly as ``_dims_split_kernel``."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    b = bh // HKV
+    h = bh % HKV
+    _, q, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
+    offs_j = tl.arange(0, KP)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    jmask = offs_j < K
+    idx = idx.to(tl.int64)
+    kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    blk0 = split * blocks_per_split
+    blk1 = tl.minimum(blk0 + blocks_per_split, tl.cdiv(L, BLOCK_N))
+    full_end = tl.maximum(tl.minimum(blk1, L // BLOCK_N), blk0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for blk in range(blk0, full_end):
+        m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk * BLOCK_N, L, m_i, l_i, acc, qk_scale,
+                                    BLOCK_N, D, False, FULL_ROWS)
+    if full_end < blk1:
+        m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, full_end * BLOCK_N, L, m_i, l_i, acc, qk_scale,
+                                    BLOCK_N, D, True, FULL_ROWS)
+    row = (bh * nsplit + split) * G + offs_g
+    gmask = offs_g < G
+    tl.store(M + row, m_i, mask=gmask)
+    tl.store(LS + row, l_i, mask=gmask)
+    tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+
+
+@_jit
+def _page_score_kernel(
+    Q, PS,  # queries (B, Hq, D) bf16, split projection (3, Hkv, D, D)
+    KD,  # projected keys: token t = p*PAGE + j of dim d at p*s_kp + d*s_kd + j (contiguous or paged layout)
+    PSC,  # (B*Hkv, NP) float32 out: page scores (max over the page's tokens and the group's heads)
+    QF,  # (B*Hkv, G, D) out (split 0 only): the full projected queries, for the exact pass
+    L, K, NP, pages_per_split, HKV,
+    s_kb, s_kh, s_kp, s_kd,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
+    PAGE: tl.constexpr, PPI: tl.constexpr, FULL_ROWS: tl.constexpr,
+):
+    """Dims + top-T pages, pass 1: dim selection (prologue), then the approximate logits of PPI pages
+    per step over the selected rows, reduced to one score per page. Only NP floats leave the kernel."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    qpq, q, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    if split == 0:
+        tl.store(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], qpq, mask=gmask[:, None])
+    offs_j = tl.arange(0, KP)
+    jmask = offs_j < K
+    idx = idx.to(tl.int64)
+    kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    BN: tl.constexpr = PPI * PAGE
+    offs_t = tl.arange(0, BN)
+    pg_of = offs_t // PAGE
+    within = offs_t % PAGE
+    offs_pp = tl.arange(0, PPI)
+    p0 = split * pages_per_split
+    p1 = tl.minimum(p0 + pages_per_split, NP)
+    p_full = tl.minimum(p1, L // PAGE)  # pages before p_full hold PAGE valid tokens each
+    n_steps = tl.maximum(p_full - p0, 0) // PPI
+    for it in range(0, n_steps):
+        pp = p0 + it * PPI
+        ptr = kbase + idx[:, None] * s_kd + ((pp + pg_of).to(tl.int64) * s_kp + within)[None, :]
+        if FULL_ROWS:
+            kd = tl.load(ptr)
+        else:
+            kd = tl.load(ptr, mask=jmask[:, None], other=0.0)
+        s = _dot(q, kd)  # (GP, BN)
+        s = tl.where(gmask[:, None], s, float("-inf"))
+        pmax = tl.max(tl.reshape(tl.max(s, 0), (PPI, PAGE)), 1)
+        tl.store(PSC + bh * NP + pp + offs_pp, pmax)
+    for pp in range(p0 + n_steps * PPI, p1, PPI):  # the rest: masked (partial pages, the split's end)
+        pages = pp + pg_of
+        tok = pages * PAGE + within
+        tmask = (pages < p1) & (tok < L)
+        ptr = kbase + idx[:, None] * s_kd + (pages.to(tl.int64) * s_kp + within)[None, :]
+        kd = tl.load(ptr, mask=jmask[:, None] & tmask[None, :], other=0.0)
+        s = _dot(q, kd)
+        s = tl.where(gmask[:, None] & tmask[None, :], s, float("-inf"))
+        pmax = tl.max(tl.reshape(tl.max(s, 0), (PPI, PAGE)), 1)
+        tl.store(PSC + bh * NP + pp + offs_pp, pmax, mask=(pp + offs_pp) < p1)
+
+
+@_jit
+def _page_attend_kernel(
+    QF,  # (B*Hkv, G, D) projected queries (from _page_score_kernel)
+    PSC,  # (B*Hkv, NP) page scores
+    SCR,  # (B*Hkv*S, PER) int32 scratch: this program's page ids
+    KD, V,  # projected keys (as _page_score_kernel), values (B, Hkv, L, D) token-major
+    O, M, LS,  # partials (B*Hkv, S, G, D), (B*Hkv, S, G)
+    L, NP, NSEL, per_split, HKV, qk_scale,
+    s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NPP: tl.constexpr, PER: tl.constexpr,
+):
+    """Dims + top-T pages, pass 2: every program finds the group's NSEL best pages from the NP scores
+    (exact K-th value by ``_top_mask``, no sort, no extra launch), takes its share of the *full* selected
+    pages, and runs exact attention over them: ``(qP).(kP)`` on whole pages of the projected keys (the same
+    bytes the scoring pass reads; equal to ``q.k`` for an orthogonal P) and the pages' rows of V. The
+    last program also takes a selected partial last page (masked)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_p = tl.arange(0, NPP)
+    pmask = offs_p < NP
+    sc = tl.load(PSC + bh * NP + offs_p, mask=pmask, other=float("-inf"))
+    bits = sc.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed int order
+    key = tl.where(pmask, key, -2147483648).to(tl.int64)
+    keep, pos = _top_mask(key, NSEL, 16, 9)
+    n_full = L // PAGE
+    keep_f = keep & (offs_p < n_full)
+    pos_f = tl.cumsum(keep_f.to(tl.int32), 0) - 1
+    n_sel_full = tl.sum(keep_f.to(tl.int32), 0)
+    s0 = split * per_split
+    n_here = tl.minimum(per_split, n_sel_full - s0)
+    offs_k = tl.arange(0, PER)
+    hit = keep_f[None, :] & (pos_f[None, :] == (s0 + offs_k)[:, None])  # (PER, NPP)
+    pages = tl.sum(tl.where(hit, offs_p[None, :], 0), 1)
+    prog = bh * nsplit + split
+    tl.store(SCR + prog * PER + offs_k, pages)
+    tl.debug_barrier()
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    offs_t = tl.arange(0, PAGE)
+    gmask = offs_g < G
+    q = tl.load(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for i in range(0, n_here):
+        pg = tl.load(SCR + prog * PER + i).to(tl.int64)
+        kt = tl.load(kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :])  # (D, PAGE)
+        vt = tl.load(vbase + (pg * PAGE + offs_t)[:, None] * s_vl + offs_d[None, :])  # (PAGE, D)
+        s = _dot(q, kt) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    tail = NP - 1
+    has_tail = (n_full < NP) & (tl.sum((keep & (offs_p == tail)).to(tl.int32), 0) > 0)
+    if has_tail & (split == nsplit - 1):
+        tok = tail * PAGE + offs_t
+        tmask = tok < L
+        kt = tl.load(kbase + tail * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :],
+                     mask=tmask[None, :], other=0.0)
+        vt = tl.load(vbase + tok[:, None].to(tl.int64) * s_vl + offs_d[None, :], mask=tmask[:, None], other=0.0)
+        s = _dot(q, kt) * qk_scale
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    row = prog * G + offs_g
+    tl.store(M + row, m_i, mask=gmask)
+    tl.store(LS + row, l_i, mask=gmask)
+    tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+
+
+@_jit
 def _score_select_kernel(
     Q, IDX, CNT,  # as in _dims_split_kernel (the scale does not change the ranking)
     KD,  # (B, Hkv, D, L)
@@ -196,7 +463,7 @@ def _score_select_kernel(
         kd = tl.load(kptr, mask=jmask[:, None], other=0.0)
     else:
         kd = tl.load(kptr, mask=jmask[:, None] & nmask[None, :], other=0.0)
-    s = tl.dot(q, kd)  # (GP, BLOCK_C)
+    s = _dot(q, kd)  # (GP, BLOCK_C)
     s = tl.where(offs_g[:, None] < G, s, float("-inf"))
     score = tl.max(s, 0)  # (BLOCK_C,) max over the group's heads
     score = tl.where(nmask, score, float("-inf"))
@@ -220,7 +487,7 @@ def _score_select_kernel(
     tl.store(SEL + bh * nblk * KEEP + blk * KEEP + pos, offs_n, mask=keep)
 
 
-@triton.jit
+@_jit
 def _tokens_split_kernel(
     Q,  # (B*Hkv, G, D) full queries (contiguous (B, Hq, D))
     SEL,  # (B*Hkv, nslots) int32 token ids (see _score_select_kernel)
@@ -253,7 +520,7 @@ def _tokens_split_kernel(
         smask = (slot < end) & ((slot - blk * KEEP) < (n_valid * KEEP + BLOCK_C - 1) // BLOCK_C)
         tok = tl.load(SEL + bh * nslots + slot, mask=smask, other=0).to(tl.int64)
         k = tl.load(kbase + tok[:, None] * s_kl + offs_d[None, :], mask=smask[:, None], other=0.0)  # (BN, D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (GP, BN)
+        s = _dot(q, tl.trans(k)) * qk_scale  # (GP, BN)
         s = tl.where(smask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -261,7 +528,7 @@ def _tokens_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vbase + tok[:, None] * s_vl + offs_d[None, :], mask=smask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         m_i = m_new
     row = (bh * nsplit + split) * G + offs_g
     gmask = offs_g < G
@@ -270,7 +537,7 @@ def _tokens_split_kernel(
     tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
 
 
-@triton.jit
+@_jit
 def _combine_kernel(
     O, M, LS,  # partials (B*Hkv, S, G, D), (B*Hkv, S, G)
     OUT,  # (B*Hkv*G, D) = (B, Hq, D) output in the input dtype
@@ -347,29 +614,175 @@ def pad_selection(qsel: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) ->
 
 
 def fused_selection_supported(q: torch.Tensor, proj: torch.Tensor, gqa: str) -> bool:
+    """The in-kernel dim selection runs for group selection, bf16 queries, a power-of-two head_dim in
+    16..256 and a float32 projection; anything else takes the composed PyTorch selection."""
     dim = q.shape[-1]
-    return gqa == "group" and dim & (dim - 1) == 0 and 16 <= dim <= 256 and proj.dtype == torch.float32
+    return (gqa == "group" and dim & (dim - 1) == 0 and 16 <= dim <= 256 and proj.dtype == torch.float32
+            and q.dtype == torch.bfloat16)
+
+
+_PSPLIT: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _proj_split(proj: torch.Tensor) -> torch.Tensor:
+    """``(3, Hkv, D, D)`` bf16 hi + mid + lo terms of the float32 projection (their sum is P to ~2^-24):
+    three bf16 tensor-core products give qP at float32 accuracy. Cached per projection tensor (built on
+    the first, eager call; a CUDA graph captured afterwards reuses it)."""
+    key = (proj.data_ptr(), str(proj.device), tuple(proj.shape), proj._version)
+    hit = _PSPLIT.get(key)
+    if hit is not None and hit[0] is proj:
+        return hit[1]
+    p = proj.float().contiguous()
+    hi = p.to(torch.bfloat16)
+    r1 = p - hi.float()
+    mid = r1.to(torch.bfloat16)
+    lo = (r1 - mid.float()).to(torch.bfloat16)
+    split = torch.stack([hi, mid, lo]).contiguous()
+    if len(_PSPLIT) >= 64:
+        _PSPLIT.clear()
+    _PSPLIT[key] = (proj, split)
+    return split
+
+
+def _gp(rep: int) -> int:
+    return max(GROUP_PAD, _pow2(rep))
 
 
 def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int) -> Selection:
-    """Per-KV-group dim selection in one launch (``gqa="group"``): the same set as ``select_dims`` up to
-    exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
+    """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
+    up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
     ``(Hkv, D, D)`` float32 on q's device."""
+    _need_triton()
     batch, q_heads, dim = q.shape
     groups = proj.shape[0]
     rep = q_heads // groups
     dims = min(dims, dim)
     KP = _kp(dims)
     qc = q.contiguous()
-    pc = proj.contiguous()
     qsel = torch.empty(batch * groups, rep, KP, device=q.device, dtype=q.dtype)
     idx = torch.empty(batch * groups, KP, device=q.device, dtype=torch.int32)
     count = torch.empty(batch * groups, device=q.device, dtype=torch.int32)
     _select_dims_kernel[(batch * groups,)](
-        qc, pc, qsel, idx, count, groups, dims,
-        G=rep, GP=_pow2(rep), KP=KP, D=dim, CK=min(dim, 16), num_warps=4,
+        qc, _proj_split(proj), qsel, idx, count, groups, dims,
+        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), num_warps=4,
     )
     return qsel, idx, count
+
+
+def launch_dims_fused(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, scale: float,
+                      block_n: int = 128, num_warps: int = 4, num_stages: int = 3, waves: float = 4.0) -> torch.Tensor:
+    """AQUA dims only, selection folded into the main kernel: 2 launches (main pass, combine)."""
+    _need_triton()
+    batch, groups, dim, length = kd.shape
+    rep = q.shape[1] // groups
+    dims = min(dims, dim)
+    KP = _kp(dims)
+    blocks = -(-length // block_n)
+    splits = _num_splits(batch * groups, length, block_n, _sms(kd.device), waves)
+    per_split = -(-blocks // splits)
+    splits = -(-blocks // per_split)
+    o, m, ls = _partials(batch * groups, splits, rep, dim, kd.device)
+    assert kd.stride(3) == 1 and v.stride(3) == 1
+    _dims_fused_kernel[(batch * groups, splits)](
+        q.contiguous(), _proj_split(proj), kd, v, o, m, ls, length, dims, per_split, groups, scale * LOG2E,
+        kd.stride(0), kd.stride(1), kd.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), BLOCK_N=block_n, FULL_ROWS=dims == KP,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return _combine(o, m, ls, batch, groups * rep, dim, v.dtype)
+
+
+def kd_layout(kd: torch.Tensor, page: int) -> tuple[int, int, int, int, int]:
+    """``(B, Hkv, D, L)`` contiguous-rows or ``(B, Hkv, NP, D, page)`` paged projected keys ->
+    ``(s_kb, s_kh, s_kp, s_kd, D)``: token ``t = p*page + j`` of dim ``d`` sits at ``p*s_kp + d*s_kd + j``."""
+    if kd.dim() == 4:
+        assert kd.stride(3) == 1, "projected keys need unit stride along tokens"
+        return kd.stride(0), kd.stride(1), page, kd.stride(2), kd.shape[2]
+    if kd.dim() == 5:
+        assert kd.shape[4] == page and kd.stride(4) == 1, f"paged keys need pages of {page} contiguous tokens"
+        return kd.stride(0), kd.stride(1), kd.stride(2), kd.stride(3), kd.shape[3]
+    raise ValueError(f"projected keys must be (B, Hkv, D, L) or (B, Hkv, NP, D, page), got {tuple(kd.shape)}")
+
+
+def _v_rows(v: torch.Tensor, page: int) -> tuple[int, int, int]:
+    """Values ``(B, Hkv, L, D)`` or paged ``(B, Hkv, NP, page, D)`` (pages adjacent) -> ``(s_vb, s_vh, s_vl)``."""
+    if v.dim() == 5:
+        assert v.stride(2) == page * v.stride(3) and v.stride(4) == 1, "paged values: pages of one head must be adjacent"
+        return v.stride(0), v.stride(1), v.stride(3)
+    assert v.stride(3) == 1
+    return v.stride(0), v.stride(1), v.stride(2)
+
+
+def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, dims: int, page: int, length: int,
+                       score_block: int = 256, num_warps: int = 4, num_stages: int = 3,
+                       waves: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 of page top-T: ``(B*Hkv, NP)`` float32 page scores (unscaled approximate logits, max over
+    the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries."""
+    _need_triton()
+    batch, q_heads, dim = q.shape
+    groups = kd.shape[1]
+    rep = q_heads // groups
+    s_kb, s_kh, s_kp, s_kd, _ = kd_layout(kd, page)
+    dims = min(dims, dim)
+    KP = _kp(dims)
+    n_pages = -(-length // page)
+    bh = batch * groups
+    ppi = max(1, score_block // page)
+    steps = -(-n_pages // ppi)
+    splits = max(1, min(steps, -(-int(waves * _sms(q.device)) // bh)))
+    per_split = -(-steps // splits) * ppi
+    splits = -(-n_pages // per_split)
+    pscores = torch.empty(bh, n_pages, device=q.device, dtype=torch.float32)
+    qf = torch.empty(bh, rep, dim, device=q.device, dtype=q.dtype)
+    _page_score_kernel[(bh, splits)](
+        q.contiguous(), _proj_split(proj), kd, pscores, qf, length, dims, n_pages, per_split, groups,
+        s_kb, s_kh, s_kp, s_kd,
+        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), PAGE=page, PPI=ppi, FULL_ROWS=dims == KP,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return pscores, qf
+
+
+def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, token_ratio: float,
+                 scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
+                 score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 2, waves: float = 4.0,
+                 attend_waves: float = 4.0) -> torch.Tensor:
+    """Dims + top-T pages: 3 launches (score pages, select + exact pass over the chosen pages, combine).
+    The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
+    ``v.shape[2]`` (token-major values) and must be given for paged values."""
+    _need_triton()
+    from .paged import pages_for
+
+    batch, q_heads, dim = q.shape
+    groups = kd.shape[1]
+    rep = q_heads // groups
+    s_kb, s_kh, s_kp, s_kd, kdim = kd_layout(kd, page)
+    assert kdim == dim and page >= 16 and page & (page - 1) == 0, "page must be a power of two >= 16"
+    if length is None:
+        assert v.dim() == 4, "give length= for paged values"
+        length = v.shape[2]
+    s_vb, s_vh, s_vl = _v_rows(v, page)
+    dims = min(dims, dim)
+    n_pages = -(-length // page)
+    n_sel = pages_for(token_ratio, length, page)
+    if n_pages > 16384:
+        raise ValueError(f"{n_pages} pages is more than the page kernels hold (16384): use larger pages")
+    bh = batch * groups
+    pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, waves)
+    sms = _sms(q.device)
+    gp = _gp(rep)
+    splits2 = max(1, min(n_sel, -(-int(attend_waves * sms) // bh)))
+    per2 = -(-n_sel // splits2)
+    splits2 = -(-n_sel // per2)
+    scratch = torch.empty(bh * splits2, _pow2(per2), device=q.device, dtype=torch.int32)
+    o, m, ls = _partials(bh, splits2, rep, dim, q.device)
+    _page_attend_kernel[(bh, splits2)](
+        qf, pscores, scratch, kd, v, o, m, ls, length, n_pages, n_sel, per2, groups, scale * LOG2E,
+        s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
+        G=rep, GP=gp, D=dim, PAGE=page, NPP=max(16, _pow2(n_pages)), PER=_pow2(per2),
+        num_warps=attend_warps, num_stages=attend_stages,
+    )
+    return _combine(o, m, ls, batch, q_heads, dim, v.dtype)
 
 
 def launch_dims(sel: Selection, kd: torch.Tensor, v: torch.Tensor, scale: float, block_n: int = 128,
@@ -439,9 +852,12 @@ def launch_tokens(q: torch.Tensor, sel: torch.Tensor, keep: int, block: int, k: 
 class DecodeConfig:
     """How one AQUA decode step runs. ``dims``: projected dims kept; ``gqa``: "group" or "head"
     (see :mod:`aqua_cli.kernels.reference`); ``token_ratio``: T/L for dims + top-T (None: dims only);
-    ``select_block``: tokens per selection block (a power of two). The rest are launch parameters
-    (defaults from ``scripts/sweep_decode.py`` on an H100); ``fused_select``: pick dims with the one-launch
-    Triton kernel (group selection) instead of composed PyTorch ops."""
+    ``granularity``: top-T by "tokens" (per ``select_block`` a share of tokens, exact pass over the
+    token-major ``k``) or by "pages" (the best pages of ``page`` tokens, exact pass over the projected keys
+    ``kd``: see :mod:`aqua_cli.kernels.paged`); ``select_block``: tokens per selection block (a power of two).
+    The rest are launch parameters (defaults from ``scripts/sweep_decode.py`` on an H100). ``fused_select``:
+    pick dims in Triton (group selection, bf16) instead of composed PyTorch ops; ``prologue``: fold that
+    selection into the main kernel (dims only; pages always do) instead of a launch of its own."""
 
     dims: int
     gqa: str = "group"
@@ -456,10 +872,23 @@ class DecodeConfig:
     tokens_warps: int = 4
     tokens_stages: int = 3
     fused_select: bool = True
+    prologue: bool = True
+    granularity: str = "tokens"
+    page: int = 64  # tokens per page (granularity="pages")
+    score_block: int = 256  # tokens per step of the page scoring kernel
+    score_warps: int = 4
+    score_stages: int = 3
+    attend_warps: int = 4
+    attend_stages: int = 2
+    attend_waves: float = 4.0
 
     def __post_init__(self) -> None:
         if self.select_block < 16 or self.select_block & (self.select_block - 1):
             raise ValueError(f"select_block must be a power of two >= 16, got {self.select_block}")
+        if self.granularity not in ("tokens", "pages"):
+            raise ValueError(f"granularity must be tokens or pages, got {self.granularity!r}")
+        if self.page < 16 or self.page & (self.page - 1):
+            raise ValueError(f"page must be a power of two >= 16, got {self.page}")
         if self.token_ratio is not None:
             block_keep_for(self.token_ratio, self.select_block)
 
@@ -475,22 +904,44 @@ def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig
     return pad_selection(qsel, idx, count), config.gqa == "group" and dims == _kp(dims)
 
 
-def aqua_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
+def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
                 config: DecodeConfig) -> torch.Tensor:
-    """One AQUA decode step with the fused kernels; same result as ``aqua_decode_reference``.
+    """One AQUA decode step with the fused kernels; same result as ``aqua_decode_reference`` (dims, token
+    top-T) or ``paged.aqua_decode_pages_reference`` (page top-T).
 
-    ``q`` ``(B, Hq, D)``; ``k``, ``v`` ``(B, Hkv, L, D)`` token-major (``k`` only read for top-T);
-    ``kd`` ``(B, Hkv, D, L)`` projected keys (``project_keys``); ``proj`` ``(Hkv, D, D)`` float32.
-    Launches: dim selection, the main pass (dims; or scoring + the exact pass for top-T), the combine.
+    ``q`` ``(B, Hq, D)``; ``k``, ``v`` ``(B, Hkv, L, D)`` token-major (``k`` only read for token top-T; pass
+    None otherwise); ``kd`` ``(B, Hkv, D, L)`` projected keys (``project_keys``), or paged for pages;
+    ``proj`` ``(Hkv, D, D)`` float32 (orthogonal for pages: their exact pass computes ``(qP).(kP)``).
+    Launches: dims 2 (main pass with the selection in its prologue, combine); pages 3 (score, select +
+    exact pass, combine); token top-T 4 (selection, scoring, exact pass, combine).
     """
     dim = q.shape[-1]
     scale = dim ** -0.5
+    fused = config.fused_select and fused_selection_supported(q, proj, config.gqa)
+    if config.token_ratio is not None and config.granularity == "pages":
+        if not fused:
+            raise ValueError("page top-T needs the in-kernel selection: gqa='group', bf16 q, power-of-two head_dim 16..256")
+        return launch_pages(q, proj, kd, v, config.dims, config.token_ratio, scale, config.page,
+                            score_block=config.score_block, score_warps=config.score_warps,
+                            score_stages=config.score_stages, attend_warps=config.attend_warps,
+                            attend_stages=config.attend_stages, waves=config.waves, attend_waves=config.attend_waves)
+    if config.token_ratio is None and fused and config.prologue:
+        return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages,
+                                 config.waves)
     sel, full_rows = select_for_kernels(q, proj, config)
     if config.token_ratio is None:
         return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages, config.waves, full_rows)
     chosen, keep = launch_select(sel, kd, config.token_ratio, config.select_block, config.select_warps, full_rows)
     return launch_tokens(q, chosen, keep, config.select_block, k, v, scale, config.tokens_block_n, config.tokens_warps,
                          config.tokens_stages, config.waves)
+
+
+def pages_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, page: int, elem: int = 2) -> int:
+    """Bytes dims + top-T pages must read: ``dims`` rows of ``kd``, then the chosen pages of ``kd`` and ``v``."""
+    from .paged import pages_for
+
+    tokens = min(length, pages_for(ratio, length, page) * page)
+    return batch * kv_heads * (length * dims + 2 * tokens * dim) * elem
 
 
 def dims_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, elem: int = 2) -> int:
