@@ -15,7 +15,6 @@ renames it into place under a file lock, so readers see the old artifact or the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -24,24 +23,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from . import __version__
+from .cards import model_card
 from .errors import ArtifactError, FingerprintMismatch, first_line
-from .models import (
-    DEFAULT_MODEL_ID,
-    describe_fingerprint,
-    fingerprint_hash,
-    model_fingerprint,
-)
+from .locking import file_lock, lock_timeout
+from .models import describe_fingerprint, fingerprint_hash, model_fingerprint
 
 FORMAT_VERSION = "1"
 TENSOR_FILE = "projections.safetensors"
 CARD_FILE = "README.md"
 BASIS = "qk-joint-postrope-uncentered"
-REGISTRY_ENV = "AQUA_REGISTRY"
 _JSON_KEYS = ("fingerprint", "command", "extra")
 _INT_KEYS = ("tokens", "seq_len", "seed", "num_layers")
 
@@ -183,6 +178,14 @@ class Artifact:
         return artifact
 
 
+def registry_name(model_id: str) -> str:
+    """``org/name`` -> ``org--name``, the directory name in the registry (as the HF cache does)."""
+    name = model_id.strip("/").replace("\\", "/")
+    if os.path.isabs(model_id) or name.count("/") > 1:
+        name = Path(model_id).name
+    return name.replace("/", "--")
+
+
 # -- metadata -------------------------------------------------------------------------------------
 def build_metadata(
     *,
@@ -240,6 +243,45 @@ def decode_metadata(raw: dict[str, str] | None, file: Path) -> dict[str, Any]:
     return meta
 
 
+def read_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read without touching the tensors; ArtifactError if the file
+    is not one (too short, a header length beyond the file: truncated, corrupt, or a pickle)."""
+    try:
+        size = file.stat().st_size
+        if size < 8:
+            raise ArtifactError(f"{file} is empty or truncated ({size} bytes)")
+        with open(file, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if header_len <= 0 or header_len > min(size - 8, 100_000_000):
+                raise ArtifactError(f"{file} is not a safetensors file (bad header length): truncated, corrupt or a pickle")
+            header = json.loads(fh.read(header_len))
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ArtifactError(f"{file} is not a valid safetensors file ({first_line(exc, 120)}): truncated or corrupt") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{file} is not a valid safetensors file (the header is not an object)")
+    return header
+
+
+def header_metadata(file: Path) -> dict[str, Any]:
+    """The decoded aqua metadata of an artifact file, from its header alone (no tensors loaded)."""
+    return decode_metadata(read_header(file).get("__metadata__"), file)
+
+
+def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    from safetensors import safe_open
+
+    read_header(file)  # refuses what is not safetensors before the parser sees it
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            meta = fh.metadata()
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except Exception as exc:  # SafetensorError and friends
+        raise ArtifactError(f"{file} is not a valid safetensors file ({first_line(exc, 120)}): truncated or corrupt") from exc
+    return tensors, meta
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """Hash of names, dtypes, shapes and bytes, in name order: independent of file layout."""
     digest = hashlib.sha256()
@@ -250,201 +292,13 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    from safetensors import safe_open
 
-    size = file.stat().st_size
-    if size < 8:
-        raise ArtifactError(f"{file} is empty or truncated ({size} bytes)")
-    with open(file, "rb") as fh:
-        head = fh.read(8)
-    header_len = int.from_bytes(head, "little")
-    if header_len <= 0 or header_len > min(size - 8, 100_000_000):
-        raise ArtifactError(f"{file} is not a safetensors file (bad header length): truncated, corrupt or a pickle")
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            meta = fh.metadata()
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-    except Exception as exc:  # SafetensorError and friends
-        raise ArtifactError(f"{file} is not a valid safetensors file ({first_line(exc, 120)}): truncated or corrupt") from exc
-    return tensors, meta
-
-
-# -- registry -------------------------------------------------------------------------------------
-def registry_name(model_id: str) -> str:
-    """``org/name`` -> ``org--name``, the directory name in the registry (as the HF cache does)."""
-    name = model_id.strip("/").replace("\\", "/")
-    if os.path.isabs(model_id) or name.count("/") > 1:
-        name = Path(model_id).name
-    return name.replace("/", "--")
-
-
-def registry_dir() -> Path:
-    """Where ``aqua calibrate`` writes by default: ``$AQUA_REGISTRY`` or ``./artifacts``."""
-    return Path(os.environ.get(REGISTRY_ENV) or "artifacts").expanduser()
-
-
-def shipped_dir() -> Path:
-    """The artifacts shipped with the source tree (next to the package in an editable install)."""
-    return Path(__file__).resolve().parent.parent / "artifacts"
-
-
-def default_artifact_name() -> str:
-    return registry_name(DEFAULT_MODEL_ID)
-
-
-def resolve_artifact(name: str | Path | None) -> Path:
-    """An artifact path from a path, a registry name (``org--name`` or ``org/name``), or the default."""
-    if name is None:
-        name = default_artifact_name()
-    text = str(name)
-    if text.startswith("hf://"):
-        from .hub import pull  # noqa: PLC0415 - optional import: the Hub client is only needed here
-
-        return pull(text)
-    path = Path(text).expanduser()
-    if path.exists():
-        return path
-    candidates = [root / registry_name(text) for root in (registry_dir(), shipped_dir())]
-    for candidate in candidates:
-        if (candidate / TENSOR_FILE).is_file():
-            return candidate
-    raise ArtifactError(
-        f"artifact '{text}' not found (looked for a path, then {', '.join(str(c) for c in candidates)}): "
-        "run `aqua calibrate` or `aqua list`"
-    )
-
-
-def load_artifact(name: str | Path | None = None) -> Artifact:
-    return Artifact.load(resolve_artifact(name))
-
-
-def artifact_for_model(name: str | Path | None, model_id: str) -> Artifact:
-    """The artifact the user named, else the registry entry named after the model (for the default
-    model, the shipped one)."""
-    return load_artifact(name if name is not None else registry_name(model_id))
-
-
-# -- model card -----------------------------------------------------------------------------------
-def model_card(artifact: Artifact, hub_repo: str | None = None) -> str:
-    """The README.md of an artifact: Hub metadata (YAML front matter), provenance, spectrum and usage.
-
-    ``hub_repo`` (``org/repo``) is set when the card is rendered for a push: usage then names ``hf://org/repo``.
-    Eval results the artifact carries (``extra["eval_results"]``: dicts with ``task``, ``dataset``, ``metric``,
-    ``value`` and optionally ``k``, ``mode``, ``name``) become the card's ``model-index``.
-    """
-    import re
-
-    from huggingface_hub import EvalResult, ModelCardData
-
-    from .spectrum import DEFAULT_RATIOS, energy_summary, layer_rows
-
-    meta = artifact.metadata
-    fp = artifact.fingerprint
-    summary = energy_summary(artifact)
-    hub_id = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-    model_id = str(meta["model_id"])
-    data_name = str(meta.get("data_id") or "").split(":")[0]
-    evals = [r for r in (meta.get("extra") or {}).get("eval_results", []) if isinstance(r, dict) and "value" in r]
-    eval_results = [
-        EvalResult(
-            task_type=str(r.get("task", "text-generation")),
-            dataset_type=str(r.get("dataset", data_name or "unknown")),
-            dataset_name=str(r.get("dataset", data_name or "unknown")),
-            metric_type=str(r.get("metric", "perplexity")),
-            metric_value=r["value"],
-            metric_name=r.get("name") or " ".join(
-                [str(r.get("metric", "perplexity"))] + [f"{key}={r[key]}" for key in ("k", "mode") if key in r]
-            ),
-        )
-        for r in evals
-    ]
-    card_data = ModelCardData(
-        base_model=model_id if hub_id.fullmatch(model_id) and not Path(model_id).exists() else None,
-        library_name="aqua_cli",
-        tags=["aqua", "attention", "projection", fp["architecture"]],
-        datasets=[data_name] if hub_id.fullmatch(data_name) and not Path(data_name).exists() else None,
-        model_name=(hub_repo or artifact.name) if eval_results else None,  # only model-index uses it
-        eval_results=eval_results or None,
-    )
-    front = "---\n" + card_data.to_yaml() + "\n---"
-    rows = "\n".join(f"| {r:.2f} | {summary[r]['min']:.4f} | {summary[r]['mean']:.4f} |" for r in sorted(summary))
-    layers = "\n".join(
-        f"| {row['layer']} | " + " | ".join(f"{row[f'energy_{r:g}_min']:.3f} / {row[f'energy_{r:g}_mean']:.3f}" for r in DEFAULT_RATIOS)
-        + f" | {row['orthogonality_error']:.1e} |"
-        for row in layer_rows(artifact)
-    )
-    layer_head = " | ".join(f"k={r:g}d" for r in DEFAULT_RATIOS)
-    command = " ".join(meta.get("command") or []) or "(Python API)"
-    name = f"hf://{hub_repo}" if hub_repo else artifact.name
-    results = "\n".join(
-        f"| {r.get('task', 'text-generation')} | {r.get('dataset', data_name)} | {r.get('metric', 'perplexity')} | {r.get('k', '')} | {r.get('mode', '')} | {r['value']} |"
-        for r in evals
-    )
-    results_section = (
-        f"\n## Evaluation\n\n| task | dataset | metric | k | mode | value |\n|---|---|---|---|---|---|\n{results}\n" if evals else ""
-    )
-    body = f"""
-# AQUA projections for {meta['model_id']}
-
-Per-layer, per-KV-group orthogonal projections for [AQUA attention](https://arxiv.org/abs/2509.11155)
-(Attention via QUery mAgnitudes), made by `aqua_cli` {meta.get('tool_version', '')}.
-
-| | |
-|---|---|
-| model | {meta['model_id']} (revision: {meta.get('model_revision') or 'unknown'}) |
-| shape | {describe_fingerprint(fp)} |
-| calibration data | {meta.get('data_id')} |
-| tokens | {meta.get('tokens')} (windows of {meta.get('seq_len')}, seed {meta.get('seed')}) |
-| basis | {meta.get('basis')} |
-| model dtype | {meta.get('dtype')} |
-| created | {meta.get('created')} |
-| sha256 (tensors) | `{meta.get('tensors_sha256')}` |
-
-Made with: `{command}`
-
-## Spectrum: fraction of query/key energy in the first k projected dimensions
-
-| k / d | min over layers and groups | mean |
-|---|---|---|
-{rows}
-
-<details><summary>Per layer (min / mean over KV groups), as <code>aqua inspect</code> shows it</summary>
-
-| layer | {layer_head} | max abs(PᵀP − I) |
-|---|{'---|' * len(DEFAULT_RATIOS)}---|
-{layers}
-
-</details>
-{results_section}
-## Use
-
-```bash
-aqua eval {meta['model_id']} --artifact {name} --k 0.75 --mode dynamic
-```
-
-```python
-import aqua_cli
-handle = aqua_cli.patch(model, "{name}", k=0.75, mode="dynamic")
-```
-"""
-    return front + "\n" + body
 
 
 # -- atomic directory replacement -----------------------------------------------------------------
-@contextlib.contextmanager
-def _lock(target: Path) -> Iterator[None]:
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(target.parent / f".{target.name}.lock"))
-    try:
-        lock.acquire(timeout=600)
-    except Timeout:
-        raise ArtifactError(f"another aqua process holds the lock on {target}; try again when it finishes") from None
-    try:
-        yield
-    finally:
-        lock.release()
+def _lock(target: Path) -> Any:
+    """The lock every writer of ``target`` takes (``.<name>.lock`` beside it); ``aqua push`` takes it too."""
+    return file_lock(target.parent / f".{target.name}.lock", f"writing {target}", lock_timeout(600))
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

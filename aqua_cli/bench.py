@@ -11,7 +11,6 @@ No weights are needed: random tensors of the model's attention shape and a rando
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 import time
@@ -21,7 +20,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .cost import cost_model, paper_break_even
 from .errors import ConfigError
+from .models import AttnShape
 
 MAX_SEQ = 1 << 20  # 1M tokens: beyond any model we bench, and beyond one GPU's memory at batch 8
 PHASES = ("decode", "prefill")
@@ -67,99 +68,6 @@ def parse_seq(spec: str, default_start: int = 64) -> list[int]:
         values.append(value)
         value *= factor
     return values
-
-
-# -- model shapes --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttnShape:
-    """The attention shape a benchmark needs: heads, KV heads, head_dim (and layers, for the notes)."""
-
-    name: str
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    num_layers: int = 1
-
-    @property
-    def group(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-
-PRESETS = {
-    "llama-3.1-8b": AttnShape("llama-3.1-8b", 32, 8, 128, 32),
-    "llama-3.2-1b": AttnShape("llama-3.2-1b", 32, 8, 64, 16),
-    "mistral-7b": AttnShape("mistral-7b", 32, 8, 128, 32),
-    "qwen2.5-7b": AttnShape("qwen2.5-7b", 28, 4, 128, 28),
-    "smollm2-135m": AttnShape("smollm2-135m", 9, 3, 64, 30),
-}
-
-
-def resolve_shape(model: str | None) -> AttnShape:
-    """A preset name, or a Hub id / local model whose config gives the shape (no weights loaded)."""
-    name = (model or "llama-3.1-8b").strip()
-    if name.lower() in PRESETS:
-        return PRESETS[name.lower()]
-    if "/" not in name and not Path(name).expanduser().exists():
-        raise ConfigError(f"unknown model '{name}': give a preset ({', '.join(PRESETS)}), a Hub id (org/name) or a local model")
-    from .models import attention_shape, load_config, resolve_model
-
-    try:
-        source = resolve_model(name)
-    except Exception as exc:  # ModelLoadError: say what presets exist too
-        raise ConfigError(f"unknown model '{name}': not a preset ({', '.join(PRESETS)}) and {exc}") from None
-    shape = attention_shape(load_config(source))
-    return AttnShape(source.model_id, shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], shape["num_layers"])
-
-
-# -- cost model ----------------------------------------------------------------------------------------
-def paper_break_even(head_dim: int, dims: int) -> float:
-    """Context length above which AQUA does fewer multiply-adds per query than dense attention.
-
-    Per query head: dense scores cost ``L*d``; AQUA costs the query projection ``d*d``, the top-k
-    selection (about ``d``) and ``L*k`` scores (the value sum is the same in both). Equal when
-    ``L = (d*d + d) / (d - k)``. Keys are projected once when cached, so they add no per-step cost.
-    """
-    if dims >= head_dim:
-        return math.inf
-    return (head_dim * head_dim + head_dim) / (head_dim - dims)
-
-
-def cost_model(shape: AttnShape, batch: int, seq: int, phase: str, dims: int,
-               token_ratio: float | None = None, elem: int = 2) -> dict[str, float]:
-    """FLOPs and bytes of one attention layer, dense vs AQUA (dims, or dims + top-T tokens).
-
-    Decode (one query per sequence): bytes are the KV cache reads, which is what decides time on a GPU.
-    Prefill (``seq`` queries, causal): FLOPs decide; the static AQUA path scores on the first ``dims``.
-    """
-    hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    if phase == "decode":
-        queries, pairs = batch, batch * seq
-        dense_flops = 4 * hq * pairs * d
-        proj_flops = 2 * hq * queries * d * d
-        select_flops = 2 * hq * queries * d  # |q| and a linear-time selection over d values
-        if token_ratio is None:
-            aqua_flops = proj_flops + select_flops + 2 * hq * pairs * dims + 2 * hq * pairs * d
-            aqua_bytes = batch * hkv * seq * (dims + d) * elem
-        else:
-            tokens = math.ceil(token_ratio * seq)
-            aqua_flops = proj_flops + select_flops + 2 * hq * pairs * dims + 4 * hq * batch * tokens * d
-            aqua_bytes = batch * hkv * (seq * dims + 2 * tokens * d) * elem
-        dense_bytes = 2 * batch * hkv * seq * d * elem
-    else:
-        pairs = batch * seq * (seq + 1) / 2
-        dense_flops = 4 * hq * pairs * d
-        proj_flops = 2 * batch * seq * (hq + hkv) * d * dims
-        aqua_flops = proj_flops + 2 * hq * pairs * dims + 2 * hq * pairs * d
-        dense_bytes = batch * seq * (2 * hq + 2 * hkv) * d * elem
-        aqua_bytes = batch * seq * (hq * (dims + d) + hkv * (dims + d)) * elem
-    return {
-        "dense_flops": float(dense_flops),
-        "aqua_flops": float(aqua_flops),
-        "dense_bytes": float(dense_bytes),
-        "aqua_bytes": float(aqua_bytes),
-        "flop_ratio": aqua_flops / dense_flops,
-        "byte_bound_speedup": dense_bytes / aqua_bytes,
-    }
 
 
 # -- timing --------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from .attention import HookedModel, attention_modules
 from .data import DataSpec, load_windows
 from .distributed import DistContext, agree, all_reduce_sum, shard
 from .errors import AquaError
+from .methods.base import AttentionHook
 from .models import ModelSource, attention_shape
 
 
@@ -89,12 +90,18 @@ class GramAccumulator:
             raise AquaError(f"no queries/keys were captured for layers {missing[:5]}: does the model use the attention interface?")
         return torch.stack([g.cpu() for g in self.grams])  # type: ignore[union-attr]
 
-    def hook(self, layer: int) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        def capture(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            self.add(layer, query.detach(), key.detach())
-            return query, key
+    def hook(self, layer: int) -> AttentionHook:
+        """A hook that records the layer's post-RoPE q and k and leaves attention unchanged."""
+        return CaptureHook(self, layer)
 
-        return capture
+
+class CaptureHook(AttentionHook):
+    def __init__(self, acc: GramAccumulator, layer: int):
+        self.acc, self.layer = acc, layer
+
+    def rewrite(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.acc.add(self.layer, query.detach(), key.detach())
+        return query, key
 
 
 def eigenbasis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

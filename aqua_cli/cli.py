@@ -132,6 +132,71 @@ def load(model: str | None, revision: str | None, device: str, dtype: str, devic
     return source, loaded, tokenizer
 
 
+# -- parse once, at the edge: comma lists and budgets become numbers here; configs hold numbers ----------
+def split_list(text: str | None) -> list[str]:
+    """``"0.5, 0.75,"`` -> ``["0.5", "0.75"]``; None or blank -> ``[]``."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def k_list(text: str | None) -> tuple[float | int, ...]:
+    """A comma list of k (ratios or dim counts), validated."""
+    from .budgets import parse_k
+
+    return tuple(parse_k(t) for t in split_list(text))
+
+
+def budget_list(text: str | None) -> tuple[float | int, ...]:
+    """A comma list of H2O budgets (ratios of the prompt or token counts), validated."""
+    from .budgets import parse_budget
+
+    return tuple(parse_budget(t) for t in split_list(text))
+
+
+def kv_dims_list(text: str | None) -> tuple[float | int, ...]:
+    """A comma list of kept key dims (ratios or counts); checked against head_dim by :func:`preflight`."""
+    from .budgets import ratio_or_count
+
+    values = []
+    for t in split_list(text):
+        try:
+            values.append(ratio_or_count(t))
+        except ValueError:
+            raise AquaError(f"invalid --kv-dims {t!r}: give a ratio in (0, 1] such as 0.5, or a number of dimensions such as 32") from None
+    return tuple(values)
+
+
+def number_list(text: str | None, kind: type, option: str) -> tuple[Any, ...]:
+    """A comma list of ints or floats for ``option``, one line on a bad value."""
+    try:
+        return tuple(kind(t) for t in split_list(text))
+    except ValueError:
+        raise AquaError(f"{option} takes {'integers' if kind is int else 'numbers'} (a comma list), got '{text}'") from None
+
+
+def preflight(model: str | None, revision: str | None, artifact: str | None, ks: tuple[Any, ...] = (),
+              kv_dims: tuple[Any, ...] = (), full_attention: str | None = None) -> tuple[Any, Any, Any]:
+    """Everything that can be checked before the weights load, for every command that runs a method:
+    the model resolves and its config loads, the artifact resolves and fits the model, each k and
+    kv-dims fits head_dim, and (``full_attention`` names the feature) the model has full attention only.
+    Returns ``(source, config, artifact)``."""
+    from .attention import full_attention_only
+    from .budgets import k_dims, parse_kv_dims
+    from .models import load_config, resolve_model
+    from .registry import artifact_for_model
+
+    source = resolve_model(model, revision)
+    art = artifact_for_model(artifact, source.model_id)
+    for k in ks:
+        k_dims(k, art.head_dim)
+    for m in kv_dims:
+        parse_kv_dims(m, art.head_dim)
+    config = load_config(source)
+    art.check_model(config)
+    if full_attention:
+        full_attention_only(config, full_attention)
+    return source, config, art
+
+
 def check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:

@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from .attention import HOOK_ATTR, AquaPatch, ProjectionHook, k_dims, parse_k, parse_mode, patch
+from .budgets import k_dims, parse_k
+from .methods import Aqua, AttentionHook, parse_mode
 from .data import DataSpec, load_windows
 from .errors import ConfigError, DataError
 from .policy import allocate, kept_energy, parse_policy
@@ -191,21 +192,19 @@ def _allowed(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, devic
 
 
 @dataclass
-class RetentionProbe:
-    """A hook that computes attention itself: dense and AQUA on the same q/k/v, returns dense."""
+class RetentionProbe(AttentionHook):
+    """Wraps a method's hook: runs dense and the hook's rewrite on the same q/k/v, records how they
+    differ, and returns dense (so errors do not compound across layers)."""
 
-    inner: ProjectionHook
+    inner: AttentionHook
     stats: RetentionStats
-
-    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return query, key  # not used: ``attend`` takes precedence
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         dense, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        q2, k2 = self.inner(module, query, key)
+        q2, k2 = self.inner.rewrite(module, query, key)
         approx, _ = sdpa_attention_forward(module, q2, k2, value, attention_mask, **kwargs)
         self._scores(module, query, key, q2, k2, attention_mask, kwargs.get("scaling"))
         cos = torch.nn.functional.cosine_similarity(approx.float(), dense.float(), dim=-1, eps=1e-12)
@@ -231,19 +230,13 @@ class RetentionProbe:
 
 
 @torch.no_grad()
-def retention(handle: AquaPatch, windows: torch.Tensor) -> dict[str, float]:
-    """Retention metrics of the handle's current (mode, k) on ``windows`` (see module docstring)."""
+def retention(method: Aqua, windows: torch.Tensor) -> dict[str, float]:
+    """Retention metrics of an installed method's current settings on ``windows`` (see module docstring)."""
     stats = RetentionStats()
-    modules, hooks = handle.modules, handle.hooks
-    for module, hook in zip(modules, hooks):
-        setattr(module, HOOK_ATTR, RetentionProbe(hook, stats))
-    try:
-        device = next(handle.model.parameters()).device
+    with method.wrapped(lambda hook: RetentionProbe(hook, stats)):
+        device = next(method.model.parameters()).device
         for window in windows:
-            handle.model(window[None].to(device), use_cache=False)
-    finally:
-        for module, hook in zip(modules, hooks):
-            setattr(module, HOOK_ATTR, hook)
+            method.model(window[None].to(device), use_cache=False)
     return stats.result()
 
 
@@ -262,27 +255,23 @@ def points(config: EvalConfig) -> list[Point]:
         if mode == "dense":
             continue
         for k in config.ks:
-            full = isinstance(parse_k(k), float) and parse_k(k) == 1.0
+            full = isinstance(k, float) and k == 1.0
             for policy in config.policies:
                 if policy != "uniform" and full:
                     continue
-                out.append(Point(mode, parse_k(k), policy))
+                out.append(Point(mode, k, policy))
     return out
 
 
-def set_point(handle: AquaPatch, artifact: Any, point: Point) -> tuple[float, float | None]:
-    """Configure the patch for ``point``; returns (mean kept dims, mean static energy kept)."""
-    handle.set(mode=point.mode)
+def point_setup(artifact: Any, point: Point) -> tuple[Aqua, list[Any] | None, float, float | None]:
+    """The method that runs ``point``; its per-layer budgets (None: uniform k or dense); the mean kept
+    dims and the mean static calibration energy those budgets keep (None for dense)."""
+    method = Aqua(artifact, point.k, point.mode)
     if point.mode == "dense":
-        return float(artifact.head_dim), None
-    dims = k_dims(point.k, artifact.head_dim)
-    budgets = allocate(artifact, dims, point.policy)
-    if point.policy == "uniform":
-        handle.set(k=point.k)
-    else:
-        handle.set_layer_k(budgets)
+        return method, None, float(artifact.head_dim), None
+    budgets = allocate(artifact, k_dims(point.k, artifact.head_dim), point.policy)
     mean_dims = sum(map(sum, budgets)) / (artifact.num_layers * artifact.num_groups)
-    return mean_dims, kept_energy(artifact, budgets)
+    return method, None if point.policy == "uniform" else budgets, mean_dims, kept_energy(artifact, budgets)
 
 
 def prepare_windows(tokenizer: Any, config: EvalConfig) -> torch.Tensor:
@@ -315,46 +304,46 @@ def evaluate(
     num_bytes = window_bytes(tokenizer, windows)
     sample = windows[: config.retention_windows]
     rows: list[EvalRow] = []
-    with patch(model, artifact, k=1.0, mode="dense") as handle:
-        grid = points(config)
-        if not grid or grid[0].mode != "dense":
-            grid = [Point("dense", 1.0, "uniform"), *grid]
-            show_dense = False
-        else:
-            show_dense = True
-        reference: Perplexity | None = None
-        for point in grid:
-            started = time.perf_counter()
-            mean_dims, energy = set_point(handle, artifact, point)
+    grid = points(config)
+    show_dense = bool(grid) and grid[0].mode == "dense"
+    if not show_dense:
+        grid = [Point("dense", 1.0, "uniform"), *grid]
+    reference: Perplexity | None = None
+    for point in grid:  # one loop: each point is a method, installed, measured, removed
+        started = time.perf_counter()
+        method, budgets, mean_dims, energy = point_setup(artifact, point)
+        with method(model):
+            if budgets is not None:
+                method.set_layer_k(budgets)
             result = perplexity(model, windows, config.batch_size, num_bytes, on_batch, dist)
-            if reference is None:
-                reference = result
-            kept = retention(handle, sample) if (len(sample) and point.mode != "dense") else {}
-            if point.mode == "dense" and len(sample):
-                kept = {"score_err": 0.0, "attn_tv": 0.0, "out_cos": 1.0}
-            row = EvalRow(
-                model=model_id,
-                data=config.data.describe(),
-                artifact=artifact.name,
-                mode=point.mode,
-                k=point.k,
-                k_dims=round(mean_dims, 4),
-                policy=point.policy,
-                ppl=result.ppl,
-                ppl_rel_change=result.ppl / reference.ppl - 1.0,
-                ppl_byte=result.ppl_byte,
-                bpb=result.bpb,
-                tokens=result.tokens,
-                bytes=result.bytes,
-                seq_len=config.seq_len,
-                energy_kept=energy,
-                seconds=round(time.perf_counter() - started, 2),
-                **kept,
-            )
-            if point.mode != "dense" or show_dense:
-                rows.append(row)
-                if on_point is not None:
-                    on_point(row)
+            kept = retention(method, sample) if (len(sample) and point.mode != "dense") else {}
+        if reference is None:
+            reference = result
+        if point.mode == "dense" and len(sample):
+            kept = {"score_err": 0.0, "attn_tv": 0.0, "out_cos": 1.0}
+        row = EvalRow(
+            model=model_id,
+            data=config.data.describe(),
+            artifact=artifact.name,
+            mode=point.mode,
+            k=point.k,
+            k_dims=round(mean_dims, 4),
+            policy=point.policy,
+            ppl=result.ppl,
+            ppl_rel_change=result.ppl / reference.ppl - 1.0,
+            ppl_byte=result.ppl_byte,
+            bpb=result.bpb,
+            tokens=result.tokens,
+            bytes=result.bytes,
+            seq_len=config.seq_len,
+            energy_kept=energy,
+            seconds=round(time.perf_counter() - started, 2),
+            **kept,
+        )
+        if point.mode != "dense" or show_dense:
+            rows.append(row)
+            if on_point is not None:
+                on_point(row)
     return rows
 
 
@@ -414,32 +403,3 @@ def _head_dim(rows: Sequence[dict[str, Any]]) -> float:
         return dense[0]["k_dims"]
     full = [r["k_dims"] / r["k"] for r in rows if isinstance(r["k"], float) and r["policy"] == "uniform"]
     return full[0] if full else max(r["k_dims"] for r in rows)
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the numbers were measured (recorded in every JSON): CPU model, cores, threads, versions."""
-    import os
-    import platform
-
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def iter_rows(rows: Sequence[EvalRow]) -> Iterator[dict[str, Any]]:
-    for r in rows:
-        yield r.as_dict()

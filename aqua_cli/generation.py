@@ -98,7 +98,8 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 def attention_flops_saved(config: Any, dims: int, prompt_tokens: int, new_tokens: int) -> float:
     """Fraction of attention dot-product FLOPs (scores and value sums, projection and selection
     included) that AQUA removes over a prefill of ``prompt_tokens`` and ``new_tokens`` decode steps."""
-    from .bench import AttnShape, cost_model
+    from .cost import cost_model
+    from .models import AttnShape
     from .models import attention_shape
 
     s = attention_shape(config)

@@ -19,30 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import __version__
-from .artifact import (
-    CARD_FILE,
-    TENSOR_FILE,
-    Artifact,
-    decode_metadata,
-    model_card,
-    registry_dir,
-    resolve_artifact,
-    shipped_dir,
-)
+from .artifact import CARD_FILE, TENSOR_FILE, Artifact
+from .cards import model_card
 from .errors import AquaError, ArtifactError, first_line
+from .locking import file_lock, lock_timeout
 
 HF_SCHEME = "hf://"
-LOCK_TIMEOUT_ENV = "AQUA_LOCK_TIMEOUT"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
@@ -87,19 +78,6 @@ class Pushed:
     tensors_sha256: str
 
 
-@dataclass(frozen=True)
-class Listed:
-    """One row of ``aqua list``."""
-
-    name: str
-    where: str  # registry, shipped or hf-cache
-    model: str
-    revision: str
-    tokens: int | None
-    size: int
-    path: str
-
-
 # -- the client ---------------------------------------------------------------------------------------
 def build_api(token: str | None = None) -> Any:
     """The one ``HfApi`` aqua uses: it names aqua in the user agent, and takes the endpoint from ``HF_ENDPOINT``."""
@@ -120,7 +98,7 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
@@ -175,38 +153,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-# -- locks --------------------------------------------------------------------------------------------
-def _lock_timeout(default: float) -> float:
-    try:
-        return float(os.environ.get(LOCK_TIMEOUT_ENV, default))
-    except ValueError:
-        raise AquaError(f"{LOCK_TIMEOUT_ENV} must be a number of seconds") from None
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, what: str, timeout: float) -> Iterator[None]:
-    """Hold ``path`` as a lock file or fail with one line: two pushes or pulls of one artifact never interleave."""
-    from filelock import FileLock, Timeout
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path))
-        lock.acquire(timeout=timeout)
-    except Timeout:
-        raise AquaError(f"another aqua process is {what}; try again when it finishes (lock: {path})") from None
-    except OSError as exc:
-        raise AquaError(f"cannot take the lock {path}: {exc.strerror or exc}") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def _push_lock_path(artifact_dir: Path) -> Path:
     """The lock ``Artifact.save`` takes (``.<name>.lock`` beside it), so a push never reads a half-replaced artifact;
     a read-only parent (an installed package) or a snapshot in the HF cache locks in the temp directory instead."""
     parent = artifact_dir.resolve().parent
-    if os.access(parent, os.W_OK) and _cache_dir().resolve() not in parent.parents:
+    if os.access(parent, os.W_OK) and cache_dir().resolve() not in parent.parents:
         return parent / f".{artifact_dir.name}.lock"
     digest = hashlib.sha256(str(artifact_dir.resolve()).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"aqua-push-{digest}.lock"
@@ -215,7 +166,7 @@ def _push_lock_path(artifact_dir: Path) -> Path:
 def _pull_lock_path(repo_id: str) -> Path:
     from huggingface_hub.file_download import repo_folder_name
 
-    return _cache_dir() / ".locks" / repo_folder_name(repo_id=repo_id, repo_type="model") / "aqua-pull.lock"
+    return cache_dir() / ".locks" / repo_folder_name(repo_id=repo_id, repo_type="model") / "aqua-pull.lock"
 
 
 # -- pull ---------------------------------------------------------------------------------------------
@@ -230,9 +181,9 @@ def pull_artifact(ref: str, revision: str | None = None, token: str | None = Non
     from huggingface_hub.file_download import repo_folder_name
 
     hub_ref = HubRef.parse(ref, revision)
-    storage = _cache_dir() / repo_folder_name(repo_id=hub_ref.repo_id, repo_type="model")
+    storage = cache_dir() / repo_folder_name(repo_id=hub_ref.repo_id, repo_type="model")
     existed = storage.exists()
-    with _file_lock(_pull_lock_path(hub_ref.repo_id), f"pulling {hub_ref.repo_id}", _lock_timeout(60.0)):
+    with file_lock(_pull_lock_path(hub_ref.repo_id), f"pulling {hub_ref.repo_id}", lock_timeout(60.0)):
         try:
             with _hub_errors(hub_ref, "pull"), _quiet_unless_terminal(), _hub_warnings_off():
                 folder = Path(
@@ -359,15 +310,17 @@ def push(
     token: str | None = None,
     message: str | None = None,
 ) -> Pushed:
-    """Verify ``artifact``, then create ``repo_id`` (and branch ``revision``) if missing and upload it as one commit."""
+    """Verify ``artifact`` (a directory or ``hf://`` name), then create ``repo_id`` (and branch ``revision``) if missing and upload it as one commit."""
     from huggingface_hub import CommitOperationAdd
 
     token = check_push_target(repo_id, token)
-    path = resolve_artifact(artifact)
+    path = pull(str(artifact), token=token) if str(artifact).startswith(HF_SCHEME) else Path(artifact).expanduser()
+    if not path.exists():
+        raise ArtifactError(f"no artifact at {path}: give its directory or hf://org/repo (`aqua push` also takes registry names)")
     path = path if path.is_dir() else path.parent
     branch = revision or "main"
     ref = HubRef(repo_id, branch)
-    with _file_lock(_push_lock_path(path), f"pushing or writing {path}", timeout=0.0):  # never queue a second push
+    with file_lock(_push_lock_path(path), f"pushing or writing {path}", timeout=0.0):  # never queue a second push
         art = Artifact.load(path)
         card = render_card(art, repo_id).encode("utf-8")
         api = build_api(token)
@@ -393,69 +346,3 @@ def push_saved(path: Path, repo_id: str, token: str | None = None) -> Pushed:
         return push(path, repo_id, token=token)
     except AquaError as exc:
         raise AquaError(f"{exc} (the artifact is saved in {path}: retry with `aqua push {path} {repo_id}`)") from None
-
-
-# -- list ---------------------------------------------------------------------------------------------
-def list_artifacts() -> list[Listed]:
-    """Artifacts in the registry, shipped with aqua, and in the HF cache (read from headers: no tensors loaded)."""
-    return _local_artifacts() + _cached_artifacts()
-
-
-def _local_artifacts() -> list[Listed]:
-    rows, seen = [], set()
-    for where, root in (("registry", registry_dir()), ("shipped", shipped_dir())):
-        if not root.is_dir():
-            continue
-        for folder in sorted(root.iterdir()):
-            file = folder / TENSOR_FILE
-            if folder.name.startswith(".") or not file.is_file() or folder.resolve() in seen:
-                continue
-            seen.add(folder.resolve())
-            meta = _header_metadata(file)
-            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-            rows.append(Listed(folder.name, where, meta.get("model_id", "?"), str(meta.get("model_revision") or "-"), meta.get("tokens"), size, str(folder)))
-    return rows
-
-
-def _cached_artifacts() -> list[Listed]:
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    try:
-        cache = scan_cache_dir(_cache_dir())
-    except CacheNotFound:
-        return []
-    rows = []
-    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
-        if repo.repo_type != "model":
-            continue
-        for rev in sorted(repo.revisions, key=lambda r: r.commit_hash):
-            file = rev.snapshot_path / TENSOR_FILE
-            if not file.is_file():
-                continue
-            meta = _header_metadata(file)
-            if meta.get("tool") != "aqua_cli":
-                continue
-            refs = ",".join(sorted(rev.refs))
-            name = f"{HF_SCHEME}{repo.repo_id}" + (f"@{refs.split(',')[0]}" if refs and refs != "main" else "" if refs else f"@{rev.commit_hash}")
-            revision = f"{refs}@{rev.commit_hash[:12]}" if refs else rev.commit_hash[:12]
-            rows.append(Listed(name, "hf-cache", meta.get("model_id", "?"), revision, meta.get("tokens"), rev.size_on_disk, str(rev.snapshot_path)))
-    return rows
-
-
-def _header_metadata(file: Path) -> dict[str, Any]:
-    """The aqua metadata of a safetensors file from its header alone (``{}`` if it is not readable)."""
-    try:
-        with open(file, "rb") as fh:
-            length = int.from_bytes(fh.read(8), "little")
-            if not 0 < length <= 100_000_000:
-                return {}
-            header = json.loads(fh.read(length))
-        return decode_metadata(header.get("__metadata__"), file)
-    except (OSError, ValueError, ArtifactError):
-        return {}
-
-
-def listed_as_dict(row: Listed) -> dict[str, Any]:
-    return asdict(row)
-

@@ -325,3 +325,43 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (int, str, bool)) or value is None:
         return value
     return str(value)
+
+
+# -- attention shapes (benchmarks and the cost model need no weights) ----------------------------------
+@dataclass(frozen=True)
+class AttnShape:
+    """The attention shape a benchmark needs: heads, KV heads, head_dim (and layers, for the notes)."""
+
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int = 1
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+PRESETS = {
+    "llama-3.1-8b": AttnShape("llama-3.1-8b", 32, 8, 128, 32),
+    "llama-3.2-1b": AttnShape("llama-3.2-1b", 32, 8, 64, 16),
+    "mistral-7b": AttnShape("mistral-7b", 32, 8, 128, 32),
+    "qwen2.5-7b": AttnShape("qwen2.5-7b", 28, 4, 128, 28),
+    "smollm2-135m": AttnShape("smollm2-135m", 9, 3, 64, 30),
+}
+
+
+def resolve_shape(model: str | None) -> AttnShape:
+    """A preset name, or a Hub id / local model whose config gives the shape (no weights loaded)."""
+    name = (model or "llama-3.1-8b").strip()
+    if name.lower() in PRESETS:
+        return PRESETS[name.lower()]
+    if "/" not in name and not Path(name).expanduser().exists():
+        raise ConfigError(f"unknown model '{name}': give a preset ({', '.join(PRESETS)}), a Hub id (org/name) or a local model")
+    try:
+        source = resolve_model(name)
+    except Exception as exc:  # ModelLoadError: say what presets exist too
+        raise ConfigError(f"unknown model '{name}': not a preset ({', '.join(PRESETS)}) and {exc}") from None
+    shape = attention_shape(load_config(source))
+    return AttnShape(source.model_id, shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], shape["num_layers"])

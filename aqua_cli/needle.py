@@ -11,9 +11,8 @@ passcode appear, in order, in the digits of the answer's first line (``4-7-1-9``
 many positions the model attends over. Passcodes are drawn per cell from ``seed``, the same for every
 method, so methods are compared on identical prompts.
 
-A *method* is something that sets a model up for one generation: :func:`run_grid` takes a list of
-:class:`Method` whose ``prepare(model)`` returns ``(handle or None, cache factory or None)``; dense,
-AQUA, H2O and AQUA + H2O are built by :func:`standard_methods`.
+:func:`run_grid` takes a list of methods (:mod:`aqua_cli.methods`: each installs itself and builds the
+cache one generation needs); dense, AQUA, H2O and AQUA + H2O are built by :func:`standard_methods`.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import torch
 
 from .data import DataSpec, load_texts
 from .errors import ConfigError
+from .methods import Method
 
 NEEDLE = "The secret passcode is {code}."
 QUESTION = "What is the secret passcode mentioned in the text above? Answer with the passcode only."
@@ -132,18 +132,6 @@ def build_cells(tokenizer: Any, config: NeedleConfig) -> list[Cell]:
 
 
 @dataclass
-class Method:
-    """One way of running the model: ``prepare(model)`` installs it and returns ``(handle, cache_factory)``;
-    ``handle.remove()`` undoes it; ``cache_factory()`` builds a fresh cache for one generation."""
-
-    name: str
-    prepare: Callable[[torch.nn.Module], tuple[Any, Callable[[], Any] | None]]
-    k: float | None = None
-    kv_dims: float | None = None
-    h2o_budget: float | None = None
-
-
-@dataclass
 class NeedleRow:
     method: str
     k: float | None
@@ -188,55 +176,41 @@ def run_grid(
     """Every method on every cell; rows in method-major order."""
     import time
 
-    from .cache import cache_bytes, dense_bytes
+    from .cost import cache_bytes, dense_bytes
 
     config.validate(getattr(model.config, "max_position_embeddings", None))
     cells = build_cells(tokenizer, config)
     rows: list[NeedleRow] = []
     for method in methods:
-        handle, factory = method.prepare(model)
-        try:
+        about = method.describe()
+        with method(model):
             for cell in cells:
                 started = time.perf_counter()
-                text, cache = answer(model, tokenizer, cell, factory() if factory else None, config.max_new_tokens)
+                text, cache = answer(model, tokenizer, cell, method.new_cache(), config.max_new_tokens)
                 ok = score(text, cell.code)
                 seen = cache.get_seq_length()  # tokens the cache has seen (stopping at EOS included)
                 row = NeedleRow(
-                    method.name, method.k, method.kv_dims, method.h2o_budget, cell.length, cell.depth, cell.code,
+                    about["method"], about["k"], about["kv_dims"], about["h2o_budget"], cell.length, cell.depth, cell.code,
                     text.strip().splitlines()[0] if text.strip() else "", ok, float(ok), cache_bytes(cache)["total"],
                     dense_bytes(model.config, seen, dtype=next(model.parameters()).dtype), round(time.perf_counter() - started, 2),
                 )
                 rows.append(row)
                 if on_cell is not None:
                     on_cell(row)
-        finally:
-            if handle is not None:
-                handle.remove()
     return rows
 
 
 def standard_methods(artifact: Any, ks: Sequence[float] = (0.5, 0.75), budgets: Sequence[float] = (0.5, 0.25),
-                     combined_k: float = 0.75) -> list[Method]:
-    """dense; AQUA (dynamic) at each k; H2O at each budget; AQUA (combined_k) + H2O at each budget."""
-    from .attention import patch
-    from .h2o import patch_h2o
+                     combined_k: float | None = 0.75) -> list[Method]:
+    """dense; AQUA (dynamic) at each k; H2O at each budget; AQUA (combined_k) + H2O at each budget
+    (none when ``combined_k`` is None)."""
+    from .methods import H2O, Aqua, Dense
 
-    def dense(model):
-        return None, None
-
-    def aqua(k):
-        return lambda model: (patch(model, artifact, k=k, mode="dynamic"), None)
-
-    def h2o(budget, k):
-        def prepare(model):
-            handle = patch_h2o(model, budget, artifact=artifact if k is not None else None, k=k or 1.0)
-            return handle, handle.new_cache
-        return prepare
-
-    methods = [Method("dense", dense)]
-    methods += [Method("aqua", aqua(k), k=k) for k in ks]
-    methods += [Method("h2o", h2o(b, None), h2o_budget=b) for b in budgets]
-    methods += [Method("aqua+h2o", h2o(b, combined_k), k=combined_k, h2o_budget=b) for b in budgets]
+    methods: list[Method] = [Dense()]
+    methods += [Aqua(artifact, k, "dynamic") for k in ks]
+    methods += [H2O(b) for b in budgets]
+    if combined_k is not None:
+        methods += [H2O(b, artifact=artifact, k=combined_k) for b in budgets]
     return methods
 
 

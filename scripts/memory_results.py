@@ -1,9 +1,9 @@
 """Reproduce docs/results/memory-* and needle-* (SmolLM2-135M-Instruct, shipped artifact, CPU float32).
 
-    /work/venv/bin/python scripts/memory_results.py --part kv      # cache bytes and ppl vs kept key dims
-    /work/venv/bin/python scripts/memory_results.py --part h2o     # H2O alone vs AQUA + H2O, token-by-token ppl
-    /work/venv/bin/python scripts/memory_results.py --part needle  # needle grid, heat map
-    /work/venv/bin/python scripts/memory_results.py --part report  # markdown tables from the JSON
+    python scripts/memory_results.py --part kv      # cache bytes and ppl vs kept key dims
+    python scripts/memory_results.py --part h2o     # H2O alone vs AQUA + H2O, token-by-token ppl
+    python scripts/memory_results.py --part needle  # needle grid, heat map
+    python scripts/memory_results.py --part report  # markdown tables from the JSON
 
 One torch thread by default: on the shared 2-core machine, 2 threads under contention ran 4x slower
 than 1 (measured 18 s vs 4 s for a 512-token forward). Every number comes from the API, no formula.
@@ -28,7 +28,7 @@ def log(msg: str) -> None:
 
 
 def load():
-    from aqua_cli.artifact import load_artifact
+    from aqua_cli.registry import load_artifact
     from aqua_cli.models import load_model, resolve_model
 
     source = resolve_model(None)
@@ -45,9 +45,10 @@ def write(name: str, payload: dict) -> Path:
 
 
 def part_kv(args, source, model, tokenizer, art) -> None:
-    from aqua_cli.cache import kv_rows
+    from aqua_cli.memory import kv_rows
     from aqua_cli.data import DataSpec
-    from aqua_cli.evaluate import EvalConfig, machine_info, prepare_windows
+    from aqua_cli.evaluate import EvalConfig, prepare_windows
+    from aqua_cli.machine import machine_info
 
     config = EvalConfig(data=DataSpec("pydoc"), tokens=args.kv_tokens, seq_len=args.kv_seq_len, seed=0)
     windows = prepare_windows(tokenizer, config)
@@ -90,8 +91,9 @@ def plot_kv(rows, path) -> None:
 
 def part_h2o(args, source, model, tokenizer, art) -> None:
     from aqua_cli.data import DataSpec
-    from aqua_cli.evaluate import EvalConfig, machine_info, prepare_windows
-    from aqua_cli.h2o import h2o_rows
+    from aqua_cli.evaluate import EvalConfig, prepare_windows
+    from aqua_cli.machine import machine_info
+    from aqua_cli.memory import h2o_rows
 
     config = EvalConfig(data=DataSpec("pydoc"), tokens=args.h2o_windows * args.h2o_seq_len, seq_len=args.h2o_seq_len, seed=1)
     windows = prepare_windows(tokenizer, config)
@@ -106,7 +108,7 @@ def part_h2o(args, source, model, tokenizer, art) -> None:
 
 
 def part_needle(args, source, model, tokenizer, art) -> None:
-    from aqua_cli.evaluate import machine_info
+    from aqua_cli.machine import machine_info
     from aqua_cli.needle import (
         NeedleConfig,
         accuracy_table,

@@ -28,7 +28,8 @@ def main() -> int:
 
     import triton
 
-    from aqua_cli.bench import PRESETS, _decode_inputs, _rotating, random_projection, time_us
+    from aqua_cli.bench import _decode_inputs, _rotating, random_projection, time_us
+    from aqua_cli.models import PRESETS
     from aqua_cli.kernels import decode as dk
     from aqua_cli.kernels.reference import aqua_decode_reference, dense_decode, project_queries, select_dims
 

@@ -55,7 +55,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def shipped_artifact():
-    from aqua_cli.artifact import load_artifact
+    from aqua_cli.registry import load_artifact
 
     return load_artifact(None)
 

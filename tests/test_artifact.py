@@ -12,14 +12,8 @@ from conftest import tiny_artifact
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_model
 
-from aqua_cli.artifact import (
-    TENSOR_FILE,
-    Artifact,
-    encode_metadata,
-    load_artifact,
-    registry_name,
-    resolve_artifact,
-)
+from aqua_cli.artifact import TENSOR_FILE, Artifact, encode_metadata, registry_name
+from aqua_cli.registry import load_artifact, resolve_artifact
 from aqua_cli.errors import ArtifactError
 
 

@@ -6,16 +6,9 @@ import pytest
 import torch
 from tiny_models import rel_err, tiny_model, token_ids
 
-from aqua_cli.attention import (
-    ATTN_NAME,
-    HOOK_ATTR,
-    attention_modules,
-    k_dims,
-    parse_k,
-    patch,
-    select_dims,
-    unpatch,
-)
+from aqua_cli.attention import ATTN_NAME, HOOK_ATTR, attention_modules, unpatch
+from aqua_cli.budgets import k_dims, parse_k
+from aqua_cli.methods import patch, select_dims
 from aqua_cli.errors import ConfigError, FingerprintMismatch
 
 

@@ -7,7 +7,9 @@ import json
 import pytest
 from test_cli import assert_one_line_error, run
 
-from aqua_cli.bench import PRESETS, cost_model, measured_break_even, paper_break_even, parse_seq
+from aqua_cli.bench import measured_break_even, parse_seq
+from aqua_cli.cost import cost_model, paper_break_even
+from aqua_cli.models import PRESETS
 from aqua_cli.errors import ConfigError
 
 

@@ -10,6 +10,7 @@ from tiny_models import VOCAB, tiny_model
 from aqua_cli.attention import HookedModel
 from aqua_cli.calibration import GramAccumulator, accumulate, eigenbasis
 from aqua_cli.errors import AquaError
+from aqua_cli.methods import AttentionHook
 
 
 def test_gram_groups_query_heads_with_their_key_head():
@@ -69,11 +70,12 @@ def test_captured_vectors_are_post_rope():
     x = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))
     seen = {}
 
-    def grab(module, q, k):
-        seen.setdefault(module.layer_idx, (q.clone(), k.clone()))
-        return q, k
+    class Grab(AttentionHook):
+        def rewrite(self, module, q, k):
+            seen.setdefault(module.layer_idx, (q.clone(), k.clone()))
+            return q, k
 
-    with HookedModel(model, [grab, grab]), torch.no_grad():
+    with HookedModel(model, [Grab(), Grab()]), torch.no_grad():
         model(x)
     attn = model.model.layers[0].self_attn
     with torch.no_grad():

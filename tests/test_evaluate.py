@@ -10,7 +10,7 @@ import torch
 from test_cli import assert_one_line_error, run
 from tiny_models import VOCAB
 
-from aqua_cli.attention import patch
+from aqua_cli.methods import patch
 from aqua_cli.data import DataSpec
 from aqua_cli.evaluate import EvalConfig, Perplexity, evaluate, perplexity, points, retention
 

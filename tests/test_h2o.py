@@ -8,10 +8,11 @@ import torch
 from tiny_models import rel_err, tiny_model, token_ids
 from transformers import DynamicCache
 
-from aqua_cli.attention import patch
-from aqua_cli.cache import cache_bytes
+from aqua_cli.cost import cache_bytes
 from aqua_cli.errors import AquaError, ConfigError
-from aqua_cli.h2o import H2OLayer, H2OState, continuation_nll, parse_budget, patch_h2o
+from aqua_cli.budgets import parse_budget
+from aqua_cli.memory import continuation_nll
+from aqua_cli.methods import H2OLayer, H2OState, patch, patch_h2o
 
 
 def stepwise(model, x, cache, prefill=6):

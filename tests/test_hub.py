@@ -16,7 +16,8 @@ import pytest
 import yaml
 from hub_server import FakeHub
 
-from aqua_cli.artifact import TENSOR_FILE, Artifact, default_artifact_name, shipped_dir
+from aqua_cli.artifact import TENSOR_FILE, Artifact
+from aqua_cli.registry import default_artifact_name, shipped_dir
 from aqua_cli.cli import main
 from aqua_cli.errors import AquaError, FingerprintMismatch
 
@@ -123,7 +124,8 @@ def test_card_has_hub_metadata_spectrum_and_usage(hub, artifact_dir):
 
 
 def test_card_model_index_from_eval_results_and_hub_dataset(tmp_path):
-    from aqua_cli.artifact import load_artifact, model_card
+    from aqua_cli.cards import model_card
+    from aqua_cli.registry import load_artifact
 
     art = load_artifact(None)
     art.metadata = {**art.metadata, "data_id": "Salesforce/wikitext:config=wikitext-2-raw-v1:split=train:column=text",
@@ -175,7 +177,7 @@ def test_push_to_branch_and_pull_that_revision(hub, artifact_dir, capsys):
 def test_offline_pull_from_the_cache(hub, artifact_dir, monkeypatch):
     from huggingface_hub import constants
 
-    from aqua_cli.artifact import load_artifact
+    from aqua_cli.registry import load_artifact
     from aqua_cli.hub import pull_artifact, push
 
     push(artifact_dir, "alice/smol")
@@ -190,7 +192,7 @@ def test_offline_pull_from_the_cache(hub, artifact_dir, monkeypatch):
 def test_pulled_artifact_still_checks_the_model_fingerprint(hub, artifact_dir):
     from tiny_models import tiny_config
 
-    from aqua_cli.artifact import load_artifact
+    from aqua_cli.registry import load_artifact
     from aqua_cli.hub import push
 
     push(artifact_dir, "alice/smol")

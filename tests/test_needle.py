@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aqua_cli.data import DataSpec
 from aqua_cli.errors import ConfigError
-from aqua_cli.needle import Method, NeedleConfig, build_cells, run_grid, score
+from aqua_cli.methods import H2O, Dense
+from aqua_cli.needle import NeedleConfig, build_cells, run_grid, score
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +25,9 @@ def tiny_dir(model_dir):
 
 
 def test_grid_h2o_without_eviction_answers_as_dense(tiny_dir, tmp_path):
-    from aqua_cli.h2o import patch_h2o
-
     _, model, tokenizer = tiny_dir
     config = NeedleConfig(lengths=(160,), depths=(0.5,), data=DataSpec("pydoc"), max_new_tokens=6)
-
-    def h2o(budget):
-        def prepare(m):
-            handle = patch_h2o(m, budget)
-            return handle, handle.new_cache
-        return prepare
-
-    methods = [Method("dense", lambda m: (None, None)), Method("h2o", h2o(512), h2o_budget=512), Method("h2o", h2o(16), h2o_budget=16)]
+    methods = [Dense(), H2O(512), H2O(16)]
     rows = run_grid(model, tokenizer, methods, config)
     dense, full, small = rows
     assert full.answer == dense.answer and full.kv_bytes > dense.kv_bytes  # + the per-token scores
@@ -143,7 +135,7 @@ def test_needle_config_refuses_more_positions_than_the_model_has():
 @pytest.mark.slow
 def test_smollm2_finds_the_needle_dense_and_with_full_h2o(smollm2):
     """Dense SmolLM2 retrieves a 512-token needle; H2O whose budget holds everything answers the same."""
-    from aqua_cli.h2o import patch_h2o
+    from aqua_cli.methods import patch_h2o
     from aqua_cli.needle import answer
 
     _, model, tokenizer = smollm2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aqua_cli.attention import patch
+from aqua_cli.methods import patch
 
 from tiny_models import rel_err
 

@@ -66,8 +66,8 @@ def bench(
     Examples: `aqua bench` (CPU, reference path), `aqua bench --device cuda --seq 1024..131072 --batch 8 --k 0.5,0.75
     --tokens 1/16 --json bench.json --plot bench.png`, `aqua bench --phase prefill --device cuda --seq 1k..32k`.
     """
-    from ..bench import BenchConfig, device_name, parse_seq, resolve_shape, run_bench, summary
-    from ..models import parse_device
+    from ..bench import BenchConfig, device_name, parse_seq, run_bench, summary
+    from ..models import parse_device, resolve_shape
 
     seqs = parse_seq(seq)
     ks = _ratios(k, "k")
@@ -105,7 +105,7 @@ def bench(
 
 
 def _artifact_projection(name: str, shape):
-    from ..artifact import load_artifact
+    from ..registry import load_artifact
 
     art = load_artifact(name)
     proj = art.projections[0]

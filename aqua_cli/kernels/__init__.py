@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from .hybrid import HybridDecode
 from .reference import (
-    TopTokensHook,
     aqua_decode_reference,
     dense_decode,
     project_keys,
@@ -30,7 +29,6 @@ def triton_available() -> bool:
 
 __all__ = [
     "HybridDecode",
-    "TopTokensHook",
     "aqua_decode_reference",
     "dense_decode",
     "project_keys",

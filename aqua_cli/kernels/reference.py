@@ -1,4 +1,5 @@
-"""PyTorch references for the fused decode kernels, and a top-T hook for quality runs on any device.
+"""PyTorch references for the fused decode kernels (the top-T method built on them, for any device and
+prefill as well, is :class:`aqua_cli.methods.TopTokens`).
 
 Conventions (one decode step, the shapes the kernels take):
 
@@ -25,8 +26,6 @@ runs over the chosen tokens with the full ``q`` and ``k``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -155,72 +154,3 @@ def aqua_decode_reference(
         probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
     out = probs @ v.float()  # (B, Hkv, G, L) @ (B, Hkv, L, D)
     return out.reshape(batch, q_heads, dim).to(q.dtype)
-
-
-@dataclass
-class TopTokensHook:
-    """AQUA dims + top-T tokens for one layer, as an ``attend()`` hook (prefill and decode, any device).
-
-    Scores every visible key on the ``k`` selected projected dims, keeps per KV group and block of
-    ``select_block`` keys the best ``T/L`` share, and attends exactly over those. ``token_ratio=None``
-    gives AQUA dims only (softmax over the approximate logits), ``dims=D`` and ``token_ratio=None`` dense.
-    Quality reference only: it materialises ``(B, H, Q, L)`` scores.
-    """
-
-    projection: torch.Tensor  # (Hkv, D, D) float32
-    dims: int
-    token_ratio: float | None = None
-    gqa: str = "group"
-    select_block: int = 512
-    _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def _proj(self, device: torch.device) -> torch.Tensor:
-        if device not in self._cache:
-            self._cache = {device: self.projection.to(device, torch.float32)}
-        return self._cache[device]
-
-    def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        batch, q_heads, q_len, dim = query.shape
-        groups, kv_len = key.shape[1], key.shape[2]
-        rep = q_heads // groups
-        scale = scaling if scaling is not None else dim ** -0.5
-        proj = self._proj(query.device)
-        q = query.float().view(batch, groups, rep, q_len, dim)
-        kf = key.float()
-        qp, kp = q @ proj[:, None], kf @ proj  # (B, Hkv, G, Q, D), (B, Hkv, L, D)
-        # dims per query position: move Q next to B so select_dims sees (B*, Hkv, G, D)
-        flat = qp.permute(0, 3, 1, 2, 4).reshape(batch * q_len, groups, rep, dim)
-        idx, count, qsel = select_dims(flat, self.dims, self.gqa)
-        valid = (torch.arange(idx.shape[-1], device=idx.device) < count[..., None])
-        qsparse = torch.zeros_like(flat).scatter_(-1, idx.long()[:, :, None].expand_as(qsel), qsel * valid[:, :, None])
-        qsparse = qsparse.view(batch, q_len, groups, rep, dim).permute(0, 2, 3, 1, 4)
-        approx = qsparse @ kp[:, :, None].transpose(-1, -2) * scale  # (B, Hkv, G, Q, L)
-        visible = _visible(attention_mask, batch, q_len, kv_len, query.device)  # (B, 1, Q, L) bool
-        approx = approx.masked_fill(~visible[:, :, None], float("-inf"))
-        if self.token_ratio is None:
-            probs = approx.softmax(-1)
-        else:
-            keep = _keep_causal(approx.amax(2), visible, self.token_ratio, self.select_block)  # (B, Hkv, Q, L)
-            exact = (q @ kf[:, :, None].transpose(-1, -2)) * scale
-            probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
-        out = probs @ value.float()[:, :, None]  # (B, Hkv, G, Q, D)
-        out = out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).to(query.dtype)
-        return out, None
-
-
-def _visible(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``(B, 1, Q, L)``: which keys each query sees (causal when transformers passes no mask)."""
-    if mask is None:
-        offset = kv_len - q_len
-        rows = torch.arange(q_len, device=device)[:, None] + offset
-        return (torch.arange(kv_len, device=device)[None] <= rows)[None, None].expand(batch, 1, q_len, kv_len)
-    if mask.dtype == torch.bool:
-        return mask[:, :1, :, -kv_len:].expand(batch, 1, q_len, kv_len)
-    return (mask[:, :1, :, -kv_len:] > float("-inf")).expand(batch, 1, q_len, kv_len)
-
-
-def _keep_causal(scores: torch.Tensor, visible: torch.Tensor, ratio: float, block: int) -> torch.Tensor:
-    """Top-T per block for every query row; visible keys are a prefix (causal), so its length is the count."""
-    lengths = visible.sum(-1)  # (B, 1, Q)
-    return select_tokens(scores, lengths, ratio, block) & visible

@@ -8,16 +8,9 @@ from conftest import tiny_artifact
 from tiny_models import rel_err, tiny_model, token_ids
 from transformers import DynamicCache
 
-from aqua_cli.attention import patch
-from aqua_cli.cache import (
-    KeptDimsHook,
-    ProjectedKeyLayer,
-    cache_bytes,
-    dense_bytes,
-    parse_kv_dims,
-    patch_kv,
-    projected_cache,
-)
+from aqua_cli.budgets import parse_kv_dims
+from aqua_cli.cost import cache_bytes, dense_bytes
+from aqua_cli.methods import ProjectedKeyLayer, ProjectionHook, patch, patch_kv, projected_cache
 from aqua_cli.errors import AquaError, ConfigError
 
 
@@ -111,10 +104,10 @@ def test_dynamic_selection_stays_within_kept_dims():
     """The hook's top-k is chosen among the first m projected dims, even where larger |qP| lie beyond."""
     d, m = 8, 4
     proj = torch.eye(d)[None]
-    hook = KeptDimsHook(proj, 2, "dynamic", kv_dims=m)
+    hook = ProjectionHook(proj, 2, "dynamic", kv_dims=m)
     q = torch.tensor([0.1, 0.5, 0.2, 0.4, 9.0, 9.0, 9.0, 9.0]).view(1, 1, 1, d)
     k = torch.ones(1, 1, 1, d)
-    q2, k2 = hook(torch.nn.Module(), q, k)
+    q2, k2 = hook.rewrite(torch.nn.Module(), q, k)
     assert torch.equal(q2.flatten().nonzero().flatten(), torch.tensor([1, 3]))
     assert bool((k2[..., m:] == 0).all())
 

@@ -1,7 +1,10 @@
 """Perplexity of AQUA dims-only and dims + top-T on a real model (CPU is enough for SmolLM2-135M).
 
-The speed of a kernel means nothing without the quality it keeps: this runs the PyTorch reference hooks
-(:class:`~aqua_cli.kernels.reference.TopTokensHook`) on real text and reports perplexity per setting.
+The speed of a kernel means nothing without the quality it keeps: this runs the top-T method
+(:class:`aqua_cli.methods.TopTokens`, the reference of the fused kernels) on real text and reports
+perplexity per setting::
+
+    python scripts/topt_quality.py        # writes docs/results/topt-quality-smollm2.json (CPU, ~10 min)
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..attention import HookedModel, k_dims
-from .reference import TopTokensHook
+from aqua_cli.budgets import k_dims
+from aqua_cli.methods import TopTokens
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,9 @@ def evaluate_settings(model: Any, artifact: Any, windows: torch.Tensor, settings
     rows = []
     for setting in settings:
         dims = k_dims(setting.k, artifact.head_dim)
-        hooks = [TopTokensHook(p, dims, setting.token_ratio, setting.gqa, setting.select_block) for p in artifact.projections]
+        method = TopTokens(artifact, setting.k, setting.token_ratio, setting.gqa, setting.select_block)
         began = time.perf_counter()
-        with HookedModel(model, hooks):
+        with method(model):
             ppl = perplexity(model, windows)
         rows.append({"setting": setting.label, **asdict(setting), "dims": dims, "ppl": ppl,
                      "tokens": int(windows.numel()), "seconds": round(time.perf_counter() - began, 1)})
@@ -70,12 +73,12 @@ DEFAULT_SETTINGS = (
 
 
 def main(out: str = "docs/results/topt-quality-smollm2.json", seq_len: int = 1024, tokens: int = 4096) -> None:
-    """Reproduce docs/results/topt-quality-smollm2.json: ``python -m aqua_cli.kernels.quality`` (CPU, ~10 min)."""
+    """Reproduce docs/results/topt-quality-smollm2.json: ``python scripts/topt_quality.py`` (CPU, ~10 min)."""
     import json
 
-    from ..artifact import load_artifact
-    from ..data import DataSpec, load_windows
-    from ..models import load_model, resolve_model
+    from aqua_cli.data import DataSpec, load_windows
+    from aqua_cli.models import load_model, resolve_model
+    from aqua_cli.registry import load_artifact
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(resolve_model(None), "cpu", "float32")

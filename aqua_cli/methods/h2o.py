@@ -12,7 +12,7 @@ Two pieces share one :class:`H2OState` per layer:
   stored, like transformers' ``DynamicSlidingWindowLayer``, so ``get_seq_length()`` (which fixes the
   RoPE positions of new tokens) stays right after eviction and ``get_mask_sizes()`` covers only what
   is stored. ``update()`` appends and marks itself *pending* on the state.
-* :class:`H2OHook`, an attention hook with ``attend()``: computes attention explicitly (scores on the
+* :class:`H2OHook`, an attention hook that overrides ``attend()``: computes attention explicitly (scores on the
   AQUA-projected, selected dimensions when combined with AQUA, as the AQUA paper composes them; else
   dense), adds the probabilities to the pending layer's scores, then evicts down to the budget.
 
@@ -23,6 +23,8 @@ The budget is a token count, or a ratio of the prompt (the first forward's lengt
 Limits (refused or documented, never silently wrong): full-attention models only; no padded batches
 (eviction is per head, so a 2-D padding mask no longer lines up with the stored tokens); greedy or
 sampling ``generate()``, not beam search.
+
+:class:`H2O` is the method: the hooks, and ``new_cache()`` for each generation.
 """
 
 from __future__ import annotations
@@ -33,36 +35,11 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .attention import (
-    HookedModel,
-    ProjectionHook,
-    attention_modules,
-    k_dims,
-    parse_mode,
-    ratio_or_count,
-)
-from .cache import full_attention_only
-from .errors import ConfigError
-
-
-def parse_budget(value: str | float) -> float | int:
-    """``--h2o-budget``: a ratio of the prompt (has a decimal point, ``0 < b <= 1``) or a token count
-    (an integer ``>= 2``: one recent token and one heavy hitter at the least)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"invalid H2O budget {value!r}")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = ratio_or_count(text)
-        except ValueError:
-            raise ConfigError(f"invalid --h2o-budget '{text}': give a ratio of the prompt such as 0.5 or a number of tokens such as 256") from None
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0:  # also refuses NaN
-            raise ConfigError(f"--h2o-budget ratio {value} is outside (0, 1]: give e.g. 0.5, or an integer number of tokens")
-        return value
-    if value < 2:
-        raise ConfigError(f"--h2o-budget must be at least 2 tokens, got {value}")
-    return int(value)
+from ..attention import attention_modules, full_attention_only
+from ..budgets import k_dims, parse_budget
+from ..errors import ConfigError
+from .aqua import ProjectionHook, parse_mode
+from .base import AttentionHook, Method
 
 
 @dataclass
@@ -195,16 +172,13 @@ def _allowed(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.d
 
 
 @dataclass
-class H2OHook:
+class H2OHook(AttentionHook):
     """Attention with accumulation and eviction for one layer; ``inner`` (an AQUA hook) makes the scores
     approximate, and those approximate probabilities then drive the accumulation."""
 
     state: H2OState
     inner: ProjectionHook | None = None
     query_chunk: int = 1024  # queries per score block: bounds memory at long prefill
-
-    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return query, key  # unused: ``attend`` takes precedence
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -218,7 +192,7 @@ class H2OHook:
         scale = kwargs.get("scaling")
         if scale is None:
             scale = getattr(module, "scaling", head_dim**-0.5)
-        q, k = (query, key) if self.inner is None else self.inner(module, query, key)
+        q, k = (query, key) if self.inner is None else self.inner.rewrite(module, query, key)
         q = q.float().view(batch, groups, rep, q_len, head_dim)
         k, v = k.float()[:, :, None], value.float()[:, :, None]
         allowed = _allowed(attention_mask, q_len, kv_len, query.device)
@@ -244,30 +218,49 @@ class H2OHook:
         return out.transpose(1, 2).contiguous().to(query.dtype), None
 
 
-class H2OPatch(HookedModel):
-    """A model running H2O (optionally over AQUA scores). ``new_cache()`` builds the cache to pass as
-    ``past_key_values=`` to each ``model(...)``/``generate(...)`` call; ``remove()`` undoes the patch."""
+@dataclass
+class H2O(Method):
+    """H2O under ``budget`` (ratio of the prompt or token count); with ``artifact``, attention and the
+    accumulated scores use AQUA (``k``, ``mode``). Pass ``new_cache()`` as ``past_key_values`` to every
+    generation; without an H2O cache, attention is exact (nothing to evict)."""
 
-    def __init__(self, model: torch.nn.Module, budget: float, artifact: Any = None, k: float = 1.0,
-                 mode: str = "dynamic", recent_ratio: float = 0.5):
+    budget: float | int | str = 0.5
+    artifact: Any = None
+    k: float | int = 1.0
+    mode: str = "dynamic"
+    recent_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recent_ratio < 1.0:
+            raise ConfigError(f"recent_ratio {self.recent_ratio} is outside [0, 1)")
+        self.budget = parse_budget(self.budget)
+        self.states: list[H2OState] = []
+        self._kv_shape: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "h2o" if self.artifact is None else "aqua+h2o"
+
+    def check(self, model: torch.nn.Module) -> None:
         full_attention_only(model.config, "H2O")
-        if not 0.0 <= recent_ratio < 1.0:
-            raise ConfigError(f"recent_ratio {recent_ratio} is outside [0, 1)")
-        self.budget = parse_budget(budget)
-        self.states = [H2OState(self.budget, recent_ratio) for _ in attention_modules(model)]
-        inners: list[ProjectionHook | None] = [None] * len(self.states)
-        if artifact is not None:
-            artifact.check_model(model.config)
-            dims = k_dims(k, artifact.head_dim)
-            inners = [ProjectionHook(p, dims, parse_mode(mode)) for p in artifact.projections]
-        self.artifact, self.k, self.mode = artifact, k, mode
-        super().__init__(model, [H2OHook(s, inner) for s, inner in zip(self.states, inners)])
-        from .models import attention_shape
+        if self.artifact is not None:
+            self.artifact.check_model(model.config)
 
+    def layer_hooks(self, model: torch.nn.Module) -> list[AttentionHook]:
+        from ..models import attention_shape
+
+        self.states = [H2OState(self.budget, self.recent_ratio) for _ in attention_modules(model)]
+        inners: list[ProjectionHook | None] = [None] * len(self.states)
+        if self.artifact is not None:
+            dims = k_dims(self.k, self.artifact.head_dim)
+            inners = [ProjectionHook(p, dims, parse_mode(self.mode)) for p in self.artifact.projections]
         shape = attention_shape(model.config)
         self._kv_shape = (shape["num_kv_heads"], shape["head_dim"])
+        return [H2OHook(s, inner) for s, inner in zip(self.states, inners)]
 
     def new_cache(self) -> H2OCache:
+        if self._kv_shape is None:
+            raise ConfigError("install the H2O method on a model before building its cache")
         for state in self.states:
             state.pending = None
         return H2OCache(self.states, *self._kv_shape)
@@ -277,74 +270,11 @@ class H2OPatch(HookedModel):
             state.pending = None
         super().remove()
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "k": None if self.artifact is None else self.k, "h2o_budget": self.budget}
+
 
 def patch_h2o(model: torch.nn.Module, budget: str | float, artifact: Any = None, k: float = 1.0,
-              mode: str = "dynamic", recent_ratio: float = 0.5) -> H2OPatch:
-    """Run ``model`` with H2O under ``budget`` (ratio of the prompt or token count); with ``artifact``,
-    attention and the accumulated scores use AQUA (``k``, ``mode``). Pass ``handle.new_cache()`` as
-    ``past_key_values`` to every generation; without an H2O cache, attention is exact (nothing to evict)."""
-    from .attention import unpatch
-
-    unpatch(model)
-    return H2OPatch(model, budget, artifact, k, mode, recent_ratio)
-
-
-@torch.no_grad()
-def continuation_nll(model: torch.nn.Module, window: torch.Tensor, prompt_len: int, cache: Any) -> tuple[float, int]:
-    """Summed NLL of ``window[prompt_len:]`` predicted token by token through ``cache``: the prompt is
-    prefilled (and compressed to the budget), then every next token is fed alone, as in generation.
-
-    window: ``(1, seq_len)``. Returns ``(nll, predicted tokens)``."""
-    device = next(model.parameters()).device
-    window = window.to(device)
-    out = model(window[:, :prompt_len], past_key_values=cache, use_cache=True)
-    logits = [out.logits[:, -1].float()]
-    for t in range(prompt_len, window.shape[1] - 1):
-        out = model(window[:, t : t + 1], past_key_values=cache, use_cache=True)
-        logits.append(out.logits[:, -1].float())
-    stacked = torch.cat(logits, dim=0)
-    targets = window[0, prompt_len:]
-    return float(torch.nn.functional.cross_entropy(stacked, targets, reduction="sum")), int(targets.numel())
-
-
-def h2o_rows(model: torch.nn.Module, artifact: Any, windows: torch.Tensor, prompt_len: int,
-             budgets: tuple[float | int, ...] = (0.5, 0.25), ks: tuple[float | int | None, ...] = (None, 0.75),
-             on_row: Any = None) -> list[dict[str, Any]]:
-    """Perplexity of each window's continuation after ``prompt_len`` tokens, decoded token by token,
-    for dense, AQUA alone (each k), H2O alone and AQUA + H2O (each k x budget): equal budgets, so
-    H2O vs H2O + AQUA is a paired comparison. Bytes are the cache's at the end of the window."""
-    import math
-
-    from transformers import DynamicCache
-
-    from .attention import patch
-    from .cache import cache_bytes
-
-    def run(make_cache) -> tuple[float, int, int]:
-        nll, count, held = 0.0, 0, 0
-        for w in windows:
-            cache = make_cache()
-            n, c = continuation_nll(model, w[None], prompt_len, cache)
-            nll, count, held = nll + n, count + c, cache_bytes(cache)["total"]
-        return nll, count, held
-
-    rows: list[dict[str, Any]] = []
-
-    def add(method: str, k: Any, budget: Any, nll: float, count: int, held: int) -> None:
-        ppl = math.exp(nll / count)
-        rows.append({"method": method, "k": k, "kv_dims": None, "h2o_budget": budget, "kv_bytes": held, "dense_kv_bytes": dense_kv,
-                         "ppl": ppl, "ppl_rel_change": ppl / rows[0]["ppl"] - 1.0 if rows else 0.0, "tokens": count,
-                         "prompt_len": prompt_len, "seq_len": int(windows.shape[1])})
-        if on_row:
-            on_row(rows[-1])
-
-    nll, count, dense_kv = run(DynamicCache)
-    add("dense", None, None, nll, count, dense_kv)
-    for k in ks:
-        if k is not None:
-            with patch(model, artifact, k=k, mode="dynamic"):
-                add("aqua", k, None, *run(DynamicCache))
-        for budget in budgets:
-            with patch_h2o(model, budget, artifact=artifact if k is not None else None, k=k or 1.0) as handle:
-                add("h2o" if k is None else "aqua+h2o", k, budget, *run(handle.new_cache))
-    return rows
+              mode: str = "dynamic", recent_ratio: float = 0.5) -> H2O:
+    """Install :class:`H2O` on ``model``; returns the method (``new_cache()``, ``remove()``, ``with``)."""
+    return H2O(budget, artifact, k, mode, recent_ratio).install(model)
