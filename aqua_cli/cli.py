@@ -1,4 +1,6 @@
-"""The ``aqua`` command line: thin commands over the Python API.
+"""The ``aqua`` command line's shared parts: the Typer app, option aliases, parsers, the pre-flight checks,
+JSON and progress output. Each command is a thin module of :mod:`aqua_cli.commands` over the Python API;
+:func:`aqua_cli.commands.main` is the entry point.
 
 Results go to stdout (tables, or JSON with ``--json -``), progress and diagnostics to stderr. Every
 known failure is an :class:`AquaError` printed as one line (``Error: ...``) with exit status 1; set
@@ -201,45 +203,3 @@ def check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise AquaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-
-
-def _register_commands() -> None:
-    """Import every module of :mod:`aqua_cli.commands`; each adds its command to ``app``."""
-    import importlib
-    import pkgutil
-
-    from . import commands
-
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{commands.__name__}.{info.name}")
-
-
-# -- entry point ----------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; map errors to one line on stderr and an exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get("AQUA_DEBUG", "") not in ("", "0")
-    try:
-        app(args=args, prog_name="aqua")  # click handles usage errors (exit 2) and Ctrl-C itself
-        code = 0
-    except AquaError as exc:
-        if debug:
-            raise
-        err.print(f"[red]Error:[/red] {exc}", markup=True, highlight=False)
-        code = 1
-    except Exception as exc:  # an unexpected failure still gets one line
-        if debug:
-            raise
-        err.print(
-            f"[red]Error:[/red] unexpected {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",
-            markup=True,
-            highlight=False,
-        )
-        code = 1
-    sys.exit(code)
-
-
-_register_commands()
-
-if __name__ == "__main__":
-    main()
