@@ -14,7 +14,7 @@ from aqua_cli.attention import ATTN_NAME, HOOK_ATTR, attention_modules
 from aqua_cli.errors import ConfigError
 from aqua_cli.methods import H2O, AttentionHook, Dense, Method, default_methods
 
-COUNT = 9  # len(default_methods(artifact)); checked by test_default_methods_cover_every_method
+COUNT = 11  # len(default_methods(artifact)); checked by test_default_methods_cover_every_method
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -41,7 +41,7 @@ def test_default_methods_cover_every_method(full):
     methods = default_methods(art)
     assert len(methods) == COUNT
     kinds = {type(m).__name__ for m in methods}
-    assert kinds == {"Dense", "Aqua", "AquaKV", "H2O", "TopTokens"}
+    assert kinds == {"Dense", "Aqua", "AquaKV", "H2O", "TopTokens", "AquaDecode"}
     assert all(isinstance(m, Method) for m in methods)
 
 
