@@ -143,15 +143,20 @@ def _select_dims_kernel(
     QSEL,  # (B*Hkv, G, KP) out: projected queries at the selected dims (ascending), in Q's dtype
     IDX,  # (B*Hkv, KP) int32 out: selected dims, ascending
     CNT,  # (B*Hkv,) int32 out: K
+    QF,  # (B*Hkv, G, D) out if WRITE_QF: all projected queries (for the page exact pass)
     HKV, K,
-    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, WRITE_QF: tl.constexpr,
 ):
-    """Standalone dim selection (one program per KV group) for the unfused paths (token top-T)."""
+    """Standalone dim selection (one program per KV group): measured faster than repeating it in the
+    prologue of every program of the main pass (see docs/bench.md)."""
     bh = tl.program_id(0)
     h = bh % HKV
-    _, qsel, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
+    qpq, qsel, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
     offs_g = tl.arange(0, GP)
     offs_j = tl.arange(0, KP)
+    if WRITE_QF:
+        offs_d = tl.arange(0, D)
+        tl.store(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], qpq, mask=offs_g[:, None] < G)
     tl.store(IDX + bh * KP + offs_j, idx)
     tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], qsel, mask=offs_g[:, None] < G)
     tl.store(CNT + bh, K)
@@ -290,35 +295,34 @@ def _dims_fused_kernel(
 
 @_jit
 def _page_score_kernel(
-    Q, PS,  # queries (B, Hq, D) bf16, split projection (3, Hkv, D, D)
+    Q, IDX,  # (B*Hkv, G, KP) selected projected queries, (B*Hkv, KP) int32 their dims (launch_select_dims)
     KD,  # projected keys: token t = p*PAGE + j of dim d at p*s_kp + d*s_kd + j (contiguous or paged layout)
     PSC,  # (B*Hkv, NP) float32 out: page scores (max over the page's tokens and the group's heads)
-    QF,  # (B*Hkv, G, D) out (split 0 only): the full projected queries, for the exact pass
     L, K, NP, pages_per_split, HKV,
     s_kb, s_kh, s_kp, s_kd,
-    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
-    PAGE: tl.constexpr, PPI: tl.constexpr, FULL_ROWS: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
+    PAGE: tl.constexpr, PPI: tl.constexpr, FULL_ROWS: tl.constexpr, CONTIG: tl.constexpr,
 ):
-    """Dims + top-T pages, pass 1: dim selection (prologue), then the approximate logits of PPI pages
-    per step over the selected rows, reduced to one score per page. Only NP floats leave the kernel."""
+    """Dims + top-T pages, pass 1: the approximate logits of PPI pages per step over the selected rows,
+    reduced to one score per page. Only NP floats per KV group leave the kernel. ``CONTIG``: pages are
+    adjacent along the rows (``s_kp == PAGE``), so a step is one contiguous run of PPI*PAGE tokens (16-byte
+    loads); otherwise PPI must be 1."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    qpq, q, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
     offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
     gmask = offs_g < G
-    if split == 0:
-        tl.store(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], qpq, mask=gmask[:, None])
     offs_j = tl.arange(0, KP)
     jmask = offs_j < K
-    idx = idx.to(tl.int64)
+    if FULL_ROWS:
+        idx = tl.load(IDX + bh * KP + offs_j).to(tl.int64)
+    else:
+        idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
+    q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=gmask[:, None], other=0.0)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     BN: tl.constexpr = PPI * PAGE
     offs_t = tl.arange(0, BN)
-    pg_of = offs_t // PAGE
-    within = offs_t % PAGE
     offs_pp = tl.arange(0, PPI)
     p0 = split * pages_per_split
     p1 = tl.minimum(p0 + pages_per_split, NP)
@@ -326,7 +330,10 @@ def _page_score_kernel(
     n_steps = tl.maximum(p_full - p0, 0) // PPI
     for it in range(0, n_steps):
         pp = p0 + it * PPI
-        ptr = kbase + idx[:, None] * s_kd + ((pp + pg_of).to(tl.int64) * s_kp + within)[None, :]
+        if CONTIG:
+            ptr = kbase + idx[:, None] * s_kd + (pp * PAGE + offs_t)[None, :]
+        else:
+            ptr = kbase + idx[:, None] * s_kd + pp.to(tl.int64) * s_kp + offs_t[None, :]
         if FULL_ROWS:
             kd = tl.load(ptr)
         else:
@@ -335,6 +342,8 @@ def _page_score_kernel(
         s = tl.where(gmask[:, None], s, float("-inf"))
         pmax = tl.max(tl.reshape(tl.max(s, 0), (PPI, PAGE)), 1)
         tl.store(PSC + bh * NP + pp + offs_pp, pmax)
+    pg_of = offs_t // PAGE
+    within = offs_t % PAGE
     for pp in range(p0 + n_steps * PPI, p1, PPI):  # the rest: masked (partial pages, the split's end)
         pages = pp + pg_of
         tok = pages * PAGE + within
@@ -348,45 +357,50 @@ def _page_score_kernel(
 
 
 @_jit
-def _page_attend_kernel(
-    QF,  # (B*Hkv, G, D) projected queries (from _page_score_kernel)
-    PSC,  # (B*Hkv, NP) page scores
-    SCR,  # (B*Hkv*S, PER) int32 scratch: this program's page ids
-    KD, V,  # projected keys (as _page_score_kernel), values (B, Hkv, L, D) token-major
-    O, M, LS,  # partials (B*Hkv, S, G, D), (B*Hkv, S, G)
-    L, NP, NSEL, per_split, HKV, qk_scale,
-    s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NPP: tl.constexpr, PER: tl.constexpr,
+def _page_select_kernel(
+    PSC,  # (B*Hkv, NP) float32 page scores
+    LIST,  # (B*Hkv, NSEL) int32 out: chosen pages, ascending (a partial last page, if chosen, is last)
+    NFULL,  # (B*Hkv,) int32 out: how many chosen pages are full (the rest: the partial last page)
+    NP, NSEL, L,
+    PAGE: tl.constexpr, NPP: tl.constexpr,
 ):
-    """Dims + top-T pages, pass 2: every program finds the group's NSEL best pages from the NP scores
-    (exact K-th value by ``_top_mask``, no sort, no extra launch), takes its share of the *full* selected
-    pages, and runs exact attention over them: ``(qP).(kP)`` on whole pages of the projected keys (the same
-    bytes the scoring pass reads; equal to ``q.k`` for an orthogonal P) and the pages' rows of V. The
-    last program also takes a selected partial last page (masked)."""
+    """Dims + top-T pages, pass 2: the NSEL best pages of one KV group (exact K-th value search, ties to the
+    lower page; a 4-ary search keeps the (4, NPP) comparison in registers), written compactly by a scatter."""
     bh = tl.program_id(0)
-    split = tl.program_id(1)
-    nsplit = tl.num_programs(1)
-    b = bh // HKV
-    h = bh % HKV
     offs_p = tl.arange(0, NPP)
     pmask = offs_p < NP
     sc = tl.load(PSC + bh * NP + offs_p, mask=pmask, other=float("-inf"))
     bits = sc.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed int order
     key = tl.where(pmask, key, -2147483648).to(tl.int64)
-    keep, pos = _top_mask(key, NSEL, 16, 9)
+    keep, pos = _top_mask(key, NSEL, 4, 16)
+    tl.store(LIST + bh * NSEL + pos, offs_p, mask=keep)
     n_full = L // PAGE
-    keep_f = keep & (offs_p < n_full)
-    pos_f = tl.cumsum(keep_f.to(tl.int32), 0) - 1
-    n_sel_full = tl.sum(keep_f.to(tl.int32), 0)
+    tl.store(NFULL + bh, tl.sum((keep & (offs_p < n_full)).to(tl.int32), 0))
+
+
+@_jit
+def _page_attend_kernel(
+    QF,  # (B*Hkv, G, D) projected queries
+    LIST, NFULL,  # from _page_select_kernel
+    KD, V,  # projected keys (as _page_score_kernel), values (B, Hkv, L, D) token-major
+    O, M, LS,  # partials (B*Hkv, S, G, D), (B*Hkv, S, G)
+    L, NSEL, per_split, HKV, qk_scale,
+    s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+):
+    """Dims + top-T pages, pass 3: exact attention over this split's share of the chosen full pages --
+    ``(qP).(kP)`` on whole pages of the projected keys (the rows the scoring pass read, plus the others;
+    equal to ``q.k`` for an orthogonal P) and the pages' rows of V; the last split also takes a chosen
+    partial last page (masked)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    b = bh // HKV
+    h = bh % HKV
+    nfull = tl.load(NFULL + bh)
     s0 = split * per_split
-    n_here = tl.minimum(per_split, n_sel_full - s0)
-    offs_k = tl.arange(0, PER)
-    hit = keep_f[None, :] & (pos_f[None, :] == (s0 + offs_k)[:, None])  # (PER, NPP)
-    pages = tl.sum(tl.where(hit, offs_p[None, :], 0), 1)
-    prog = bh * nsplit + split
-    tl.store(SCR + prog * PER + offs_k, pages)
-    tl.debug_barrier()
+    n_here = tl.minimum(per_split, nfull - s0)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     offs_t = tl.arange(0, PAGE)
@@ -398,7 +412,7 @@ def _page_attend_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     for i in range(0, n_here):
-        pg = tl.load(SCR + prog * PER + i).to(tl.int64)
+        pg = tl.load(LIST + bh * NSEL + s0 + i).to(tl.int64)
         kt = tl.load(kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :])  # (D, PAGE)
         vt = tl.load(vbase + (pg * PAGE + offs_t)[:, None] * s_vl + offs_d[None, :])  # (PAGE, D)
         s = _dot(q, kt) * qk_scale
@@ -408,14 +422,12 @@ def _page_attend_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
         m_i = m_new
-    tail = NP - 1
-    has_tail = (n_full < NP) & (tl.sum((keep & (offs_p == tail)).to(tl.int32), 0) > 0)
-    if has_tail & (split == nsplit - 1):
-        tok = tail * PAGE + offs_t
+    if (nfull < NSEL) & (split == nsplit - 1):  # the partial last page was chosen: it sits at slot nfull
+        pg = tl.load(LIST + bh * NSEL + nfull).to(tl.int64)
+        tok = pg * PAGE + offs_t
         tmask = tok < L
-        kt = tl.load(kbase + tail * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :],
-                     mask=tmask[None, :], other=0.0)
-        vt = tl.load(vbase + tok[:, None].to(tl.int64) * s_vl + offs_d[None, :], mask=tmask[:, None], other=0.0)
+        kt = tl.load(kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :], mask=tmask[None, :], other=0.0)
+        vt = tl.load(vbase + tok[:, None] * s_vl + offs_d[None, :], mask=tmask[:, None], other=0.0)
         s = _dot(q, kt) * qk_scale
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -424,7 +436,7 @@ def _page_attend_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
         m_i = m_new
-    row = prog * G + offs_g
+    row = (bh * nsplit + split) * G + offs_g
     tl.store(M + row, m_i, mask=gmask)
     tl.store(LS + row, l_i, mask=gmask)
     tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
@@ -648,10 +660,11 @@ def _gp(rep: int) -> int:
     return max(GROUP_PAD, _pow2(rep))
 
 
-def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int) -> Selection:
+def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch.Tensor | None = None,
+                       num_warps: int = 4) -> Selection:
     """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
     up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
-    ``(Hkv, D, D)`` float32 on q's device."""
+    ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there."""
     _need_triton()
     batch, q_heads, dim = q.shape
     groups = proj.shape[0]
@@ -663,8 +676,8 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int) -> Select
     idx = torch.empty(batch * groups, KP, device=q.device, dtype=torch.int32)
     count = torch.empty(batch * groups, device=q.device, dtype=torch.int32)
     _select_dims_kernel[(batch * groups,)](
-        qc, _proj_split(proj), qsel, idx, count, groups, dims,
-        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), num_warps=4,
+        qc, _proj_split(proj), qsel, idx, count, qf if qf is not None else qsel, groups, dims,
+        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None, num_warps=num_warps,
     )
     return qsel, idx, count
 
@@ -716,8 +729,8 @@ def _v_rows(v: torch.Tensor, page: int) -> tuple[int, int, int]:
 def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, dims: int, page: int, length: int,
                        score_block: int = 256, num_warps: int = 4, num_stages: int = 3,
                        waves: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1 of page top-T: ``(B*Hkv, NP)`` float32 page scores (unscaled approximate logits, max over
-    the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries."""
+    """Dim selection and pass 1 of page top-T (2 launches): ``(B*Hkv, NP)`` float32 page scores (unscaled
+    approximate logits, max over the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries."""
     _need_triton()
     batch, q_heads, dim = q.shape
     groups = kd.shape[1]
@@ -727,17 +740,19 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     KP = _kp(dims)
     n_pages = -(-length // page)
     bh = batch * groups
-    ppi = max(1, score_block // page)
+    qf = torch.empty(bh, rep, dim, device=q.device, dtype=q.dtype)
+    qsel, idx, _ = launch_select_dims(q, proj, dims, qf)
+    contig = s_kp == page
+    ppi = max(1, score_block // page) if contig else 1
     steps = -(-n_pages // ppi)
     splits = max(1, min(steps, -(-int(waves * _sms(q.device)) // bh)))
     per_split = -(-steps // splits) * ppi
     splits = -(-n_pages // per_split)
     pscores = torch.empty(bh, n_pages, device=q.device, dtype=torch.float32)
-    qf = torch.empty(bh, rep, dim, device=q.device, dtype=q.dtype)
     _page_score_kernel[(bh, splits)](
-        q.contiguous(), _proj_split(proj), kd, pscores, qf, length, dims, n_pages, per_split, groups,
+        qsel, idx, kd, pscores, length, dims, n_pages, per_split, groups,
         s_kb, s_kh, s_kp, s_kd,
-        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), PAGE=page, PPI=ppi, FULL_ROWS=dims == KP,
+        G=rep, GP=_gp(rep), KP=KP, PAGE=page, PPI=ppi, FULL_ROWS=dims == KP, CONTIG=contig,
         num_warps=num_warps, num_stages=num_stages,
     )
     return pscores, qf
@@ -747,7 +762,7 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
                  scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
                  score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 2, waves: float = 4.0,
                  attend_waves: float = 4.0) -> torch.Tensor:
-    """Dims + top-T pages: 3 launches (score pages, select + exact pass over the chosen pages, combine).
+    """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
     ``v.shape[2]`` (token-major values) and must be given for paged values."""
     _need_triton()
@@ -769,18 +784,19 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
         raise ValueError(f"{n_pages} pages is more than the page kernels hold (16384): use larger pages")
     bh = batch * groups
     pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, waves)
-    sms = _sms(q.device)
-    gp = _gp(rep)
-    splits2 = max(1, min(n_sel, -(-int(attend_waves * sms) // bh)))
+    chosen = torch.empty(bh, n_sel, device=q.device, dtype=torch.int32)
+    nfull = torch.empty(bh, device=q.device, dtype=torch.int32)
+    npp = max(16, _pow2(n_pages))
+    _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, PAGE=page, NPP=npp,
+                               num_warps=8 if npp >= 1024 else 4)
+    splits2 = max(1, min(n_sel, -(-int(attend_waves * _sms(q.device)) // bh)))
     per2 = -(-n_sel // splits2)
     splits2 = -(-n_sel // per2)
-    scratch = torch.empty(bh * splits2, _pow2(per2), device=q.device, dtype=torch.int32)
     o, m, ls = _partials(bh, splits2, rep, dim, q.device)
     _page_attend_kernel[(bh, splits2)](
-        qf, pscores, scratch, kd, v, o, m, ls, length, n_pages, n_sel, per2, groups, scale * LOG2E,
+        qf, chosen, nfull, kd, v, o, m, ls, length, n_sel, per2, groups, scale * LOG2E,
         s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
-        G=rep, GP=gp, D=dim, PAGE=page, NPP=max(16, _pow2(n_pages)), PER=_pow2(per2),
-        num_warps=attend_warps, num_stages=attend_stages,
+        G=rep, GP=_gp(rep), D=dim, PAGE=page, num_warps=attend_warps, num_stages=attend_stages,
     )
     return _combine(o, m, ls, batch, q_heads, dim, v.dtype)
 
@@ -872,7 +888,7 @@ class DecodeConfig:
     tokens_warps: int = 4
     tokens_stages: int = 3
     fused_select: bool = True
-    prologue: bool = True
+    prologue: bool = False  # measured: a launch of its own is faster (docs/bench.md)
     granularity: str = "tokens"
     page: int = 64  # tokens per page (granularity="pages")
     score_block: int = 256  # tokens per step of the page scoring kernel
@@ -912,8 +928,8 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     ``q`` ``(B, Hq, D)``; ``k``, ``v`` ``(B, Hkv, L, D)`` token-major (``k`` only read for token top-T; pass
     None otherwise); ``kd`` ``(B, Hkv, D, L)`` projected keys (``project_keys``), or paged for pages;
     ``proj`` ``(Hkv, D, D)`` float32 (orthogonal for pages: their exact pass computes ``(qP).(kP)``).
-    Launches: dims 2 (main pass with the selection in its prologue, combine); pages 3 (score, select +
-    exact pass, combine); token top-T 4 (selection, scoring, exact pass, combine).
+    Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 5 (dim selection,
+    page scores, page selection, exact pass, combine); token top-T 4 (selection, scoring, exact pass, combine).
     """
     dim = q.shape[-1]
     scale = dim ** -0.5
