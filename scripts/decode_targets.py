@@ -25,6 +25,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seqs", default="1024,32768,131072")
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prologue", action="store_true", help="also time the dims kernel with the selection in its prologue")
     parser.add_argument("--page-grid", type=lambda t: [float(x) if "." in x else int(x) for x in t.split(",")], action="append",
                         help="extra page variant: page,score_block,score_warps,waves,attend_warps,attend_waves,attend_stages")
     args = parser.parse_args()
@@ -62,7 +63,9 @@ def main() -> int:
         v = []  # (name, dims, ratio, bytes_fn, config or None for dense, reference fn)
         for dims in (64, 96):
             v.append((f"dims k={dims / d:g} 3-launch", dims, None, dk.DecodeConfig(dims, prologue=False)))
-            v.append((f"dims k={dims / d:g} fused", dims, None, dk.DecodeConfig(dims)))
+            v.append((f"dims k={dims / d:g} 3-launch w8", dims, None, dk.DecodeConfig(dims, num_warps=8)))
+            if args.prologue:
+                v.append((f"dims k={dims / d:g} fused", dims, None, dk.DecodeConfig(dims, prologue=True)))
         v.append(("tokens k=0.5 T/16", 64, 1 / 16, dk.DecodeConfig(64, token_ratio=1 / 16)))
         # (page, score_block, score_warps, waves, attend_warps, attend_waves, attend_stages)
         base = (64, 256, 4, 4.0, 4, 4.0, 2)
