@@ -66,9 +66,10 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
 
 
 def generate_text(
-    model: torch.nn.Module, tokenizer: Any, prompt: str, config: SamplingConfig, streamer: Any = None
+    model: torch.nn.Module, tokenizer: Any, prompt: str, config: SamplingConfig, streamer: Any = None, cache: Any = None
 ) -> GenerationResult:
-    """Generate from ``prompt``; ``streamer`` (e.g. transformers' ``TextStreamer``) sees tokens as they come."""
+    """Generate from ``prompt``; ``streamer`` (e.g. transformers' ``TextStreamer``) sees tokens as they come;
+    ``cache`` (e.g. a method's ``new_cache()``) is passed as ``past_key_values``."""
     ids = encode_prompt(tokenizer, prompt, config.chat).to(next(model.parameters()).device)
     torch.manual_seed(config.seed)
     sampling: dict[str, Any] = {"do_sample": False}
@@ -79,7 +80,7 @@ def generate_text(
     with torch.inference_mode():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,
-            pad_token_id=pad, streamer=streamer, **sampling,
+            pad_token_id=pad, streamer=streamer, **({"past_key_values": cache} if cache is not None else {}), **sampling,
         )
     seconds = time.perf_counter() - started
     new = out[0, ids.shape[1] :].tolist()
