@@ -26,8 +26,6 @@ def main() -> int:
     parser.add_argument("--seqs", default="1024,32768,131072")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prologue", action="store_true", help="also time the dims kernel with the selection in its prologue")
-    parser.add_argument("--page-grid", type=lambda t: [float(x) if "." in x else int(x) for x in t.split(",")], action="append",
-                        help="extra page variant: page,score_block,score_warps,waves,attend_warps,attend_waves,attend_stages")
     args = parser.parse_args()
 
     import triton
@@ -63,21 +61,18 @@ def main() -> int:
         v = []  # (name, dims, ratio, bytes_fn, config or None for dense, reference fn)
         for dims in (64, 96):
             v.append((f"dims k={dims / d:g} 3-launch", dims, None, dk.DecodeConfig(dims, prologue=False)))
-            v.append((f"dims k={dims / d:g} 3-launch w8", dims, None, dk.DecodeConfig(dims, num_warps=8)))
             if args.prologue:
                 v.append((f"dims k={dims / d:g} fused", dims, None, dk.DecodeConfig(dims, prologue=True)))
         v.append(("tokens k=0.5 T/16", 64, 1 / 16, dk.DecodeConfig(64, token_ratio=1 / 16)))
-        # (page, score_block, score_warps, waves, attend_warps, attend_waves, attend_stages)
-        base = (64, 256, 4, 4.0, 4, 4.0, 2)
-        grid = [base] + [tuple(x) for x in args.page_grid] if args.page_grid else [
-            base, (32, 256, 4, 4.0, 4, 4.0, 2), (64, 512, 8, 4.0, 4, 4.0, 2), (64, 256, 4, 2.0, 4, 4.0, 2),
-            (64, 256, 4, 4.0, 8, 4.0, 2), (64, 256, 4, 4.0, 4, 2.0, 2), (64, 256, 4, 4.0, 4, 8.0, 3), (64, 256, 4, 4.0, 4, 4.0, 3)]
+        # page variants: DecodeConfig overrides on top of the defaults
+        grid = [{}, {"fold_select": False}, {"page": 32}, {"waves": 2.0}, {"attend_waves": 4.0}, {"score_warps": 8, "score_block": 512}]
+        if args.quick:
+            grid = grid[:2]
         for dims, ratio in ((64, 1 / 16), (32, 1 / 32), (64, 1 / 32), (96, 1 / 16)):
-            for page, sb, sw, waves, aw, awv, ast in grid if (dims, ratio) == (64, 1 / 16) else grid[:1]:
-                cfg = dk.DecodeConfig(dims, token_ratio=ratio, granularity="pages", page=page, score_block=sb,
-                                      score_warps=sw, waves=waves, attend_warps=aw, attend_waves=awv, attend_stages=ast)
-                v.append((f"pages k={dims / d:g} T/{round(1 / ratio)} p{page} sb{sb} w{sw} wv{waves:g} a{aw}/{awv:g}/{ast}",
-                          dims, ratio, cfg))
+            for over in grid if (dims, ratio) == (64, 1 / 16) else grid[:1]:
+                cfg = dk.DecodeConfig(dims, token_ratio=ratio, granularity="pages", **over)
+                tag = " ".join(f"{k}={v}" for k, v in over.items()) or "default"
+                v.append((f"pages k={dims / d:g} T/{round(1 / ratio)} [{tag}]", dims, ratio, cfg))
         return v
 
     def nbytes(batch, seq, dims, ratio, cfg):
@@ -115,6 +110,7 @@ def main() -> int:
                 elif ratio is not None and cfg.granularity == "pages":
                     part["select_score_us"] = time_us(_rotating(lambda x, c=cfg: dk.launch_page_scores(
                         x.q, proj, x.kd, c.dims, c.page, seq, c.score_block, c.score_warps, c.score_stages, c.waves), sets), dev, 3, 20) / len(sets)
+                    part["select_dims_us"] = time_us(_rotating(lambda x, c=cfg: dk.launch_select_dims(x.q, proj, c.dims), sets), dev, 3, 20) / len(sets)
                 err = None
                 if seq <= 32768:
                     key = (dims, ratio, cfg.granularity, cfg.page if cfg.granularity == "pages" else None)
@@ -152,7 +148,7 @@ def main() -> int:
     for r in rows:
         if r["kind"] != "aqua":
             continue
-        fam = r["name"].split(" p")[0] if r["name"].startswith("pages") else r["name"]
+        fam = r["name"].split(" [")[0]
         k = (r["batch"], r["seq"], fam)
         if k not in fams or r["us"] < fams[k]["us"]:
             fams[k] = r

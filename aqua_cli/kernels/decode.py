@@ -126,8 +126,15 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
         qp = _dot_acc(qc, tl.load(PS + 2 * HKV * D * D + poff), qp)
     qpq = qp.to(Q.dtype.element_ty)
     score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
-    key = score.to(tl.int32, bitcast=True).to(tl.int64)
-    keep, pos = _top_mask(key, K, 16, 9)
+    if D <= 128:  # exact rank in one (D, D) comparison: dim i ranks by how many dims beat it (ties: lower index)
+        s_j = tl.reshape(score, (1, D))
+        j_idx = tl.reshape(offs_d, (1, D))
+        beats = (s_j > score[:, None]) | ((s_j == score[:, None]) & (j_idx < offs_d[:, None]))
+        keep = tl.sum(beats.to(tl.int32), 1) < K
+        pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    else:  # d = 256: a (D, D) comparison would spill; search the K-th value instead
+        key = score.to(tl.int32, bitcast=True).to(tl.int64)
+        keep, pos = _top_mask(key, K, 16, 9)
     offs_j = tl.arange(0, KP)
     hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
     idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
@@ -298,10 +305,12 @@ def _page_score_kernel(
     Q, IDX,  # (B*Hkv, G, KP) selected projected queries, (B*Hkv, KP) int32 their dims (launch_select_dims)
     KD,  # projected keys: token t = p*PAGE + j of dim d at p*s_kp + d*s_kd + j (contiguous or paged layout)
     PSC,  # (B*Hkv, NP) float32 out: page scores (max over the page's tokens and the group's heads)
-    L, K, NP, pages_per_split, HKV,
+    CNTR, LIST, NFULL,  # FOLD: (B*Hkv,) int32 arrival counters (zero, left zero), page selection outputs
+    L, K, NP, pages_per_split, HKV, NSEL,
     s_kb, s_kh, s_kp, s_kd,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
     PAGE: tl.constexpr, PPI: tl.constexpr, FULL_ROWS: tl.constexpr, CONTIG: tl.constexpr,
+    FOLD: tl.constexpr, NPP: tl.constexpr,
 ):
     """Dims + top-T pages, pass 1: the approximate logits of PPI pages per step over the selected rows,
     reduced to one score per page. Only NP floats per KV group leave the kernel. ``CONTIG``: pages are
@@ -354,6 +363,12 @@ def _page_score_kernel(
         s = tl.where(gmask[:, None] & tmask[None, :], s, float("-inf"))
         pmax = tl.max(tl.reshape(tl.max(s, 0), (PPI, PAGE)), 1)
         tl.store(PSC + bh * NP + pp + offs_pp, pmax, mask=(pp + offs_pp) < p1)
+    if FOLD:  # the last program of this KV group to finish selects its pages (no launch of its own)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
+        if arrived == tl.num_programs(1) - 1:
+            _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, PAGE, NPP)
+            tl.store(CNTR + bh, 0)
 
 
 @_jit
@@ -366,10 +381,14 @@ def _page_select_kernel(
 ):
     """Dims + top-T pages, pass 2: the NSEL best pages of one KV group (exact K-th value search, ties to the
     lower page; a 4-ary search keeps the (4, NPP) comparison in registers), written compactly by a scatter."""
-    bh = tl.program_id(0)
+    _select_pages(PSC, LIST, NFULL, tl.program_id(0), NP, NSEL, L, PAGE, NPP)
+
+
+@_jit
+def _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, PAGE: tl.constexpr, NPP: tl.constexpr):
     offs_p = tl.arange(0, NPP)
     pmask = offs_p < NP
-    sc = tl.load(PSC + bh * NP + offs_p, mask=pmask, other=float("-inf"))
+    sc = tl.load(PSC + bh * NP + offs_p, mask=pmask, other=float("-inf"), cache_modifier=".cg")
     bits = sc.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed int order
     key = tl.where(pmask, key, -2147483648).to(tl.int64)
@@ -705,6 +724,20 @@ def launch_dims_fused(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: 
     return _combine(o, m, ls, batch, groups * rep, dim, v.dtype)
 
 
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters, kept across calls (each use leaves them zero again): allocated once,
+    so CUDA-graph replays reuse them. Two streams must not run a folded page step at the same time."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def kd_layout(kd: torch.Tensor, page: int) -> tuple[int, int, int, int, int]:
     """``(B, Hkv, D, L)`` contiguous-rows or ``(B, Hkv, NP, D, page)`` paged projected keys ->
     ``(s_kb, s_kh, s_kp, s_kd, D)``: token ``t = p*page + j`` of dim ``d`` sits at ``p*s_kp + d*s_kd + j``."""
@@ -728,9 +761,12 @@ def _v_rows(v: torch.Tensor, page: int) -> tuple[int, int, int]:
 
 def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, dims: int, page: int, length: int,
                        score_block: int = 256, num_warps: int = 4, num_stages: int = 3,
-                       waves: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+                       waves: float = 4.0, fold: tuple[torch.Tensor, torch.Tensor, int] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dim selection and pass 1 of page top-T (2 launches): ``(B*Hkv, NP)`` float32 page scores (unscaled
-    approximate logits, max over the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries."""
+    approximate logits, max over the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries.
+    ``fold`` = (list, nfull, n_sel): the last program of each KV group also selects the pages (as
+    ``_page_select_kernel``), saving a launch."""
     _need_triton()
     batch, q_heads, dim = q.shape
     groups = kd.shape[1]
@@ -749,11 +785,17 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     per_split = -(-steps // splits) * ppi
     splits = -(-n_pages // per_split)
     pscores = torch.empty(bh, n_pages, device=q.device, dtype=torch.float32)
+    if fold is not None:
+        chosen, nfull, n_sel = fold
+        counters = _counters(bh, q.device)
+    else:
+        chosen = nfull = counters = pscores
+        n_sel = 1
     _page_score_kernel[(bh, splits)](
-        qsel, idx, kd, pscores, length, dims, n_pages, per_split, groups,
+        qsel, idx, kd, pscores, counters, chosen, nfull, length, dims, n_pages, per_split, groups, n_sel,
         s_kb, s_kh, s_kp, s_kd,
         G=rep, GP=_gp(rep), KP=KP, PAGE=page, PPI=ppi, FULL_ROWS=dims == KP, CONTIG=contig,
-        num_warps=num_warps, num_stages=num_stages,
+        FOLD=fold is not None, NPP=max(16, _pow2(n_pages)), num_warps=num_warps, num_stages=num_stages,
     )
     return pscores, qf
 
@@ -761,8 +803,8 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
 def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, token_ratio: float,
                  scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
                  score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 2, waves: float = 4.0,
-                 attend_waves: float = 4.0) -> torch.Tensor:
-    """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine).
+                 attend_waves: float = 2.0, fold_select: bool = True) -> torch.Tensor:
+    """Dims + top-T pages: 4 launches (select dims, score + select pages, exact pass over them, combine).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
     ``v.shape[2]`` (token-major values) and must be given for paged values."""
     _need_triton()
@@ -783,12 +825,14 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     if n_pages > 16384:
         raise ValueError(f"{n_pages} pages is more than the page kernels hold (16384): use larger pages")
     bh = batch * groups
-    pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, waves)
     chosen = torch.empty(bh, n_sel, device=q.device, dtype=torch.int32)
     nfull = torch.empty(bh, device=q.device, dtype=torch.int32)
-    npp = max(16, _pow2(n_pages))
-    _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, PAGE=page, NPP=npp,
-                               num_warps=8 if npp >= 1024 else 4)
+    pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, waves,
+                                     (chosen, nfull, n_sel) if fold_select else None)
+    if not fold_select:
+        npp = max(16, _pow2(n_pages))
+        _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, PAGE=page, NPP=npp,
+                                   num_warps=8 if npp >= 1024 else 4)
     splits2 = max(1, min(n_sel, -(-int(attend_waves * _sms(q.device)) // bh)))
     per2 = -(-n_sel // splits2)
     splits2 = -(-n_sel // per2)
@@ -896,7 +940,8 @@ class DecodeConfig:
     score_stages: int = 3
     attend_warps: int = 4
     attend_stages: int = 2
-    attend_waves: float = 4.0
+    attend_waves: float = 2.0
+    fold_select: bool = True  # pages: the scoring pass's last program per KV group selects the pages
 
     def __post_init__(self) -> None:
         if self.select_block < 16 or self.select_block & (self.select_block - 1):
@@ -928,8 +973,9 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     ``q`` ``(B, Hq, D)``; ``k``, ``v`` ``(B, Hkv, L, D)`` token-major (``k`` only read for token top-T; pass
     None otherwise); ``kd`` ``(B, Hkv, D, L)`` projected keys (``project_keys``), or paged for pages;
     ``proj`` ``(Hkv, D, D)`` float32 (orthogonal for pages: their exact pass computes ``(qP).(kP)``).
-    Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 5 (dim selection,
-    page scores, page selection, exact pass, combine); token top-T 4 (selection, scoring, exact pass, combine).
+    Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 4 (dim selection,
+    page scores + selection, exact pass, combine; 5 without ``fold_select``); token top-T 4 (selection,
+    scoring, exact pass, combine).
     """
     dim = q.shape[-1]
     scale = dim ** -0.5
@@ -940,7 +986,8 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
         return launch_pages(q, proj, kd, v, config.dims, config.token_ratio, scale, config.page,
                             score_block=config.score_block, score_warps=config.score_warps,
                             score_stages=config.score_stages, attend_warps=config.attend_warps,
-                            attend_stages=config.attend_stages, waves=config.waves, attend_waves=config.attend_waves)
+                            attend_stages=config.attend_stages, waves=config.waves, attend_waves=config.attend_waves,
+                            fold_select=config.fold_select)
     if config.token_ratio is None and fused and config.prologue:
         return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages,
                                  config.waves)
