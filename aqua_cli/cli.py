@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import AquaError, first_line
+from .errors import AquaError
 
 app = typer.Typer(
     name="aqua",
@@ -152,6 +152,22 @@ def budget_list(text: str | None) -> tuple[float | int, ...]:
     from .budgets import parse_budget
 
     return tuple(parse_budget(t) for t in split_list(text))
+
+
+def ratio_list(text: str | None, what: str) -> list[float]:
+    """A comma list of ratios in (0, 1], each a number (0.0625) or a fraction (1/16): ``--k`` of bench,
+    ``--tokens`` (T/L)."""
+    values = []
+    for part in split_list(text):
+        try:
+            num, _, den = part.partition("/")
+            value = float(num) / float(den) if den else float(num)
+        except (ValueError, ZeroDivisionError):
+            raise AquaError(f"invalid {what} '{part}': give ratios such as 0.5 or 1/16") from None
+        if not 0.0 < value <= 1.0:
+            raise AquaError(f"{what} {part} is outside (0, 1]")
+        values.append(value)
+    return values
 
 
 def kv_dims_list(text: str | None) -> tuple[float | int, ...]:

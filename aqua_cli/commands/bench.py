@@ -7,24 +7,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..cli import JsonOpt, PlotOpt, app, err, out, write_json
+from ..cli import JsonOpt, PlotOpt, app, err, out, ratio_list, write_json
 from ..errors import AquaError, ConfigError
-
-
-def _ratios(text: str | None, what: str) -> list[float]:
-    if not text:
-        return []
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            value = float(part.split("/")[0]) / float(part.split("/")[1]) if "/" in part else float(part)
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"invalid {what} '{part}': give ratios such as 0.5 or 1/16") from None
-        if not (0.0 < value <= 1.0):
-            raise ConfigError(f"{what} {part} is outside (0, 1]")
-        values.append(value)
-    return values
 
 
 def _table(rows: list[dict], title: str) -> Table:
@@ -76,7 +60,7 @@ def bench(
     batches = number_list(batch, int, "--batch")
     if not batches or min(batches) < 1:
         raise ConfigError(f"--batch must be at least 1, got '{batch}'")
-    ks = _ratios(k, "k")
+    ks = ratio_list(k, "k")
     if not ks:
         raise ConfigError("--k needs at least one ratio, e.g. 0.5")
     dev = parse_device(device)
@@ -85,14 +69,14 @@ def bench(
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if phase == "e2e":
-        _e2e(seqs, list(batches), ks, _ratios(tokens, "--tokens"), kv_dims, model, layers, str(dev), dtype, repeats,
+        _e2e(seqs, list(batches), ks, ratio_list(tokens, "--tokens"), kv_dims, model, layers, str(dev), dtype, repeats,
              not no_hybrid, json_out, plot)
         return
     if len(batches) > 1:
         raise ConfigError("--batch takes one value for --phase decode and prefill (a list only with --phase e2e)")
     batch = batches[0]
     config = BenchConfig(seqs=seqs, batch=batch, ks=ks, phase=phase, device=str(dev), dtype=dtype,
-                         token_ratios=_ratios(tokens, "--tokens"), gqa=gqa, select_block=select_block,
+                         token_ratios=ratio_list(tokens, "--tokens"), gqa=gqa, select_block=select_block,
                          hybrid=not no_hybrid, repeats=repeats)
     if gqa not in ("group", "head"):
         raise ConfigError(f"unknown --gqa '{gqa}': use group or head")

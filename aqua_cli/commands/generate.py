@@ -19,6 +19,7 @@ from ..cli import (
     app,
     err,
     out,
+    ratio_list,
     write_json,
 )
 from ..errors import AquaError
@@ -65,7 +66,10 @@ def generate(
     config = SamplingConfig(max_new_tokens, temperature, top_p, seed, chat)
     parse_mode(mode)
     k_value = parse_k(k)
-    token_ratio = _ratio(tokens)
+    ratios = ratio_list(tokens, "--tokens")
+    if len(ratios) > 1:
+        raise AquaError("--tokens takes one ratio, e.g. 1/16")
+    token_ratio = ratios[0] if ratios else None
     with err.status("loading model and artifact ..."):
         model, tokenizer, handle = load_patched(model_name, artifact, k=k_value, mode=mode, revision=revision, device=device, dtype=dtype)
     if decode if decode is not None else (token_ratio is not None or next(model.parameters()).is_cuda):
@@ -96,20 +100,6 @@ def generate(
         highlight=False,
     )
     write_json(json_out, payload)
-
-
-def _ratio(text: str | None) -> float | None:
-    """``--tokens``: ``1/16`` or ``0.0625``, in (0, 1]."""
-    if text is None or not text.strip():
-        return None
-    try:
-        num, _, den = text.partition("/")
-        value = float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise AquaError(f"invalid --tokens '{text}': give a share of the cached tokens such as 1/16 or 0.0625") from None
-    if not 0.0 < value <= 1.0:
-        raise AquaError(f"--tokens {text} is outside (0, 1]")
-    return value
 
 
 def _split_args(args: list[str], prompt_file: Path | None) -> tuple[str | None, str]:

@@ -378,5 +378,6 @@ class AquaDecode(Aqua):
         super().remove()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "kv_dims": self.kv_dims, "token_ratio": self.token_ratio}
+        return {**super().describe(), "kv_dims": self.kv_dims, "token_ratio": self.token_ratio, "page": self.page,
+                "sink_pages": self.sink_pages, "recent_pages": self.recent_pages}
 
