@@ -361,15 +361,19 @@ def test_page_decode_is_graph_capturable():
     from aqua_cli.kernels.decode import DecodeConfig, aqua_decode
 
     q, k, v, proj, kd = inputs(2, 32, 8, 3000, 128, torch.bfloat16, "cuda", seed=4)
-    cfg = DecodeConfig(64, token_ratio=1 / 16, granularity="pages")
-    eager = aqua_decode(q, None, v, kd, proj, cfg)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = aqua_decode(q, None, v, kd, proj, cfg)
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.isfinite(out).all() and rel(out, eager) < 1e-3
+    base = aqua_decode(q, None, v, kd, proj, DecodeConfig(64, token_ratio=1 / 16, granularity="pages"))
+    for fold in (False, True):  # fold: the scoring pass's last program selects the pages (atomic counters)
+        cfg = DecodeConfig(64, token_ratio=1 / 16, granularity="pages", fold_select=fold)
+        eager = aqua_decode(q, None, v, kd, proj, cfg)
+        assert rel(eager, base) < 1e-3
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = aqua_decode(q, None, v, kd, proj, cfg)
+        for _ in range(2):  # replays reuse the counters: each run must leave them at zero
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all() and rel(out, eager) < 1e-3
 
 
 # -- CPU: the kernels under Triton's interpreter ---------------------------------------------------------
@@ -389,8 +393,9 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
         ref = aqua_decode_reference(q, k, v, kd, proj, dims)
         assert rel(dk.aqua_decode(q, k, v, kd, proj, dk.DecodeConfig(dims, block_n=32)), ref) < 3e-2
         ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 4, 16)
-        cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, score_block=32)
-        assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg), ref) < 3e-2
+        for fold in (False, True):
+            cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, score_block=32, fold_select=fold)
+            assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg), ref) < 3e-2
 print("INTERPRETER OK")
 """
 

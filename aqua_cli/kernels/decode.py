@@ -126,15 +126,9 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
         qp = _dot_acc(qc, tl.load(PS + 2 * HKV * D * D + poff), qp)
     qpq = qp.to(Q.dtype.element_ty)
     score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
-    if D <= 128:  # exact rank in one (D, D) comparison: dim i ranks by how many dims beat it (ties: lower index)
-        s_j = tl.reshape(score, (1, D))
-        j_idx = tl.reshape(offs_d, (1, D))
-        beats = (s_j > score[:, None]) | ((s_j == score[:, None]) & (j_idx < offs_d[:, None]))
-        keep = tl.sum(beats.to(tl.int32), 1) < K
-        pos = tl.cumsum(keep.to(tl.int32), 0) - 1
-    else:  # d = 256: a (D, D) comparison would spill; search the K-th value instead
-        key = score.to(tl.int32, bitcast=True).to(tl.int64)
-        keep, pos = _top_mask(key, K, 16, 9)
+    # the K-th value by search (an exact rank by one (D, D) comparison was measured slower: 15-20 us vs 11-14)
+    key = score.to(tl.int32, bitcast=True).to(tl.int64)
+    keep, pos = _top_mask(key, K, 16, 9)
     offs_j = tl.arange(0, KP)
     hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
     idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
@@ -803,8 +797,9 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
 def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, token_ratio: float,
                  scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
                  score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 2, waves: float = 4.0,
-                 attend_waves: float = 2.0, fold_select: bool = True) -> torch.Tensor:
-    """Dims + top-T pages: 4 launches (select dims, score + select pages, exact pass over them, combine).
+                 attend_waves: float = 2.0, fold_select: bool = False) -> torch.Tensor:
+    """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine;
+    4 with ``fold_select``: the scoring pass's last program per KV group selects the pages).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
     ``v.shape[2]`` (token-major values) and must be given for paged values."""
     _need_triton()
@@ -941,7 +936,7 @@ class DecodeConfig:
     attend_warps: int = 4
     attend_stages: int = 2
     attend_waves: float = 2.0
-    fold_select: bool = True  # pages: the scoring pass's last program per KV group selects the pages
+    fold_select: bool = False  # pages: the scoring pass's last program per KV group selects the pages (measured no faster)
 
     def __post_init__(self) -> None:
         if self.select_block < 16 or self.select_block & (self.select_block - 1):
@@ -973,8 +968,8 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     ``q`` ``(B, Hq, D)``; ``k``, ``v`` ``(B, Hkv, L, D)`` token-major (``k`` only read for token top-T; pass
     None otherwise); ``kd`` ``(B, Hkv, D, L)`` projected keys (``project_keys``), or paged for pages;
     ``proj`` ``(Hkv, D, D)`` float32 (orthogonal for pages: their exact pass computes ``(qP).(kP)``).
-    Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 4 (dim selection,
-    page scores + selection, exact pass, combine; 5 without ``fold_select``); token top-T 4 (selection,
+    Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 5 (dim selection,
+    page scores, page selection, exact pass, combine; 4 with ``fold_select``); token top-T 4 (selection,
     scoring, exact pass, combine).
     """
     dim = q.shape[-1]
