@@ -386,6 +386,10 @@ from aqua_cli.kernels.reference import aqua_decode_reference, project_queries, s
 from aqua_cli.kernels.paged import aqua_decode_pages_reference
 for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
     q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L)
+    for dims in (1, D - 1, D):  # selection edge cases
+        idx = dk.launch_select_dims(q, proj, dims)[1][:, :dims]
+        ref_idx = select_dims(project_queries(q, proj).to(q.dtype), dims, "group")[0].flatten(0, 1)
+        assert torch.equal(idx, ref_idx), (dims, idx, ref_idx)
     for dims in (D // 2, 3 * D // 4 - 1):
         idx = dk.launch_select_dims(q, proj, dims)[1][:, :dims]
         ref_idx = select_dims(project_queries(q, proj).to(q.dtype), dims, "group")[0].flatten(0, 1)

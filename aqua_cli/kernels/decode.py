@@ -91,6 +91,37 @@ def _kth_key(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
 
 
 @_jit
+def _kth_key_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
+    """``_kth_key`` for int32 keys in [0, 0x7f800000] (the bits of non-negative floats): int32 arithmetic,
+    candidates ``lo + j * ceil(width / FAN)``; 7 rounds of 32 cover the range exactly."""
+    lo = tl.min(key, 0)
+    hi = tl.max(key, 0) + 1
+    frac = tl.arange(0, FAN) + 1
+    for _ in tl.static_range(ITERS):
+        step = (hi - lo + FAN - 1) // FAN
+        cand = tl.minimum(lo + step * frac, hi)
+        cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+        ok = cnt >= K
+        new_lo = tl.max(tl.where(ok, cand, lo), 0)
+        hi = tl.min(tl.where(ok, hi, cand), 0)
+        lo = new_lo
+    return lo
+
+
+@_jit
+def _top_mask_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
+    """``_top_mask`` for non-negative int32 keys (``_kth_key_pos``)."""
+    kth = _kth_key_pos(key, K, FAN, ITERS)
+    gt = key > kth
+    n_gt = tl.sum(gt.to(tl.int32), 0)
+    eq = key == kth
+    eq_pos = tl.cumsum(eq.to(tl.int32), 0) - 1
+    keep = gt | (eq & (eq_pos < K - n_gt))
+    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    return keep, pos
+
+
+@_jit
 def _top_mask(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
     """Keep-mask of the K largest ``key`` (exact ties to the lower index) and each kept entry's slot."""
     kth = _kth_key(key, K, FAN, ITERS)
@@ -127,8 +158,7 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
     qpq = qp.to(Q.dtype.element_ty)
     score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
     # the K-th value by search (an exact rank by one (D, D) comparison was measured slower: 15-20 us vs 11-14)
-    key = score.to(tl.int32, bitcast=True).to(tl.int64)
-    keep, pos = _top_mask(key, K, 16, 9)
+    keep, pos = _top_mask_pos(score.to(tl.int32, bitcast=True), K, 32, 7)
     offs_j = tl.arange(0, KP)
     hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
     idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
