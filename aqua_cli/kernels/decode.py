@@ -330,7 +330,7 @@ def _page_score_kernel(
     KD,  # projected keys: token t = p*PAGE + j of dim d at p*s_kp + d*s_kd + j (contiguous or paged layout)
     PSC,  # (B*Hkv, NP) float32 out: page scores (max over the page's tokens and the group's heads)
     CNTR, LIST, NFULL,  # FOLD: (B*Hkv,) int32 arrival counters (zero, left zero), page selection outputs
-    L, K, NP, pages_per_split, HKV, NSEL,
+    L, K, NP, pages_per_split, HKV, NSEL, SINKS, RECENT,
     s_kb, s_kh, s_kp, s_kd,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
     PAGE: tl.constexpr, PPI: tl.constexpr, FULL_ROWS: tl.constexpr, CONTIG: tl.constexpr,
@@ -391,7 +391,7 @@ def _page_score_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
         if arrived == tl.num_programs(1) - 1:
-            _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, PAGE, NPP)
+            _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
             tl.store(CNTR + bh, 0)
 
 
@@ -400,21 +400,24 @@ def _page_select_kernel(
     PSC,  # (B*Hkv, NP) float32 page scores
     LIST,  # (B*Hkv, NSEL) int32 out: chosen pages, ascending (a partial last page, if chosen, is last)
     NFULL,  # (B*Hkv,) int32 out: how many chosen pages are full (the rest: the partial last page)
-    NP, NSEL, L,
+    NP, NSEL, L, SINKS, RECENT,
     PAGE: tl.constexpr, NPP: tl.constexpr,
 ):
     """Dims + top-T pages, pass 2: the NSEL best pages of one KV group (exact K-th value search, ties to the
     lower page; a 4-ary search keeps the (4, NPP) comparison in registers), written compactly by a scatter."""
-    _select_pages(PSC, LIST, NFULL, tl.program_id(0), NP, NSEL, L, PAGE, NPP)
+    _select_pages(PSC, LIST, NFULL, tl.program_id(0), NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
 
 
 @_jit
-def _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, PAGE: tl.constexpr, NPP: tl.constexpr):
+def _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE: tl.constexpr, NPP: tl.constexpr):
+    """The NSEL best pages; the first SINKS and the last RECENT pages rank first (forced: score +inf)."""
     offs_p = tl.arange(0, NPP)
     pmask = offs_p < NP
     sc = tl.load(PSC + bh * NP + offs_p, mask=pmask, other=float("-inf"), cache_modifier=".cg")
     bits = sc.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed int order
+    forced = (offs_p < SINKS) | (offs_p >= NP - RECENT)
+    key = tl.where(forced, 2147483647, key)
     key = tl.where(pmask, key, -2147483648).to(tl.int64)
     keep, pos = _top_mask(key, NSEL, 4, 16)
     tl.store(LIST + bh * NSEL + pos, offs_p, mask=keep)
@@ -785,11 +788,11 @@ def _v_rows(v: torch.Tensor, page: int) -> tuple[int, int, int]:
 
 def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, dims: int, page: int, length: int,
                        score_block: int = 256, num_warps: int = 4, num_stages: int = 3,
-                       waves: float = 4.0, fold: tuple[torch.Tensor, torch.Tensor, int] | None = None
+                       waves: float = 4.0, fold: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dim selection and pass 1 of page top-T (2 launches): ``(B*Hkv, NP)`` float32 page scores (unscaled
     approximate logits, max over the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries.
-    ``fold`` = (list, nfull, n_sel): the last program of each KV group also selects the pages (as
+    ``fold`` = (list, nfull, n_sel, sinks, recent): the last program of each KV group also selects the pages (as
     ``_page_select_kernel``), saving a launch."""
     _need_triton()
     batch, q_heads, dim = q.shape
@@ -810,13 +813,13 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     splits = -(-n_pages // per_split)
     pscores = torch.empty(bh, n_pages, device=q.device, dtype=torch.float32)
     if fold is not None:
-        chosen, nfull, n_sel = fold
+        chosen, nfull, n_sel, sinks, recent = fold
         counters = _counters(bh, q.device)
     else:
         chosen = nfull = counters = pscores
-        n_sel = 1
+        n_sel, sinks, recent = 1, 0, 0
     _page_score_kernel[(bh, splits)](
-        qsel, idx, kd, pscores, counters, chosen, nfull, length, dims, n_pages, per_split, groups, n_sel,
+        qsel, idx, kd, pscores, counters, chosen, nfull, length, dims, n_pages, per_split, groups, n_sel, sinks, recent,
         s_kb, s_kh, s_kp, s_kd,
         G=rep, GP=_gp(rep), KP=KP, PAGE=page, PPI=ppi, FULL_ROWS=dims == KP, CONTIG=contig,
         FOLD=fold is not None, NPP=max(16, _pow2(n_pages)), num_warps=num_warps, num_stages=num_stages,
@@ -827,13 +830,16 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
 def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, token_ratio: float,
                  scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
                  score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 2, waves: float = 4.0,
-                 attend_waves: float = 2.0, fold_select: bool = False) -> torch.Tensor:
+                 attend_waves: float = 2.0, fold_select: bool = False, sink_pages: int = 0,
+                 recent_pages: int = 0) -> torch.Tensor:
     """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine;
     4 with ``fold_select``: the scoring pass's last program per KV group selects the pages).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
-    ``v.shape[2]`` (token-major values) and must be given for paged values."""
+    ``v.shape[2]`` (token-major values) and must be given for paged values. ``sink_pages``/``recent_pages``:
+    the first and the last pages are always kept, on top of the ``pages_for`` best (as
+    ``paged.select_pages_forced``)."""
     _need_triton()
-    from .paged import pages_for
+    from .paged import n_forced, pages_for
 
     batch, q_heads, dim = q.shape
     groups = kd.shape[1]
@@ -846,17 +852,17 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     s_vb, s_vh, s_vl = _v_rows(v, page)
     dims = min(dims, dim)
     n_pages = -(-length // page)
-    n_sel = pages_for(token_ratio, length, page)
+    n_sel = min(n_pages, pages_for(token_ratio, length, page) + n_forced(n_pages, sink_pages, recent_pages))
     if n_pages > 16384:
         raise ValueError(f"{n_pages} pages is more than the page kernels hold (16384): use larger pages")
     bh = batch * groups
     chosen = torch.empty(bh, n_sel, device=q.device, dtype=torch.int32)
     nfull = torch.empty(bh, device=q.device, dtype=torch.int32)
     pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, waves,
-                                     (chosen, nfull, n_sel) if fold_select else None)
+                                     (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None)
     if not fold_select:
         npp = max(16, _pow2(n_pages))
-        _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, PAGE=page, NPP=npp,
+        _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, sink_pages, recent_pages, PAGE=page, NPP=npp,
                                    num_warps=8 if npp >= 1024 else 4)
     splits2 = max(1, min(n_sel, -(-int(attend_waves * _sms(q.device)) // bh)))
     per2 = -(-n_sel // splits2)
@@ -991,19 +997,21 @@ def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig
 
 
 def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
-                config: DecodeConfig) -> torch.Tensor:
+                config: DecodeConfig, scale: float | None = None, sink_pages: int = 0, recent_pages: int = 0) -> torch.Tensor:
     """One AQUA decode step with the fused kernels; same result as ``aqua_decode_reference`` (dims, token
     top-T) or ``paged.aqua_decode_pages_reference`` (page top-T).
 
     ``q`` ``(B, Hq, D)``; ``k``, ``v`` ``(B, Hkv, L, D)`` token-major (``k`` only read for token top-T; pass
     None otherwise); ``kd`` ``(B, Hkv, D, L)`` projected keys (``project_keys``), or paged for pages;
     ``proj`` ``(Hkv, D, D)`` float32 (orthogonal for pages: their exact pass computes ``(qP).(kP)``).
+    ``scale``: softmax scale (default ``D**-0.5``); ``sink_pages``/``recent_pages`` (pages only): the first and
+    last pages are always kept, on top of the best ``pages_for`` pages.
     Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 5 (dim selection,
     page scores, page selection, exact pass, combine; 4 with ``fold_select``); token top-T 4 (selection,
     scoring, exact pass, combine).
     """
     dim = q.shape[-1]
-    scale = dim ** -0.5
+    scale = dim ** -0.5 if scale is None else scale
     fused = config.fused_select and fused_selection_supported(q, proj, config.gqa)
     if config.token_ratio is not None and config.granularity == "pages":
         if not fused:
@@ -1012,7 +1020,7 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
                             score_block=config.score_block, score_warps=config.score_warps,
                             score_stages=config.score_stages, attend_warps=config.attend_warps,
                             attend_stages=config.attend_stages, waves=config.waves, attend_waves=config.attend_waves,
-                            fold_select=config.fold_select)
+                            fold_select=config.fold_select, sink_pages=sink_pages, recent_pages=recent_pages)
     if config.token_ratio is None and fused and config.prologue:
         return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages,
                                  config.waves)
