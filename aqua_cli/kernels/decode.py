@@ -1,21 +1,47 @@
 """Fused AQUA decode kernels (Triton): kernels first, then launchers, then the API.
 
 Decode attention reads the whole KV cache once per step, so it is bound by memory traffic. The only way
-AQUA pays is to *read fewer bytes*, so the keys live a second time in the projected basis,
-dimension-major (``kd`` ``(B, Hkv, D, L)``): a selected dimension is one contiguous row, and reading ``k``
-of ``D`` dims reads ``k/D`` of the key bytes, fully coalesced.
+AQUA pays is to *read fewer bytes*.
 
+Cache layout the kernels read (what the projected KV cache should store)
+-----------------------------------------------------------------------
+* **Keys: stored once, already projected** (``kP``, ``P`` the layer's orthogonal ``(D, D)`` projection per KV
+  head), **dimension-major within a page**. Token ``t = p * PAGE + j`` of projected dim ``d`` sits at
+  ``base(b, h) + p * s_kp + d * s_kd + j`` (``kd_layout``). Two concrete layouts satisfy this:
+
+  - contiguous rows ``(B, Hkv, D, L)`` (``reference.project_keys``): ``s_kp = PAGE``, ``s_kd = L`` (capacity);
+  - paged ``(B, Hkv, NP, D, PAGE)``: ``s_kp = D * PAGE``, ``s_kd = PAGE`` -- a page is one contiguous
+    ``D x PAGE`` block, so appending a token touches one page and the cache can grow page by page.
+
+  A selected dimension is a contiguous run of ``PAGE`` (or ``L``) values: reading ``k`` of ``D`` dims reads
+  ``k / D`` of the key bytes, coalesced. A chosen page is ``D`` runs of ``PAGE`` tokens: the exact top-T pass
+  reads the *same* projected keys (``q.k = (qP).(kP)`` for orthogonal ``P``), so no token-major copy of the
+  keys is kept.
+* **Values: token-major** ``(B, Hkv, L, D)``, or paged ``(B, Hkv, NP, PAGE, D)`` with a head's pages adjacent.
+* Only the token top-T path (``granularity="tokens"``) still reads a token-major ``k`` (gathering single
+  tokens from dimension-major rows would read a 32-byte sector per 2-byte value).
+
+Kernels
+-------
+* ``_select_dims_kernel`` (``_group_select``): per KV group, ``qP`` on the tensor cores (``P`` split in three
+  bf16 terms: float32 accuracy), score ``sum_g |qP|``, the exact top ``k`` (search of the k-th value, ties to
+  the lower index, no sort), compaction by a one-hot product. One program per (batch, KV head).
 * ``_dims_split_kernel``: AQUA dims only. One program per (batch, KV head, split of the sequence), all
   ``G`` query heads of the group at once (GQA-packed, rows padded to 16 for ``tl.dot``): logits over the
   selected rows of ``kd``, online softmax, times ``v``; partial results per split (flash-decoding).
-* ``_score_select_kernel``: dims + top-T, step 1. One program per block of ``BLOCK_C`` tokens: logits over
-  the selected dims, max over the group's heads, a threshold found by bisection for the block's share
-  of tokens, and the chosen token ids written compactly. No global sort, no scores in memory.
-* ``_tokens_split_kernel``: step 2. Exact attention (full ``q``, token-major ``k``, ``v``) over the chosen
-  token ids; partials per split.
+  ``_dims_fused_kernel`` is the same with the selection in its prologue (measured no faster).
+* Page top-T (Quest-style granularity, ``paged.py`` is the reference): ``_page_score_kernel`` (approximate
+  logits of whole pages on the selected dims, one max per page; only ``NP`` floats leave it),
+  ``_page_select_kernel`` (the best pages per KV group, plus sink/recent pages; or folded into the scoring
+  pass with ``fold_select``), ``_page_attend_kernel`` (exact attention over the chosen pages of ``kd`` and
+  ``v``; partials per split).
+* Token top-T: ``_score_select_kernel`` (per block of ``BLOCK_C`` tokens a threshold by bisection for the
+  block's share) and ``_tokens_split_kernel`` (exact attention over token-major ``k``, ``v``).
 * ``_combine_kernel``: merges the splits' partial softmax sums.
 
-Importing this module needs Triton (and the kernels a CUDA GPU); :mod:`aqua_cli.kernels` imports it lazily.
+Launches per step: dims 3, pages 5, tokens 4; no host synchronisation (CUDA-graph capturable).
+Importing this module does not need Triton (the glue runs anywhere); launching a kernel does, and a CUDA GPU
+(or ``TRITON_INTERPRET=1`` on the CPU, where dots run in float32).
 """
 
 from __future__ import annotations
