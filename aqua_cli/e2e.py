@@ -7,8 +7,8 @@ same kind of cache (preallocated, written in place, read as views: no concatenat
 ``seq`` random tokens (the values do not change the work, and no prefill is timed), and times ``steps``
 single-token decode steps through ``model(...)``:
 
-* ``dense``: :class:`StaticKVCache` and transformers' SDPA, pinned to one backend (flash on CUDA: cuDNN
-  re-plans for every new key length);
+* ``dense``: :class:`StaticKVCache` and transformers' SDPA, pinned to the flash and memory-efficient
+  backends on CUDA (cuDNN re-plans for every new key length);
 * ``aqua-dims`` / ``aqua-topt``: :class:`aqua_cli.methods.AquaDecode` and its projected KV cache, whose
   decode steps run the fused kernels on CUDA (dims only, or dims + top-T pages).
 
@@ -205,7 +205,7 @@ def _sdpa_context(device: torch.device) -> Callable[[], Any]:
         return contextlib.nullcontext
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    return lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
 
 def fits(config: Any, batch: int, seq: int, elem: int, device: torch.device) -> bool:
@@ -266,6 +266,9 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
                         torch.cuda.reset_peak_memory_stats(device)
                     _fill(cache, shape["num_layers"], batch, shape["num_kv_heads"], shape["head_dim"], seq, dtype, device, gen)
                     step = time_decode(model, cache, batch, seq, config.steps, config.warmup, device, _sdpa_context(device))
+                    calls = {"kernel": 0, "reference": 0}
+                    for hook in method.hooks if method else []:
+                        calls = {n: calls[n] + hook.calls[n] for n in calls}
                     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                     held = cache_bytes(cache)["total"]
                 finally:
@@ -277,13 +280,14 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
                 row = {"batch": batch, "seq": seq, "impl": impl, "k": k,
                        "tokens": None if ratio is None else max(1, round(ratio * seq)), "token_ratio": ratio,
                        "tokens_per_s": rate, "step_ms": step * 1e3, "speedup_vs_dense": rate / dense_rate,
-                       "kv_cache_bytes": held, "peak_memory_bytes": peak}
+                       "kv_cache_bytes": held, "peak_memory_bytes": peak,
+                       "kernel_share": None if method is None else calls["kernel"] / max(1, sum(calls.values()))}
                 rows.append(row)
                 if on_row:
                     on_row(row)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "model": getattr(model_config, "_name_or_path", None) or config.model, "shape": shape,
-            "dtype": str(dtype), "sdpa_backend": "flash" if device.type == "cuda" else "default",
+            "dtype": str(dtype), "sdpa_backend": "flash or efficient (pinned)" if device.type == "cuda" else "default",
             "cuda_graphs": False, "steps": config.steps, "warmup": config.warmup, "hybrid": config.hybrid,
             "page": config.page, "kv_dims": config.kv_dims}
     return rows, info

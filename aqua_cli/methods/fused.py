@@ -211,6 +211,7 @@ class DecodeHook(ProjectionHook):
     hybrid: bool = True
     prefill: str = "dense"
     query_chunk: int = 512  # queries per score block in the PyTorch path: bounds memory at long prefill
+    calls: dict[str, int] = field(default_factory=lambda: {"kernel": 0, "reference": 0, "prefill": 0}, repr=False)
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -221,12 +222,15 @@ class DecodeHook(ProjectionHook):
             return super().attend(module, query, key, value, attention_mask, **kwargs)  # no projected cache: Aqua
         fresh, layer.fresh = layer.fresh, None
         if fresh is not None and self.prefill == "dense":  # prefill into an empty cache: exact, on the fresh keys
+            self.calls["prefill"] += 1
             return sdpa_attention_forward(module, query, fresh[0], fresh[1], attention_mask, **kwargs)
         scale = kwargs.get("scaling")
         if scale is None:
             scale = getattr(module, "scaling", query.shape[-1] ** -0.5)
         if self._kernel_ready(query, key, attention_mask):
+            self.calls["kernel"] += 1
             return self._kernel(query, key, value, scale), None
+        self.calls["reference"] += 1
         return self._reference(query, key, value, attention_mask, scale), None
 
     # -- the fused kernels ------------------------------------------------------------------------------
@@ -235,11 +239,9 @@ class DecodeHook(ProjectionHook):
             return False
         if isinstance(self.k, torch.Tensor) or key.shape[2] != query.shape[-1] or query.dtype != torch.bfloat16:
             return False  # per-group budgets and truncated keys (m < D) run the reference
-        if mask is not None and not bool(_visible(mask, query.shape[0], 1, key.shape[-1], query.device).all()):
-            return False  # a padded batch: the kernels see every cached token
-        from ..kernels import triton_available
-
-        return triton_available()
+        if mask is not None:
+            return False  # transformers passes no mask to a decode step without padding; with one, the reference
+        return _triton_ready()
 
     def _kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         from ..kernels.decode import DecodeConfig, aqua_decode
@@ -297,6 +299,18 @@ class DecodeHook(ProjectionHook):
             exact = (qp @ kd) * scale
             probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
         return probs.nan_to_num(0.0) @ v  # a fully masked row (left padding) gives zeros, not NaN
+
+
+_TRITON: list[bool] = []
+
+
+def _triton_ready() -> bool:
+    """Whether the fused kernels can run here (asked once per process)."""
+    if not _TRITON:
+        from ..kernels import triton_available
+
+        _TRITON.append(triton_available())
+    return _TRITON[0]
 
 
 def _select(qp: torch.Tensor, budget: Any, m: int, mode: str) -> torch.Tensor:
