@@ -19,6 +19,7 @@ costs at batch 1).
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -133,7 +134,7 @@ class E2EConfig:
     device: str = "cuda"
     dtype: str = "bfloat16"
     steps: int = 16
-    warmup: int = 4
+    warmup: int = 16  # Triton specialises integer arguments: the first steps at a new length may compile
     hybrid: bool = True
     seed: int = 0
 
@@ -161,17 +162,17 @@ def build_model(config: Any, device: torch.device, dtype: torch.dtype) -> torch.
 
 def _fill(cache: Any, num_layers: int, batch: int, kv_heads: int, head_dim: int, seq: int, dtype: torch.dtype,
           device: torch.device, gen: torch.Generator) -> None:
-    """Write ``seq`` random tokens into every layer, as a prefill would (keys projected once, for AQUA)."""
-    for layer in range(num_layers):
+    """Write ``seq`` random tokens into every layer, as a prefill would (keys projected once, for AQUA), and
+    drop what the prefill's attention would have consumed layer by layer (AQUA's fresh keys and values)."""
+    for index in range(num_layers):
         k = torch.randn(batch, kv_heads, seq, head_dim, device=device, dtype=dtype, generator=gen)
-        cache.update(k, torch.randn_like(k), layer)
-        del k
-    for layer in cache.layers:
-        state = getattr(layer, "state", None)
-        if state is not None:
-            state.pending = None
+        cache.update(k, torch.randn_like(k), index)
+        layer = cache.layers[index]
+        if getattr(layer, "state", None) is not None:
+            layer.state.pending = None
         if hasattr(layer, "fresh"):
             layer.fresh = None
+        del k
 
 
 def _sync(device: torch.device) -> None:
@@ -260,17 +261,23 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
                     method = AquaDecode(art, k=k, token_ratio=ratio, kv_dims=config.kv_dims, page=config.page,
                                         max_tokens=capacity, hybrid=config.hybrid)(model)
                 try:
-                    cache = method.new_cache() if method else StaticKVCache(shape["num_layers"], capacity)
+                    gc.collect()  # the previous path's cache (a layer and its state refer to each other)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
+                    cache = method.new_cache() if method else StaticKVCache(shape["num_layers"], capacity)
                     _fill(cache, shape["num_layers"], batch, shape["num_kv_heads"], shape["head_dim"], seq, dtype, device, gen)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)  # peak of the decode steps, not of the fill
                     step = time_decode(model, cache, batch, seq, config.steps, config.warmup, device, _sdpa_context(device))
                     calls = {"kernel": 0, "reference": 0}
                     for hook in method.hooks if method else []:
                         calls = {n: calls[n] + hook.calls[n] for n in calls}
                     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                     held = cache_bytes(cache)["total"]
+                except torch.cuda.OutOfMemoryError:
+                    rows.append({"batch": batch, "seq": seq, "impl": impl, "k": k, "token_ratio": ratio, "error": "out of memory"})
+                    continue
                 finally:
                     if method is not None:
                         method.remove()
@@ -301,7 +308,7 @@ def plot_rows(rows: list[dict[str, Any]], path: Any, title: str) -> Any:
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     for (impl, k, ratio, batch) in dict.fromkeys((r["impl"], r["k"], r["token_ratio"], r["batch"]) for r in rows if r["impl"] != "dense"):
         pts = sorted((r["seq"], r["speedup_vs_dense"]) for r in rows
-                     if (r["impl"], r["k"], r["token_ratio"], r["batch"]) == (impl, k, ratio, batch))
+                     if (r["impl"], r["k"], r["token_ratio"], r["batch"]) == (impl, k, ratio, batch) and "error" not in r)
         label = f"{impl} k={k:g}" + (f" T=L/{round(1 / ratio)}" if ratio else "") + f", batch {batch}"
         ax.plot(*zip(*pts), marker="o", label=label)
     ax.axhline(1.0, color="black", lw=1, ls="--")

@@ -119,6 +119,9 @@ def _e2e(seqs, batches, ks, ratios, kv_dims, model, layers, device, dtype, steps
     for col in ("batch", "seq", "impl", "k", "T", "tokens/s", "x dense", "KV GiB", "peak GiB"):
         table.add_column(col, justify="left" if col == "impl" else "right")
     for r in rows:
+        if r.get("error"):
+            table.add_row(str(r["batch"]), str(r["seq"]), r["impl"], "-", "-", r["error"], "", "", "")
+            continue
         table.add_row(str(r["batch"]), str(r["seq"]), r["impl"], "-" if r["k"] is None else f"{r['k']:g}",
                       "-" if r["tokens"] is None else str(r["tokens"]), f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_dense']:.2f}",
                       f"{r['kv_cache_bytes'] / 2**30:.2f}", "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}")
