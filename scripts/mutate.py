@@ -27,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SELECTION = ["tests/test_bruteforce.py", "tests/test_attention.py", "tests/test_kv.py"]
+# the brute-force tests first (fast, and most mutants die there), then the slower model-level files
+SELECTION = ["tests/test_bruteforce.py", "tests/test_kv.py", "tests/test_attention.py"]
 REFERENCE = ["tests/test_bruteforce.py", "tests/test_kernels.py", "tests/test_kernel_glue.py"]
 CALIBRATION = ["tests/test_bruteforce.py", "tests/test_calibration.py"]
 CACHE = ["tests/test_bruteforce.py", "tests/test_kv.py", "tests/test_padded.py"]
@@ -135,7 +136,7 @@ def run_tests(where: Path, tests: list[str], timeout: int) -> tuple[int, float, 
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
            "-W", "ignore::FutureWarning", *[t for t in tests if (where / t).exists()]]
     try:
-        proc = subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True, timeout=timeout)  # kills it on timeout
     except subprocess.TimeoutExpired:
         return -1, time.perf_counter() - started, "timeout"
     lines = [l for l in proc.stdout.splitlines() if l.startswith("FAILED") or l.startswith("ERROR")]
@@ -183,7 +184,7 @@ def main() -> int:
             result = "survived" if code == 0 else "killed" if code in (1, 2) else f"timeout/exit {code}"
             survived += code == 0
             short = last.replace("|", "/")[:110] if code != 0 else ""
-            print(f"| {m.id} | {m.file.removeprefix('aqua_cli/')} | {m.what} | {result} | {seconds:.0f} | {short} |", flush=True)
+            print(f"| {m.id} | {m.file.removeprefix('aqua_cli/')} | {m.what.replace('|', '&#124;')} | {result} | {seconds:.0f} | {short} |", flush=True)
         print(f"\n{len(chosen) - survived} killed, {survived} survived of {len(chosen)}")
     return 0
 

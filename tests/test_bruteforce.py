@@ -168,7 +168,8 @@ class HandAqua(AttentionHook):
                     qp = query[b, h, t] @ self.proj[g]
                     keep = list(range(self.k)) if self.mode == "static" else top_by_hand(qp.abs().tolist(), self.k)
                     q[b, h, t, keep] = qp[keep]
-        return q, key @ self.proj
+        kp = key @ self.proj  # (B, Hkv, L, m): m < D when restricted to the first m projected dims
+        return q, torch.nn.functional.pad(kp, (0, dim - kp.shape[-1]))
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
@@ -274,3 +275,93 @@ def test_cached_decode_equals_full_prefill_at_small_k(full, index):
     with torch.no_grad():
         dense = model(x).logits
     assert rel_err(full_logits, dense) > 1e-4
+
+
+# -- added for the mutants that survived the first run (docs/testing.md) --------------------------------
+class HandAquaKV(HandAqua):
+    """HandAqua restricted to the first m projected dims (what the projected key cache keeps)."""
+
+    def __init__(self, proj, k, mode, m):
+        super().__init__(proj[..., :m], k, mode)
+
+
+def test_projected_cache_with_dynamic_aqua_equals_hand_written(full):
+    """AquaKV at k < m < d, with its rank-m cache: dynamic selection among the first m dims by hand,
+    over the full-precision keys of an ordinary cache (q·k_rec = (qP)[:m]·(kP)[:m])."""
+    _, model, art = full
+    d = art.head_dim
+    k, m = d // 4, d // 2
+    x = token_ids(2, 12, seed=8)
+    with torch.no_grad():
+        with AquaKV(art, k=k, mode="dynamic", kv_dims=m)(model) as method:
+            got = model(x, past_key_values=method.new_cache(), use_cache=True).logits
+        with HookedModel(model, [HandAquaKV(p, k, "dynamic", m) for p in art.projections]):
+            want = model(x).logits
+        with HookedModel(model, [HandAqua(p, k, "dynamic") for p in art.projections]):
+            unrestricted = model(x).logits
+    assert rel_err(got, want) <= 1e-4
+    assert rel_err(got, unrestricted) > 1e-3  # the restriction to m dims matters here
+
+
+def test_approx_logits_ignore_slots_past_count():
+    """The kernels' contract: entries of idx/qsel past ``count`` are padding and never contribute."""
+    gen = torch.Generator().manual_seed(4)
+    kd = torch.randn(1, 2, 8, 9, generator=gen)  # (B, Hkv, D, L)
+    qsel = torch.randn(1, 2, 3, 5, generator=gen)  # (B, Hkv, G, KP)
+    idx = torch.tensor([[[1, 4, 6, 0, 2], [0, 3, 5, 7, 7]]], dtype=torch.int32)
+    count = torch.tensor([[3, 2]], dtype=torch.int32)
+    got = reference.approx_logits(qsel, idx, count, kd)
+    for g in range(2):
+        n = int(count[0, g])
+        for h in range(3):
+            want = sum(float(qsel[0, g, h, s]) * kd[0, g, int(idx[0, g, s])] for s in range(n))
+            assert torch.allclose(got[0, g, h], want, atol=1e-5)
+
+
+def test_decode_reference_top_tokens_by_hand():
+    """Dims + top-T: a token's score is the MAX over the group's heads of the selected-dims logits; each
+    block of ``select_block`` keys keeps ceil(n * ceil(ratio * block) / block) of its n tokens; exact
+    attention (full q, k) over those."""
+    gen = torch.Generator().manual_seed(6)
+    length, dim, block, ratio = 20, 8, 8, 0.25
+    q, k, v = torch.randn(1, 4, dim, generator=gen), torch.randn(1, 2, length, dim, generator=gen), torch.randn(1, 2, length, dim, generator=gen)
+    proj = orthogonal(2, dim, 2)
+    out = reference.aqua_decode_reference(q, k, v, reference.project_keys(k, proj), proj, 3, "group", ratio, block)
+    for g in range(2):
+        qp = [q[0, 2 * g + r] @ proj[g] for r in range(2)]
+        keep_dims = top_by_hand([sum(abs(float(x[d])) for x in qp) for d in range(dim)], 3)
+        kp = k[0, g] @ proj[g]
+        approx = [[float(qp[r][keep_dims] @ kp[t, keep_dims]) / math.sqrt(dim) for t in range(length)] for r in range(2)]
+        score = [max(approx[0][t], approx[1][t]) for t in range(length)]
+        kept = []
+        for start in range(0, length, block):
+            n = min(block, length - start)
+            take = math.ceil(n * math.ceil(ratio * block) / block)
+            kept += [start + i for i in top_by_hand(score[start : start + n], take)]
+        for r in range(2):
+            logits = (q[0, 2 * g + r] @ k[0, g, kept].T) / math.sqrt(dim)
+            assert torch.allclose(out[0, 2 * g + r], logits.softmax(-1) @ v[0, g, kept], atol=1e-5)
+
+
+@pytest.mark.parametrize("token_ratio", [None, 0.25])
+def test_top_tokens_hook_decode_step_equals_the_kernels_reference(token_ratio):
+    """One decode step of TopTokensHook (the quality path) equals aqua_decode_reference (what the fused
+    kernels implement), dims only and dims + top-T."""
+    from aqua_cli.methods import TopTokensHook
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(2, 6, 16, generator=gen), torch.randn(2, 3, 40, 16, generator=gen), torch.randn(2, 3, 40, 16, generator=gen)
+    proj = orthogonal(3, 16, 5)
+    hook = TopTokensHook(proj, 5, token_ratio, select_block=16)
+    got, _ = hook.attend(torch.nn.Module(), q[:, :, None], k, v, None, scaling=16 ** -0.5)
+    want = reference.aqua_decode_reference(q, k, v, reference.project_keys(k, proj), proj, 5, "group", token_ratio, 16)
+    assert torch.allclose(got[:, 0], want, atol=1e-5)
+
+
+def test_gram_is_accumulated_in_float64():
+    """float32 products would lose the low bits of these sums (1 + 2^-20 squared); float64 keeps them."""
+    x = torch.full((1, 1, 64, 2), 1 + 2**-20)
+    acc = GramAccumulator(1, 1, 2)
+    acc.add(0, x, x)
+    exact = 128 * (1 + 2**-20) ** 2
+    assert float(acc.grams[0][0, 0, 0]) == exact
