@@ -5,13 +5,17 @@ the selecting paths; a fully masked query row, the padding itself, must not turn
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
 from tiny_models import rel_err, token_ids
 from transformers import DynamicCache
 
 from aqua_cli.errors import ConfigError
-from aqua_cli.methods import H2O, Aqua, AquaKV, Dense, TopTokens, default_methods
+from aqua_cli.kernels.paged import TopPagesHook
+from aqua_cli.methods import H2O, Aqua, AquaKV, Dense, Method, TopTokens, default_methods
 
 LENGTHS = (9, 14)  # row 0 is left-padded by 5
 STEPS = 4  # cached decode steps after the prompt
@@ -67,8 +71,8 @@ def run(model, method, rows: list[torch.Tensor], new_tokens: torch.Tensor) -> li
     return [every[i, longest - len(r):] for i, r in enumerate(rows)]
 
 
-def check_rows_equal_alone(model, method) -> list[torch.Tensor]:
-    rows = [token_ids(1, n, seed=10 + n)[0] for n in LENGTHS]
+def check_rows_equal_alone(model, method, lengths=LENGTHS) -> list[torch.Tensor]:
+    rows = [token_ids(1, n, seed=10 + n)[0] for n in lengths]
     new_tokens = token_ids(len(rows), STEPS, seed=3)
     with method(model):
         batched = run(model, method, rows, new_tokens)
@@ -127,3 +131,55 @@ def test_h2o_cache_refuses_padded_batches_even_without_eviction(full):
     mask[0, :3] = 0
     with H2O(4096, artifact=art, k=0.5)(model) as h2o, pytest.raises(ConfigError, match="padded"), torch.no_grad():
         model(x, attention_mask=mask, past_key_values=h2o.new_cache(), use_cache=True)
+
+
+@dataclass
+class TopPages(Method):
+    """TopPagesHook (page top-T, the quality twin of the page kernels) as a method, for these tests."""
+
+    artifact: Any = None
+    dims: int = 8
+    token_ratio: float = 0.5
+    page: int = 16
+
+    name = "aqua-pages"
+
+    def layer_hooks(self, model):
+        return [TopPagesHook(p, self.dims, self.token_ratio, page=self.page) for p in self.artifact.projections]
+
+
+def test_top_pages_padding_gives_finite_logits(full):
+    """The same NaN as TopTokensHook's, in the page hook: a padding query row is fully masked."""
+    _, model, art = full
+    x = token_ids(2, 40)
+    mask = torch.ones_like(x)
+    mask[0, :7] = 0
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with TopPages(art, art.head_dim // 2, 0.5, 16)(model), torch.no_grad():
+        logits = model(x, attention_mask=mask, position_ids=positions).logits
+    assert torch.isfinite(logits).all()
+
+
+PREFIX_GAP = pytest.mark.xfail(strict=True, reason=(
+    "known gap (docs/testing.md): TopTokensHook counts a block's visible keys as if the visible keys were a prefix "
+    "(_keep_causal passes their number to select_tokens), so under left padding the padding's blocks take the "
+    "share of the real ones"))
+ALIGN_GAP = pytest.mark.xfail(strict=True, reason=(
+    "known gap (docs/testing.md): blocks and pages are cut from the first cache slot, so left padding that is not a "
+    "whole number of blocks cuts them at other tokens than in the row alone"))
+
+
+@pytest.mark.parametrize("which,lengths", [
+    pytest.param("pages", (24, 40), id="pages-whole-block-padding"),
+    pytest.param("tokens", (24, 40), id="tokens-whole-block-padding", marks=PREFIX_GAP),
+    pytest.param("pages", (29, 40), id="pages-partial-block-padding", marks=ALIGN_GAP),
+    pytest.param("tokens", (29, 40), id="tokens-partial-block-padding", marks=PREFIX_GAP),
+])
+def test_block_selection_padded_rows_equal_alone(full, which, lengths):
+    """Top-T over several blocks (16 keys each) in a left-padded batch: each row as alone. Pages do when
+    the padding is a whole number of pages; the xfails are the known gaps (strict: they fail the day the
+    gap closes, to be turned into plain tests)."""
+    _, model, art = full
+    method = (TopTokens(art, k=0.5, token_ratio=0.25, select_block=16) if which == "tokens"
+              else TopPages(art, art.head_dim // 2, 0.25, 16))
+    check_rows_equal_alone(model, method, lengths=lengths)
