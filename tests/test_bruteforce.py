@@ -365,3 +365,18 @@ def test_gram_is_accumulated_in_float64():
     acc.add(0, x, x)
     exact = 128 * (1 + 2**-20) ** 2
     assert float(acc.grams[0][0, 0, 0]) == exact
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_per_group_budgets_above_kv_dims_are_clamped(mode):
+    """Per-group budgets [2, 8] with the projected cache's m = 4 of d = 8: group 1 keeps its 4 dims
+    (the budget is clamped to m), group 0 keeps 2 of the first 4, by hand."""
+    proj = orthogonal(2, 8, 7)
+    gen = torch.Generator().manual_seed(1)
+    query, key = torch.randn(1, 4, 3, 8, generator=gen), torch.randn(1, 2, 5, 8, generator=gen)
+    hook = ProjectionHook(proj, torch.tensor([2, 8]), mode, kv_dims=4)
+    q2, k2 = hook.rewrite(torch.nn.Module(), query, key)
+    scores = q2 @ k2.repeat_interleave(2, dim=1).transpose(-1, -2)
+    want = torch.cat([hand_scores(query[:, :2], key[:, :1], proj[:1, :, :4], 2, mode),
+                      hand_scores(query[:, 2:], key[:, 1:], proj[1:, :, :4], 4, mode)], dim=1)
+    assert torch.allclose(scores, want, atol=1e-5)
