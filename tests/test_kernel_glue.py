@@ -1,8 +1,15 @@
 """The fused kernels' pure-Python glue on the CPU, without Triton: the padded selection layout the kernels
 read, the choice between in-kernel and PyTorch selection, launch geometry, layouts and byte counts.
-(test_suite.py runs this file again with ``triton`` made unimportable.)"""
+(test_suite.py runs this file again with ``triton`` made unimportable.) Last, where triton is installed,
+the kernel paths that test_kernels.py's interpreter test does not reach, under the interpreter."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +137,37 @@ def test_launchers_without_triton_say_what_to_install(monkeypatch):
     q, proj = qp_and_q(dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="pip install triton"):
         decode.launch_select_dims(q, proj, 8)
+
+
+# -- the kernel paths test_kernels.py's interpreter test does not reach, under TRITON_INTERPRET=1 -----------
+INTERP_PATHS = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_kernels import inputs, rel
+from aqua_cli.kernels import decode as dk
+from aqua_cli.kernels.reference import aqua_decode_reference
+for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
+    q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L)
+    dims = 3 * D // 8 + 1  # odd: padded slots in the selection
+    for gqa in ("group", "head"):  # dims kernel over the PyTorch selection (pad_selection), per group and per head
+        ref = aqua_decode_reference(q, k, v, kd, proj, dims, gqa)
+        out = dk.aqua_decode(q, k, v, kd, proj, dk.DecodeConfig(dims, gqa, fused_select=False, block_n=32))
+        assert rel(out, ref) < 3e-2, (gqa, rel(out, ref))
+    # token top-T: score + select kernel, exact pass over the chosen tokens, combine
+    ref = aqua_decode_reference(q, k, v, kd, proj, dims, "group", 1 / 4, 32)
+    out = dk.aqua_decode(q, k, v, kd, proj, dk.DecodeConfig(dims, token_ratio=1 / 4, select_block=32, tokens_block_n=16))
+    assert rel(out, ref) < 3e-2, ("topt", rel(out, ref))
+print("INTERPRETER OK")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package (no GPU)")
+def test_unfused_and_token_kernels_under_triton_interpreter():
+    """The dims kernel over the PyTorch selection (group and head) and the token top-T kernels, on the
+    CPU through Triton's interpreter, against the reference (same bound as test_kernels.py's: under the
+    interpreter dots run in float32 and casts to bf16 truncate)."""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", INTERP_PATHS.format(tests=tests)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "INTERPRETER OK" in proc.stdout, proc.stderr[-3000:]
