@@ -323,7 +323,7 @@ def test_decode_reference_top_tokens_by_hand():
     block of ``select_block`` keys keeps ceil(n * ceil(ratio * block) / block) of its n tokens; exact
     attention (full q, k) over those."""
     gen = torch.Generator().manual_seed(6)
-    length, dim, block, ratio = 20, 8, 8, 0.25
+    length, dim, block, ratio = 21, 8, 8, 0.25  # the last block holds 5 keys: keeps ceil(5 * 2 / 8) = 2
     q, k, v = torch.randn(1, 4, dim, generator=gen), torch.randn(1, 2, length, dim, generator=gen), torch.randn(1, 2, length, dim, generator=gen)
     proj = orthogonal(2, dim, 2)
     out = reference.aqua_decode_reference(q, k, v, reference.project_keys(k, proj), proj, 3, "group", ratio, block)
@@ -380,3 +380,14 @@ def test_per_group_budgets_above_kv_dims_are_clamped(mode):
     want = torch.cat([hand_scores(query[:, :2], key[:, :1], proj[:1, :, :4], 2, mode),
                       hand_scores(query[:, 2:], key[:, 1:], proj[1:, :, :4], 4, mode)], dim=1)
     assert torch.allclose(scores, want, atol=1e-5)
+
+
+def test_tokens_in_block_rounds_up():
+    """A block of n visible keys keeps ceil(n * block_keep / block): at least one as soon as n >= 1
+    (a query that sees one key must keep it), the same in the int and the tensor forms."""
+    block, keep = 16, reference.block_keep_for(0.25, 16)
+    assert keep == 4
+    want = [math.ceil(n * keep / block) for n in range(block + 1)]
+    assert [reference.tokens_in_block(n, keep, block) for n in range(block + 1)] == want
+    assert reference.tokens_in_block(torch.arange(block + 1), keep, block).tolist() == want
+    assert want[1] == 1 and want[5] == 2 and want[16] == 4
