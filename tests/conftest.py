@@ -13,7 +13,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import ARCHS, FULL_ATTENTION, VOCAB, tiny_model  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the network
+# No test may reach the network, whatever the environment exported (HF_HUB_OFFLINE=0 included). The
+# Hub reads the variable once, at import, into huggingface_hub.constants (is_offline_mode() returns that
+# constant), datasets into datasets.config: set the variables for this process and its subprocesses,
+# and the constants in case a plugin imported those packages first. (test_hub.py switches it off
+# itself, per test, against its local fake Hub.)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+if "huggingface_hub.constants" in sys.modules:
+    sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+if "datasets.config" in sys.modules:
+    sys.modules["datasets.config"].HF_HUB_OFFLINE = True
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -92,9 +92,12 @@ def test_small_k_changes_logits_and_dense_mode_does_not(tiny, mode):
     assert rel_err(dense, ref) <= 1e-6
 
 
-def test_dynamic_beats_random_basis_at_half_k(tiny):
-    """The calibrated basis must carry information: its dynamic AQUA is closer to dense than the same
-    selection in a random orthogonal basis."""
+def test_static_calibrated_basis_beats_random_basis_at_half_k(tiny):
+    """The calibrated basis must carry information: static AQUA in it (the first half of the dims, by
+    calibration energy) is closer to dense than the same selection in a random orthogonal basis. (This
+    test was named for dynamic while it ran static; dynamic is not asserted here because, on these
+    random-weight models, dynamic selection in a random basis is about as good on several families.
+    Dynamic beating static is checked on SmolLM2 in test_evaluate.py.)"""
     arch, model, artifact = tiny
     from copy import deepcopy
 

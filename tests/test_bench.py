@@ -58,12 +58,27 @@ def test_bench_cpu_end_to_end(capsys, tmp_path):
                          "--repeats", "2", "--select-block", "16", "--json", str(target), "--plot", str(plot))
     assert code == 0, err
     data = json.loads(target.read_text())
-    impls = {r["impl"] for r in data["rows"]}
-    assert {"dense", "reference", "reference-topt-1/4"} <= impls
-    for row in data["rows"]:
-        assert {"seq", "batch", "phase", "impl", "k", "latency_us", "speedup_vs_dense"} <= row.keys()
-        assert row["latency_us"] > 0
-    assert plot.stat().st_size > 0 and "reference" in out
+    rows = data["rows"]
+    shape = PRESETS["smollm2-135m"]
+    elem = 2 if data["config"]["dtype"] in ("bfloat16", "float16") else 4  # CPU default: float32
+    assert {r["seq"] for r in rows} == {16, 48}
+    for seq in (16, 48):
+        here = {r["impl"]: r for r in rows if r["seq"] == seq}
+        assert {"dense", "reference", "reference-topt-1/4"} <= here.keys()
+        assert sum(r["impl"] == "dense" for r in rows if r["seq"] == seq) == 1  # timed once per length
+        dense = here["dense"]
+        assert (dense["k"], dense["dims"], dense["speedup_vs_dense"]) == (1.0, shape.head_dim, 1.0)
+        for name, ratio in (("reference", None), ("reference-topt-1/4", 0.25)):
+            row = here[name]
+            assert row["phase"] == "decode" and row["batch"] == 1 and row["k"] == 0.5 and row["token_ratio"] == ratio
+            assert row["dims"] == shape.head_dim // 2
+            assert row["latency_us"] > 0 and dense["latency_us"] > 0
+            # the speedup is the ratio of the two measured latencies, and the byte model is the cost model's
+            assert row["speedup_vs_dense"] == pytest.approx(dense["latency_us"] / row["latency_us"], rel=1e-3)
+            model = cost_model(shape, 1, seq, "decode", row["dims"], ratio, elem)
+            assert row["model_bytes"] == model["aqua_bytes"] and dense["model_bytes"] == model["dense_bytes"]
+            assert row["byte_bound_speedup"] == pytest.approx(model["byte_bound_speedup"], rel=1e-3)
+    assert plot.read_bytes()[:4] == b"\x89PNG" and "reference" in out
 
 
 def test_bench_prefill_cpu(capsys, tmp_path):

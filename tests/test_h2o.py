@@ -12,7 +12,7 @@ from aqua_cli.cost import cache_bytes
 from aqua_cli.errors import AquaError, ConfigError
 from aqua_cli.budgets import parse_budget
 from aqua_cli.memory import continuation_nll
-from aqua_cli.methods import H2OLayer, H2OState, patch, patch_h2o
+from aqua_cli.methods import AttentionHook, H2OLayer, H2OState, patch, patch_h2o
 
 
 def stepwise(model, x, cache, prefill=6):
@@ -126,18 +126,38 @@ def test_attention_accumulates_probability_mass(full):
 
 
 def test_positions_stay_right_after_eviction(full):
-    """Under the budget nothing is evicted and decode equals dense; a single eviction in prefill then
-    decoding must still give RoPE positions of tokens seen (a cache that counted stored tokens would
-    shift them): compare with a budget that evicts only tokens no query attends to."""
+    """Under the budget nothing is evicted and decode equals dense. After evictions (in prefill and at
+    every step), each decode step must equal dense attention over exactly the tokens H2O kept, with the
+    new token at its true position (tokens seen): an ordinary cache holding the kept keys and values,
+    position_ids given. A cache that counted stored tokens would put it at the stored count instead,
+    which gives other logits (checked too, so the comparison can tell the two apart)."""
     _, model, _ = full
     x = token_ids(length=18)
     ref = stepwise(model, x, DynamicCache(), prefill=10)
     with patch_h2o(model, 18) as h:  # longer than the sequence: no eviction
         got = stepwise(model, x, h.new_cache(), prefill=10)
     assert rel_err(got, ref) <= 1e-4
-    with patch_h2o(model, 6) as h:
+    wrong_positions_differ = []
+    with patch_h2o(model, 6) as h, torch.no_grad():
         cache = h.new_cache()
-        stepwise(model, x, cache, prefill=10)
+        model(x[:, :10], past_key_values=cache, use_cache=True)
+        for t in range(10, 18):
+            stored = cache.layers[0].keys.shape[-2]
+            assert stored == 6
+
+            def kept_then_step(position: int) -> torch.Tensor:
+                plain = DynamicCache()
+                for i, layer in enumerate(cache.layers):
+                    plain.update(layer.keys.clone(), layer.values.clone(), i)
+                with h.wrapped(lambda hook: AttentionHook()):  # plain SDPA, nothing evicted
+                    return model(x[:, t : t + 1], past_key_values=plain, position_ids=torch.tensor([[position]]),
+                                 use_cache=True).logits
+
+            want, wrong = kept_then_step(t), kept_then_step(stored)
+            got = model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            assert rel_err(got, want) <= 1e-4, t
+            wrong_positions_differ.append(rel_err(got, wrong) > 1e-4)
+    assert all(wrong_positions_differ)
     assert cache.get_seq_length() == 18 and cache.get_mask_sizes(1, 0) == (7, 12)
 
 
@@ -176,8 +196,28 @@ def test_evicting_changes_outputs_and_aqua_changes_the_choice(full):
         aqua_cache = h.new_cache()
         stepwise(model, x, aqua_cache, prefill=16)
     assert rel_err(plain, ref) > 1e-4
-    # the approximate scores drive the accumulation: different scores, so (in general) different survivors
+    # the approximate scores drive the accumulation: different accumulated scores in every layer (on these
+    # random-weight models the position bias of causal attention often still keeps the same tokens; that
+    # AQUA's scores can change which tokens survive is shown on a constructed case below)
     assert all(rel_err(a.scores, p.scores) > 1e-3 for a, p in zip(aqua_cache.layers, plain_cache.layers))
+
+
+@pytest.mark.parametrize("aqua, survivor", [(False, 1), (True, 0)])
+def test_aqua_scores_change_which_token_survives(aqua, survivor):
+    """Keys A = [1, 0] (token 0) and B = [0, 3] (token 1), three zero keys after them; every query is
+    [2, 1.5]. Dense scores favour B (4.5 against 2); AQUA at k = 1 (P = I) keeps only dim 0, where B
+    scores 0, so A gathers the mass. Budget 3 = 2 recent + 1 heavy hitter among tokens 0-2."""
+    from aqua_cli.methods import H2OHook, ProjectionHook
+
+    state = H2OState(budget=3)
+    layer = H2OLayer(state)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 3.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]).view(1, 1, 5, 2)
+    values = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 1, 5, 2).contiguous()  # value = token index
+    query = torch.tensor([2.0, 1.5]).expand(1, 1, 5, 2).contiguous()
+    k, v = layer.update(keys, values)
+    hook = H2OHook(state, ProjectionHook(torch.eye(2)[None], 1, "dynamic") if aqua else None)
+    hook.attend(torch.nn.Module(), query, k, v, None, scaling=1.0)
+    assert layer.values[0, 0, :, 0].tolist() == [float(survivor), 3.0, 4.0]
 
 
 def test_continuation_nll_full_budget_equals_dense(full):

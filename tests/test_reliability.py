@@ -4,10 +4,10 @@ overflowing activations. Through the real CLI (subprocesses where a signal or a 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +26,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _aqua(*args: str) -> subprocess.Popen:
+def _aqua(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "aqua_cli", "calibrate", *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "aqua_cli", "calibrate", *args], env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -40,16 +40,40 @@ def assert_whole_or_absent(target: Path) -> None:
     assert not debris, debris
 
 
-@pytest.mark.parametrize("delay", [2.0, 6.0])
-def test_sigint_leaves_no_partial_artifact(model_dir, tmp_path, delay):
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+PROGRESS = re.compile(r"calibrating\D*?(\d+)/(\d+) tokens")
+
+
+def start_and_wait_for_progress(target: Path, model_dir: Path) -> tuple[subprocess.Popen, str]:
+    """Start a long calibration with its progress bar on (AQUA_PROGRESS=1; TTY_COMPATIBLE=1 makes rich
+    redraw it through a pipe) and return once a bar line shows tokens done but not all: the work is under
+    way, so a signal sent now interrupts it. Returns the process and the stderr read so far."""
+    env = {**_env(), "AQUA_PROGRESS": "1", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aqua_cli", "calibrate", str(model_dir), *LONG, "--out", str(target)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    seen = b""
+    while True:
+        chunk = proc.stderr.read1(4096)
+        if not chunk:
+            proc.wait(timeout=60)
+            pytest.fail(f"calibration ended (exit {proc.returncode}) before any progress was seen: {seen[-2000:]!r}")
+        seen += chunk
+        found = PROGRESS.findall(ANSI.sub("", seen.decode(errors="replace")))
+        if found and 0 < int(found[-1][0]) < int(found[-1][1]) // 2:
+            return proc, seen.decode(errors="replace")
+
+
+def test_sigint_leaves_no_partial_artifact(model_dir, tmp_path):
+    """Ctrl-C in the middle of the calibration: exit 130, no traceback, nothing written; a later run works."""
     target = tmp_path / "art"
-    proc = _aqua(str(model_dir), *LONG, "--out", str(target))
-    time.sleep(delay)
+    proc, _ = start_and_wait_for_progress(target, model_dir)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=600)
-    if proc.returncode != 0:
-        assert not target.exists()
-        assert "Traceback" not in err
+    err = proc.stderr.read().decode(errors="replace")
+    assert proc.wait(timeout=120) == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert not target.exists()
     assert_whole_or_absent(target)
     # a later run works
     done = _aqua(str(model_dir), *SHORT, "--out", str(target), "--force")
@@ -60,10 +84,10 @@ def test_sigint_leaves_no_partial_artifact(model_dir, tmp_path, delay):
 
 def test_kill_during_run_then_rerun_works(model_dir, tmp_path):
     target = tmp_path / "art"
-    proc = _aqua(str(model_dir), *LONG, "--out", str(target))
-    time.sleep(4.0)
+    proc, _ = start_and_wait_for_progress(target, model_dir)
     proc.kill()
-    proc.wait(timeout=60)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not target.exists()
     assert_whole_or_absent(target)
     assert _aqua(str(model_dir), *SHORT, "--out", str(target), "--force").wait(timeout=600) == 0
     Artifact.load(target)

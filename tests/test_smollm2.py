@@ -23,8 +23,26 @@ def prompt(smollm2):
 
 
 def test_shipped_artifact_fits_smollm2(smollm2, shipped_artifact):
+    """The shipped artifact has SmolLM2's shape, an orthonormal basis per layer and group ordered by
+    decreasing energy, passes the fingerprint check, and the check does refuse another RoPE."""
+    import copy
+
+    from aqua_cli.errors import FingerprintMismatch
+
     _, model, _ = smollm2
-    shipped_artifact.check_model(model.config)
+    config = model.config
+    art = shipped_artifact
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert (art.num_layers, art.num_groups, art.head_dim) == (config.num_hidden_layers, config.num_key_value_heads, head_dim)
+    for p, s in zip(art.projections, art.singular_values):
+        eye = torch.eye(head_dim).expand_as(p)
+        assert torch.allclose(p.transpose(-1, -2) @ p, eye, atol=1e-4)
+        assert bool((s[:, :-1] >= s[:, 1:]).all())
+    art.check_model(config)  # raises on a mismatch
+    other = copy.deepcopy(config)
+    other.rope_parameters = {**other.rope_parameters, "rope_theta": other.rope_parameters["rope_theta"] * 2}
+    with pytest.raises(FingerprintMismatch):
+        art.check_model(other)
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])

@@ -139,6 +139,6 @@ class TopPagesHook:
         n_keep = torch.clamp(-(-n_keep // self.page), min=1)
         keep = expand_pages(select_pages(pscores, n_keep), self.page, kv_len) & visible
         exact = (q @ kf[:, :, None].transpose(-1, -2)) * scale
-        probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
+        probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1).nan_to_num(0.0)  # padding rows: zeros, not NaN
         out = probs @ value.float()[:, :, None]
         return out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).to(query.dtype), None
