@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("AQUA_DEBUG", "") not in ("", "0")
     try:
+        from .network import check_env
+
+        check_env()  # huggingface_hub would fail at import on a malformed timeout variable
         app(args=args, prog_name="aqua")  # click handles usage errors (exit 2) and Ctrl-C itself
         code = 0
     except AquaError as exc:
