@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..cli import JsonOpt, PlotOpt, app, err, out, write_json
+from ..cli import JsonOpt, PlotOpt, app, check_outputs, err, out, write_json
 from ..errors import AquaError, ConfigError
 
 
@@ -69,6 +69,7 @@ def bench(
     from ..bench import BenchConfig, device_name, parse_seq, run_bench, summary
     from ..models import parse_device, resolve_shape
 
+    check_outputs(json_out, plot)
     seqs = parse_seq(seq)
     ks = _ratios(k, "k")
     if not ks:

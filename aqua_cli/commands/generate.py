@@ -17,8 +17,11 @@ from ..cli import (
     JsonOpt,
     RevisionOpt,
     app,
+    check_outputs,
+    check_seed,
     err,
     out,
+    status,
     write_json,
 )
 from ..errors import AquaError
@@ -35,7 +38,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling (with --temperature > 0).")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.", callback=check_seed)] = 0,
     compare: Annotated[bool, typer.Option("--compare", help="Also run dense attention and show both, first difference marked.")] = False,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -59,11 +62,12 @@ def generate(
 
     from ..methods import load_patched, parse_mode
 
+    check_outputs(json_out)
     model_name, prompt = _split_args(args or [], prompt_file)
     config = SamplingConfig(max_new_tokens, temperature, top_p, seed, chat)
     parse_mode(mode)
     k_value = parse_k(k)
-    with err.status("loading model and artifact ..."):
+    with status("loading model and artifact ..."):
         model, tokenizer, handle = load_patched(model_name, artifact, k=k_value, mode=mode, revision=revision, device=device, dtype=dtype)
     dims = handle.dims
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if not compare else None
