@@ -393,12 +393,20 @@ def enclosing_artifact(path: Path) -> Path | None:
     return None
 
 
+def resolve_path(path: str | Path, what: str) -> Path:
+    """``path`` made absolute with ``~``, ``..`` and symbolic links resolved; a symlink loop is one line."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:
+        raise AquaError(f"{what} {path} cannot be resolved ({first_line(exc, 120)}): a symbolic link loop? choose another path") from None
+
+
 def check_output(out_dir: str | Path, force: bool, probe_lock: bool = True) -> Path:
     """Resolve where an artifact will be written (``~``, ``..``, symlinks, the working directory) and check,
     before any work, that it may be: not inside an artifact; absent, an empty directory, or (with ``force``)
     an artifact, never other files; its folder can be created and written; its lock can be taken.
     Creates the parent folder. Returns the resolved path."""
-    target = Path(out_dir).expanduser().resolve()
+    target = resolve_path(out_dir, "--out")
     inside = enclosing_artifact(target)
     if inside is not None:
         raise ArtifactError(f"{target} is inside the artifact {inside}: choose an --out outside it")

@@ -102,9 +102,9 @@ def check_output_file(target: str | Path | None, option: str) -> Path | None:
     (it would corrupt it), and its folder can be created. ``None`` and ``-`` (stdout) pass."""
     if target is None or str(target) == "-":
         return None
-    from .artifact import enclosing_artifact
+    from .artifact import enclosing_artifact, resolve_path
 
-    path = Path(target).expanduser().resolve()
+    path = resolve_path(target, option)
     inside = enclosing_artifact(path)
     if inside is not None:
         raise AquaError(f"{option} {target} is inside the artifact {inside}: write it somewhere else")
