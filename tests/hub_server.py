@@ -361,6 +361,7 @@ class StalledEndpoint:
         self._socket.settimeout(0.05)
         self.lifetime, self.max_connections = lifetime, max_connections
         self.accepted: list[Any] = []
+        self.closed = False  # True once it stopped stalling (a client that ended after this did not time out)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
@@ -386,6 +387,7 @@ class StalledEndpoint:
         self._close()
 
     def _close(self) -> None:
+        self.closed = True
         for conn in self.accepted:
             conn.close()
         self._socket.close()
