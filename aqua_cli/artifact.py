@@ -475,10 +475,10 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 
 
 def _debris(target: Path) -> tuple[list[Path], list[Path]]:
-    """Temporary (``.<name>.tmp-XXXXXXXX``) and moved-aside (``.<name>.old-PID``) directories of ``target``,
+    """Temporary (``.<name>.tmp-XXXXXXXX``, letters, digits and ``_``) and moved-aside (``.<name>.old-PID``) directories of ``target``,
     matched literally: a name with glob characters never matches another writer's directories."""
     name = re.escape(target.name)
-    tmp, old = re.compile(rf"\.{name}\.(tmp|check)-[a-z0-9_]{{8}}"), re.compile(rf"\.{name}\.old-[0-9]+")
+    tmp, old = re.compile(rf"\.{name}\.(tmp|check)-[A-Za-z0-9_]+"), re.compile(rf"\.{name}\.old-[0-9]+")
     try:
         entries = sorted(os.listdir(target.parent))
     except OSError:

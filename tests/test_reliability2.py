@@ -356,6 +356,9 @@ def test_list_shows_broken_entries_and_the_rest(capsys, tmp_path, monkeypatch, a
     (registry / "list-header").mkdir()
     header = json.dumps([1, 2, 3]).encode()
     (registry / "list-header" / TENSOR_FILE).write_bytes(len(header).to_bytes(8, "little") + header)
+    meta_list = json.dumps({"__metadata__": ["tool", "aqua_cli"]}).encode()
+    (registry / "meta-is-list").mkdir()
+    (registry / "meta-is-list" / TENSOR_FILE).write_bytes(len(meta_list).to_bytes(8, "little") + meta_list)
     nested = b'{"__metadata__": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     (registry / "nested").mkdir()
     (registry / "nested" / TENSOR_FILE).write_bytes(len(nested).to_bytes(8, "little") + nested)
@@ -366,7 +369,7 @@ def test_list_shows_broken_entries_and_the_rest(capsys, tmp_path, monkeypatch, a
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out[: out.rindex("]") + 1][out.index("["):]) if r["where"] == "registry"}
     assert rows["good"]["status"] == "ok" and rows["good"]["model"] == "tiny/llama"
-    for name in ("list-header", "nested", "meta-list"):
+    for name in ("list-header", "meta-is-list", "nested", "meta-list"):
         assert rows[name]["status"].startswith("broken: "), rows[name]
     code, out, err = run(capsys, "list")
     assert code == 0, err
