@@ -339,9 +339,12 @@ def push(
     """Verify ``artifact`` (a directory or ``hf://`` name), then create ``repo_id`` (and branch ``revision``) if missing and upload it as one commit."""
     from huggingface_hub import CommitOperationAdd
 
+    from .models import check_revision
     from .network import configure
 
     token = check_push_target(repo_id, token)
+    if revision is not None:
+        check_revision(revision, "--revision (branch)")
     configure()
     path = pull(str(artifact), token=token) if str(artifact).startswith(HF_SCHEME) else Path(artifact).expanduser()
     if not path.exists():

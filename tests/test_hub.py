@@ -490,6 +490,12 @@ def test_bad_model_revision_is_refused_before_any_request(hub, capsys):
     assert hub.requests == []
 
 
+def test_bad_push_branch_is_refused_before_any_request(hub, artifact_dir, capsys):
+    code, _, err = run(capsys, "push", str(artifact_dir), "alice/smol", "--revision", "a/../../b")
+    assert_one_line_error(code, err, "invalid --revision (branch) 'a/../../b'")
+    assert hub.requests == []
+
+
 def test_good_revisions_parse():
     from aqua_cli.hub import HubRef
 
