@@ -49,7 +49,7 @@ def calibrate(
     batch_size: BatchOpt = 4,
     seed: SeedOpt = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Artifact directory. Default: the registry, artifacts/<org>--<name>.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact (only an artifact or an empty folder: other files are never replaced).")] = False,
     json_out: JsonOpt = None,
     device_map: DeviceMapOpt = None,
     push_to: Annotated[Optional[str], typer.Option("--push", help="Also publish the artifact to this Hub repo (org/repo) once saved.")] = None,
