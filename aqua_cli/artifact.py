@@ -144,7 +144,7 @@ class Artifact:
         from safetensors.torch import save_file
 
         self.validate()
-        target = check_output(out_dir, force, probe_lock=False)
+        target = check_output(out_dir, force, probe_lock=False, create=True)
         meta = dict(self.metadata)
         meta["format_version"] = FORMAT_VERSION
         meta["tensors_sha256"] = tensors_sha256(self.tensors())
@@ -401,11 +401,11 @@ def resolve_path(path: str | Path, what: str) -> Path:
         raise AquaError(f"{what} {path} cannot be resolved ({first_line(exc, 120)}): a symbolic link loop? choose another path") from None
 
 
-def check_output(out_dir: str | Path, force: bool, probe_lock: bool = True) -> Path:
+def check_output(out_dir: str | Path, force: bool, probe_lock: bool = True, create: bool = False) -> Path:
     """Resolve where an artifact will be written (``~``, ``..``, symlinks, the working directory) and check,
     before any work, that it may be: not inside an artifact; absent, an empty directory, or (with ``force``)
-    an artifact, never other files; its folder can be created and written; its lock can be taken.
-    Creates the parent folder. Returns the resolved path."""
+    an artifact, never other files; its folder can be created and written (a probe that leaves nothing);
+    its lock, if one exists, can be taken. ``create`` makes the folder. Returns the resolved path."""
     target = resolve_path(out_dir, "--out")
     inside = enclosing_artifact(target)
     if inside is not None:
@@ -418,12 +418,14 @@ def check_output(out_dir: str | Path, force: bool, probe_lock: bool = True) -> P
     if not existing.is_dir():
         raise ArtifactError(f"cannot create the output directory {parent}: {existing} is not a directory")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=f".{target.name}.check-", dir=parent)
-        os.rmdir(probe)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.check-", dir=existing))  # can anything be made there?
+        if create:
+            parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ArtifactError(f"cannot write in {parent} ({exc.strerror or exc}): choose another --out") from None
-    if probe_lock:
+        raise ArtifactError(f"cannot write in {existing} ({exc.strerror or exc}): choose another --out") from None
+    lock_timeout(600)  # a malformed AQUA_LOCK_TIMEOUT is said now, not after the run
+    lock = _lock_path(target)
+    if probe_lock and lock.exists():  # no lock file: nobody holds it (and none is left behind by a failed run)
         with _lock(target):
             pass
     return target
@@ -453,9 +455,13 @@ def _check_existing(target: Path, force: bool) -> None:
 
 
 # -- atomic directory replacement -----------------------------------------------------------------
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
 def _lock(target: Path) -> Any:
     """The lock every writer of ``target`` takes (``.<name>.lock`` beside it); ``aqua push`` takes it too."""
-    return file_lock(target.parent / f".{target.name}.lock", f"writing {target}", lock_timeout(600))
+    return file_lock(_lock_path(target), f"writing {target}", lock_timeout(600))
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

@@ -467,3 +467,24 @@ def test_generate_refuses_a_prompt_beyond_the_context(capsys, model_dir, tmp_pat
     good = art.save(tmp_path / "art")
     code, _, err = run(capsys, "generate", model_dir, "word " * 400, "--artifact", good, "--device", "cpu")
     one_line_error(code, err, "more than the model's context of 256 tokens", "--max-new-tokens")
+
+
+def test_a_failed_check_or_load_leaves_nothing_behind(capsys, model_dir, tmp_path, monkeypatch):
+    """The checks before work probe without writing: a load that fails after them leaves no lock file,
+    no folder, no debris."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_bytes((model_dir / "config.json").read_bytes())  # no weights
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AQUA_REGISTRY", raising=False)
+    code, _, err = run(capsys, "calibrate", "nobody/no-such-model-aqua")
+    one_line_error(code, err, "not in the local Hugging Face cache")
+    code, _, err = run(capsys, "calibrate", tmp_path / "m", *SHORT, "--out", tmp_path / "a" / "b" / "art")
+    one_line_error(code, err, "could not load model")
+    assert [p.name for p in tmp_path.rglob("*")] == ["m", "config.json"]
+
+
+def test_malformed_lock_timeout_is_said_before_loading(capsys, model_dir, tmp_path, monkeypatch, no_model_load):
+    monkeypatch.setenv("AQUA_LOCK_TIMEOUT", "soon")
+    code, _, err = run(capsys, "calibrate", model_dir, *SHORT, "--out", tmp_path / "art")
+    one_line_error(code, err, "AQUA_LOCK_TIMEOUT='soon'")
+    assert list(tmp_path.iterdir()) == []
