@@ -62,6 +62,8 @@ TextColumnOpt = Annotated[str, typer.Option("--text-column", help="Column (datas
 TokensOpt = Annotated[int, typer.Option("--tokens", help="Token budget (whole windows of --seq-len).")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
+
+
 def check_seed(value: int) -> int:
     """Seeds go to torch.Generator.manual_seed, which takes 0 .. 2**64 - 1."""
     if value is not None and not 0 <= value < 2**64:

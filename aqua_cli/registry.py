@@ -108,7 +108,10 @@ def _local_artifacts() -> list[Listed]:
             try:
                 if folder.name.startswith(".") or not file.is_file() or folder.resolve() in seen:
                     continue
-                seen.add(folder.resolve())
+            except OSError:
+                continue
+            seen.add(folder.resolve())
+            try:
                 size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             except OSError:
                 size = 0
