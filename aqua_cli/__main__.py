@@ -3,7 +3,7 @@
 import sys
 
 try:
-    from .cli import main
+    from .commands import main
 except KeyboardInterrupt:
     sys.stderr.write("Aborted!\n")
     sys.exit(130)

@@ -95,6 +95,7 @@ class HookedModel:
         self.model = model
         self.modules = modules
         self.previous_impl = model.config._attn_implementation
+        self._own = list(hooks)
         for module, hook in zip(modules, hooks):
             setattr(module, HOOK_ATTR, hook)
         model.set_attn_implementation(ATTN_NAME)
@@ -107,13 +108,18 @@ class HookedModel:
         """Swap the installed hooks for others (one per module), e.g. probes around them."""
         if len(hooks) != len(self.modules):
             raise ConfigError(f"{len(hooks)} hooks for {len(self.modules)} attention layers")
+        self._own = list(hooks)
         for module, hook in zip(self.modules, hooks):
             setattr(module, HOOK_ATTR, hook)
 
     def remove(self) -> None:
-        for module in self.modules:
-            if hasattr(module, HOOK_ATTR):
+        """Remove this installation's hooks; hooks another installation put there since are left alone."""
+        mine = [getattr(m, HOOK_ATTR, None) is h for m, h in zip(self.modules, self._own)]
+        for module, own in zip(self.modules, mine):
+            if own:
                 delattr(module, HOOK_ATTR)
+        if any(hasattr(m, HOOK_ATTR) for m in self.modules):
+            return  # another installation is live
         if self.model.config._attn_implementation == ATTN_NAME:
             self.model.set_attn_implementation(self.previous_impl or "sdpa")
 

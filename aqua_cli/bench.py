@@ -213,6 +213,15 @@ def decode_impls(config: BenchConfig, shape: AttnShape, dims: int, proj: torch.T
                 hyb = HybridDecode(cfg)
                 impls[f"hybrid-topt-1/{round(1 / ratio)}"] = (
                     lambda x, h=hyb: h(x.q, x.k, x.v, x.kd, proj), {**extra, "uses_aqua": hyb.uses_aqua(config.batch, seq, shape.head_dim)})
+            if config.gqa == "group":  # top-T by pages of 64 tokens (kernels.paged); its own reference comes first
+                from .kernels.paged import aqua_decode_pages_reference
+
+                pextra = {**extra, "granularity": "pages", "page": 64}
+                if run_ref:
+                    impls[f"reference-pages-1/{round(1 / ratio)}"] = (
+                        lambda x, r=ratio: aqua_decode_pages_reference(x.q, x.k, x.v, x.kd, proj, dims, r, 64), pextra)
+                pcfg = DecodeConfig(dims, config.gqa, ratio, config.select_block, granularity="pages", page=64)
+                impls[f"aqua-pages-1/{round(1 / ratio)}"] = (lambda x, c=pcfg: aqua_decode(x.q, None, x.v, x.kd, proj, c), pextra)
     return impls
 
 

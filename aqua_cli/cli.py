@@ -1,4 +1,6 @@
-"""The ``aqua`` command line: thin commands over the Python API.
+"""The ``aqua`` command line's shared parts: the Typer app, option aliases, parsers, the pre-flight checks,
+JSON and progress output. Each command is a thin module of :mod:`aqua_cli.commands` over the Python API;
+:func:`aqua_cli.commands.main` is the entry point.
 
 Results go to stdout (tables, or JSON with ``--json -``), progress and diagnostics to stderr. Every
 known failure is an :class:`AquaError` printed as one line (``Error: ...``) with exit status 1; set
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from . import __version__
-from .errors import AquaError, AquaWarning, first_line
+from .errors import AquaError
 
 app = typer.Typer(
     name="aqua",
@@ -204,6 +205,22 @@ def budget_list(text: str | None) -> tuple[float | int, ...]:
     return tuple(parse_budget(t) for t in split_list(text))
 
 
+def ratio_list(text: str | None, what: str) -> list[float]:
+    """A comma list of ratios in (0, 1], each a number (0.0625) or a fraction (1/16): ``--k`` of bench,
+    ``--tokens`` (T/L)."""
+    values = []
+    for part in split_list(text):
+        try:
+            num, _, den = part.partition("/")
+            value = float(num) / float(den) if den else float(num)
+        except (ValueError, ZeroDivisionError):
+            raise AquaError(f"invalid {what} '{part}': give ratios such as 0.5 or 1/16") from None
+        if not 0.0 < value <= 1.0:
+            raise AquaError(f"{what} {part} is outside (0, 1]")
+        values.append(value)
+    return values
+
+
 def kv_dims_list(text: str | None) -> tuple[float | int, ...]:
     """A comma list of kept key dims (ratios or counts); checked against head_dim by :func:`preflight`."""
     from .budgets import ratio_or_count
@@ -253,59 +270,3 @@ def check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise AquaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-
-
-def _register_commands() -> None:
-    """Import every module of :mod:`aqua_cli.commands`; each adds its command to ``app``."""
-    import importlib
-    import pkgutil
-
-    from . import commands
-
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{commands.__name__}.{info.name}")
-
-
-# -- entry point ----------------------------------------------------------------------------------
-def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    """aqua's own warnings are one ``Warning:`` line on stderr; others keep Python's format."""
-    if issubclass(category, AquaWarning):
-        err.print(Text.assemble(("Warning:", "yellow"), f" {message}"), highlight=False)
-    else:
-        _python_showwarning(message, category, filename, lineno, file, line)
-
-
-_python_showwarning = warnings.showwarning
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; map errors to one line on stderr and an exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get("AQUA_DEBUG", "") not in ("", "0")
-    warnings.showwarning = _show_warning
-    try:
-        from .network import check_env
-
-        check_env()  # huggingface_hub would fail at import on a malformed timeout variable
-        app(args=args, prog_name="aqua")  # click handles usage errors (exit 2) and Ctrl-C itself
-        code = 0
-    except AquaError as exc:
-        if debug:
-            raise
-        err.print(Text.assemble(("Error:", "red"), f" {exc}"), highlight=False)
-        code = 1
-    except Exception as exc:  # an unexpected failure still gets one line
-        if debug:
-            raise
-        err.print(
-            Text.assemble(("Error:", "red"), f" unexpected {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)"),
-            highlight=False,
-        )
-        code = 1
-    sys.exit(code)
-
-
-_register_commands()
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,7 @@ def render() -> str:
     import click
     import typer
 
-    from .cli import app
+    from .commands import app
 
     os.environ["COLUMNS"] = "100"  # help text wraps at the terminal width: fix it
     root = typer.main.get_command(app)

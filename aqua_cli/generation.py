@@ -79,9 +79,10 @@ def check_context(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: in
 
 
 def generate_text(
-    model: torch.nn.Module, tokenizer: Any, prompt: str, config: SamplingConfig, streamer: Any = None
+    model: torch.nn.Module, tokenizer: Any, prompt: str, config: SamplingConfig, streamer: Any = None, cache: Any = None
 ) -> GenerationResult:
-    """Generate from ``prompt``; ``streamer`` (e.g. transformers' ``TextStreamer``) sees tokens as they come."""
+    """Generate from ``prompt``; ``streamer`` (e.g. transformers' ``TextStreamer``) sees tokens as they come;
+    ``cache`` (e.g. a method's ``new_cache()``) is passed as ``past_key_values``."""
     ids = encode_prompt(tokenizer, prompt, config.chat).to(next(model.parameters()).device)
     check_context(model, int(ids.shape[-1]), config.max_new_tokens)
     torch.manual_seed(config.seed)
@@ -93,7 +94,7 @@ def generate_text(
     with torch.inference_mode():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,
-            pad_token_id=pad, streamer=streamer, **sampling,
+            pad_token_id=pad, streamer=streamer, **({"past_key_values": cache} if cache is not None else {}), **sampling,
         )
     seconds = time.perf_counter() - started
     new = out[0, ids.shape[1] :].tolist()

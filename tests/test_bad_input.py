@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from aqua_cli.artifact import TENSOR_FILE, provenance_sha256, tensors_sha256
-from aqua_cli.cli import main
+from aqua_cli.commands import main
 
 from conftest import tiny_artifact
 from tiny_models import tiny_model

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from aqua_cli.cli import main
+from aqua_cli.commands import main
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -110,7 +110,7 @@ def test_perplexity_batches_agree(tiny):
 # -- CLI ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_art(model_dir, tmp_path_factory):
-    from aqua_cli.cli import main
+    from aqua_cli.commands import main
 
     art = tmp_path_factory.mktemp("eval") / "art"
     with pytest.raises(SystemExit) as exc:

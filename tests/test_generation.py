@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aqua_cli.methods import load_patched, patch
-from aqua_cli.cli import main
+from aqua_cli.commands import main
 from aqua_cli.errors import ConfigError
 from aqua_cli.generation import SamplingConfig, attention_flops_saved, first_divergence, generate_text
 

@@ -18,7 +18,7 @@ from hub_server import FakeHub
 
 from aqua_cli.artifact import TENSOR_FILE, Artifact
 from aqua_cli.registry import default_artifact_name, shipped_dir
-from aqua_cli.cli import main
+from aqua_cli.commands import main
 from aqua_cli.errors import AquaError, FingerprintMismatch
 
 TOKEN = "hf_alice"

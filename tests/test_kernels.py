@@ -261,6 +261,11 @@ def test_page_reference_helpers():
     mask = select_pages(torch.tensor([[3.0, 9.0, 3.0, 1.0]]), 2)  # tie 3.0: the lower index wins
     assert mask.tolist() == [[True, True, False, False]]
     assert expand_pages(mask, 2, 7).tolist() == [[True] * 4 + [False] * 3]
+    from aqua_cli.kernels.paged import n_forced, select_pages_forced
+
+    assert n_forced(5, 1, 1) == 2 and n_forced(2, 1, 3) == 2 and n_forced(4, 0, 0) == 0
+    forced = select_pages_forced(torch.tensor([[0.0, 9.0, 8.0, 1.0, -5.0]]), 1, 1, 1)  # pages 0, 4 + the best other
+    assert forced.tolist() == [[True, True, False, False, True]]
 
 
 def test_page_reference_full_budget_is_dense():
@@ -311,6 +316,11 @@ def test_page_kernel_matches_reference(shape, token_ratio, page):
         assert rel(out, ref) < 3e-2  # a near-tie of two page scores may swap a page
         if token_ratio == 1.0:
             assert rel(out, dense_decode(q, k, v)) < 2e-2
+    # attention sinks and a recent window (the cache's defaults), and a softmax scale of the caller's
+    ref = aqua_decode_pages_reference(q, k, v, kd, proj, dim // 2, token_ratio, page, sink_pages=1, recent_pages=2)
+    out = aqua_decode(q, None, v, kd, proj, DecodeConfig(dim // 2, token_ratio=token_ratio, granularity="pages", page=page),
+                      scale=dim ** -0.5, sink_pages=1, recent_pages=2)
+    assert rel(out, ref) < 3e-2
 
 
 @gpu
@@ -361,15 +371,19 @@ def test_page_decode_is_graph_capturable():
     from aqua_cli.kernels.decode import DecodeConfig, aqua_decode
 
     q, k, v, proj, kd = inputs(2, 32, 8, 3000, 128, torch.bfloat16, "cuda", seed=4)
-    cfg = DecodeConfig(64, token_ratio=1 / 16, granularity="pages")
-    eager = aqua_decode(q, None, v, kd, proj, cfg)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = aqua_decode(q, None, v, kd, proj, cfg)
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.isfinite(out).all() and rel(out, eager) < 1e-3
+    base = aqua_decode(q, None, v, kd, proj, DecodeConfig(64, token_ratio=1 / 16, granularity="pages"))
+    for fold in (False, True):  # fold: the scoring pass's last program selects the pages (atomic counters)
+        cfg = DecodeConfig(64, token_ratio=1 / 16, granularity="pages", fold_select=fold)
+        eager = aqua_decode(q, None, v, kd, proj, cfg)
+        assert rel(eager, base) < 1e-3
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = aqua_decode(q, None, v, kd, proj, cfg)
+        for _ in range(2):  # replays reuse the counters: each run must leave them at zero
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all() and rel(out, eager) < 1e-3
 
 
 # -- CPU: the kernels under Triton's interpreter ---------------------------------------------------------
@@ -382,6 +396,10 @@ from aqua_cli.kernels.reference import aqua_decode_reference, project_queries, s
 from aqua_cli.kernels.paged import aqua_decode_pages_reference
 for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
     q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L)
+    for dims in (1, D - 1, D):  # selection edge cases
+        idx = dk.launch_select_dims(q, proj, dims)[1][:, :dims]
+        ref_idx = select_dims(project_queries(q, proj).to(q.dtype), dims, "group")[0].flatten(0, 1)
+        assert torch.equal(idx, ref_idx), (dims, idx, ref_idx)
     for dims in (D // 2, 3 * D // 4 - 1):
         idx = dk.launch_select_dims(q, proj, dims)[1][:, :dims]
         ref_idx = select_dims(project_queries(q, proj).to(q.dtype), dims, "group")[0].flatten(0, 1)
@@ -389,8 +407,13 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
         ref = aqua_decode_reference(q, k, v, kd, proj, dims)
         assert rel(dk.aqua_decode(q, k, v, kd, proj, dk.DecodeConfig(dims, block_n=32)), ref) < 3e-2
         ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 4, 16)
-        cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, score_block=32)
-        assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg), ref) < 3e-2
+        for fold in (False, True):
+            cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, score_block=32, fold_select=fold)
+            assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg), ref) < 3e-2
+            ref2 = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 8, 16, sink_pages=1, recent_pages=1)
+            out2 = dk.aqua_decode(q, None, v, kd, proj, dk.DecodeConfig(dims, token_ratio=1 / 8, granularity="pages", page=16,
+                                  score_block=32, fold_select=fold), sink_pages=1, recent_pages=1)
+            assert rel(out2, ref2) < 3e-2
 print("INTERPRETER OK")
 """
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from aqua_cli.artifact import TENSOR_FILE, Artifact
-from aqua_cli.cli import main
+from aqua_cli.commands import main
 
 from tiny_models import tiny_model
 

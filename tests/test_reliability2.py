@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tiny_models import tiny_model
 
 from aqua_cli.artifact import TENSOR_FILE, Artifact, provenance_sha256, tensors_sha256
-from aqua_cli.cli import main
+from aqua_cli.commands import main
 from aqua_cli.errors import AquaWarning, ArtifactError
 
 SHORT = ["--tokens", "512", "--seq-len", "64", "--device", "cpu"]

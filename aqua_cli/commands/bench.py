@@ -7,24 +7,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..cli import JsonOpt, PlotOpt, app, check_outputs, err, out, write_json
+from ..cli import JsonOpt, PlotOpt, app, check_outputs, err, out, ratio_list, write_json
 from ..errors import AquaError, ConfigError
-
-
-def _ratios(text: str | None, what: str) -> list[float]:
-    if not text:
-        return []
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            value = float(part.split("/")[0]) / float(part.split("/")[1]) if "/" in part else float(part)
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"invalid {what} '{part}': give ratios such as 0.5 or 1/16") from None
-        if not (0.0 < value <= 1.0):
-            raise ConfigError(f"{what} {part} is outside (0, 1]")
-        values.append(value)
-    return values
 
 
 def _table(rows: list[dict], title: str) -> Table:
@@ -46,9 +30,9 @@ def _table(rows: list[dict], title: str) -> Table:
 @app.command()
 def bench(
     seq: Annotated[str, typer.Option("--seq", help="Sequence lengths: 64..4096 (doubling), 64..4096:x4, 1024,4096, ..131072, 32k.")] = "64..4096",
-    batch: Annotated[int, typer.Option("--batch", help="Sequences per step.")] = 1,
+    batch: Annotated[str, typer.Option("--batch", help="Sequences per step (with --phase e2e a comma list, e.g. 1,8).")] = "1",
     k: Annotated[str, typer.Option("--k", help="Kept ratio(s) of head_dim, comma-separated, e.g. 0.5,0.75.")] = "0.5",
-    phase: Annotated[str, typer.Option("--phase", help="decode (one query per sequence) or prefill (causal, whole prompt).")] = "decode",
+    phase: Annotated[str, typer.Option("--phase", help="decode (one query per sequence), prefill (causal, whole prompt) or e2e (whole-model decode tokens/s, random weights).")] = "decode",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda (cuda runs the fused Triton kernels).")] = "cpu",
     model: Annotated[Optional[str], typer.Option("--model", help="Preset (llama-3.1-8b, qwen2.5-7b, smollm2-135m...), Hub id or local model: its attention shape.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32.")] = "auto",
@@ -57,7 +41,9 @@ def bench(
     select_block: Annotated[int, typer.Option("--select-block", help="Tokens per top-T selection block (power of two).")] = 512,
     artifact: Annotated[Optional[str], typer.Option("--artifact", help="Use this artifact's layer-0 projection instead of a random orthogonal one.")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats (median reported).")] = 20,
-    no_hybrid: Annotated[bool, typer.Option("--no-hybrid", help="Skip the hybrid (dense below break-even) rows.")] = False,
+    no_hybrid: Annotated[bool, typer.Option("--no-hybrid", help="Skip the hybrid (dense below break-even) rows; e2e: AQUA at every length.")] = False,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="e2e: cut the model to this many layers (default: all).")] = None,
+    kv_dims: Annotated[float, typer.Option("--kv-dims", help="e2e: projected key dims stored, a ratio of head_dim (1.0 = all).")] = 1.0,
     json_out: JsonOpt = None,
     plot: PlotOpt = None,
 ) -> None:
@@ -67,11 +53,15 @@ def bench(
     --tokens 1/16 --json bench.json --plot bench.png`, `aqua bench --phase prefill --device cuda --seq 1k..32k`.
     """
     from ..bench import BenchConfig, device_name, parse_seq, run_bench, summary
+    from ..cli import number_list
     from ..models import parse_device, resolve_shape
 
     check_outputs(json_out, plot)
     seqs = parse_seq(seq)
-    ks = _ratios(k, "k")
+    batches = number_list(batch, int, "--batch")
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"--batch must be at least 1, got '{batch}'")
+    ks = ratio_list(k, "k")
     if not ks:
         raise ConfigError("--k needs at least one ratio, e.g. 0.5")
     dev = parse_device(device)
@@ -79,8 +69,15 @@ def bench(
         raise ConfigError(f"--select-block must be a power of two >= 16, got {select_block}")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if phase == "e2e":
+        _e2e(seqs, list(batches), ks, ratio_list(tokens, "--tokens"), kv_dims, model, layers, str(dev), dtype, repeats,
+             not no_hybrid, json_out, plot)
+        return
+    if len(batches) > 1:
+        raise ConfigError("--batch takes one value for --phase decode and prefill (a list only with --phase e2e)")
+    batch = batches[0]
     config = BenchConfig(seqs=seqs, batch=batch, ks=ks, phase=phase, device=str(dev), dtype=dtype,
-                         token_ratios=_ratios(tokens, "--tokens"), gqa=gqa, select_block=select_block,
+                         token_ratios=ratio_list(tokens, "--tokens"), gqa=gqa, select_block=select_block,
                          hybrid=not no_hybrid, repeats=repeats)
     if gqa not in ("group", "head"):
         raise ConfigError(f"unknown --gqa '{gqa}': use group or head")
@@ -103,6 +100,34 @@ def bench(
         from ..bench import plot_rows
 
         err.print(f"wrote {plot_rows(rows, plot, f'{shape.name} {phase} B{batch} on {name}')}")
+
+
+def _e2e(seqs, batches, ks, ratios, kv_dims, model, layers, device, dtype, steps, hybrid, json_out, plot) -> None:
+    from ..e2e import E2EConfig, plot_rows, run_e2e
+    from ..machine import machine_info
+
+    config = E2EConfig(seqs=seqs, batches=batches, ks=ks, token_ratios=ratios, kv_dims=kv_dims, model=model, layers=layers,
+                       device=device, dtype=dtype, steps=steps, hybrid=hybrid)
+    err.print(f"e2e decode: {model or 'llama-3.1-8b'}{f' cut to {layers} layers' if layers else ''}, random weights, "
+              f"batch {','.join(map(str, batches))}, seq {seqs[0]}..{seqs[-1]}, {steps} timed steps")
+
+    def show(r: dict) -> None:
+        err.print(f"  B{r['batch']} x {r['seq']:>6} {r['impl']:<9} {r['tokens_per_s']:9.1f} tok/s  x{r['speedup_vs_dense']:.2f}  "
+                  f"KV {r['kv_cache_bytes'] / 2**30:.2f} GiB", highlight=False)
+
+    rows, info = run_e2e(config, on_row=show)
+    table = Table(title=f"aqua bench e2e: {info['model']} on {info['device']}")
+    for col in ("batch", "seq", "impl", "k", "T", "tokens/s", "x dense", "KV GiB", "peak GiB"):
+        table.add_column(col, justify="left" if col == "impl" else "right")
+    for r in rows:
+        table.add_row(str(r["batch"]), str(r["seq"]), r["impl"], "-" if r["k"] is None else f"{r['k']:g}",
+                      "-" if r["tokens"] is None else str(r["tokens"]), f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_dense']:.2f}",
+                      f"{r['kv_cache_bytes'] / 2**30:.2f}", "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}")
+    out.print(table)
+    write_json(json_out, {**info, "machine": machine_info(), "rows": rows})
+    if plot is not None:
+        title = f"whole-model decode, {info['model']} on {info['device']}"
+        err.print(f"wrote {plot_rows(rows, plot, title)}")
 
 
 def _artifact_projection(name: str, shape):

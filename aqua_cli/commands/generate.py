@@ -21,6 +21,7 @@ from ..cli import (
     check_seed,
     err,
     out,
+    ratio_list,
     status,
     write_json,
 )
@@ -40,6 +41,8 @@ def generate(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling (with --temperature > 0).")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.", callback=check_seed)] = 0,
     compare: Annotated[bool, typer.Option("--compare", help="Also run dense attention and show both, first difference marked.")] = False,
+    tokens: Annotated[Optional[str], typer.Option("--tokens", help="Dims + top-T: the share T/L of cached tokens (in pages) each decode step attends to, e.g. 1/16 (implies --decode).")] = None,
+    decode: Annotated[Optional[bool], typer.Option("--decode/--no-decode", help="Projected KV cache and, on CUDA, the fused kernels in every decode step (default: on for CUDA or with --tokens).")] = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -67,16 +70,27 @@ def generate(
     config = SamplingConfig(max_new_tokens, temperature, top_p, seed, chat)
     parse_mode(mode)
     k_value = parse_k(k)
+    ratios = ratio_list(tokens, "--tokens")
+    if len(ratios) > 1:
+        raise AquaError("--tokens takes one ratio, e.g. 1/16")
+    token_ratio = ratios[0] if ratios else None
     with status("loading model and artifact ..."):
         model, tokenizer, handle = load_patched(model_name, artifact, k=k_value, mode=mode, revision=revision, device=device, dtype=dtype)
+    if decode if decode is not None else (token_ratio is not None or next(model.parameters()).is_cuda):
+        from ..methods import AquaDecode
+
+        handle.remove()
+        handle = AquaDecode(handle.artifact, k_value, mode, token_ratio=token_ratio)(model)
+    elif token_ratio is not None:
+        raise AquaError("--tokens needs the decode path: drop --no-decode")
     dims = handle.dims
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if not compare else None
-    result = generate_text(model, tokenizer, prompt, config, streamer)
+    result = generate_text(model, tokenizer, prompt, config, streamer, handle.new_cache())
     saved = attention_flops_saved(model.config, dims, result.prompt_tokens, len(result.new_ids)) if mode != "dense" else 0.0
     payload = {
         "model": handle.artifact.model_id, "artifact": str(handle.artifact.path), "k": k, "dims": dims, "mode": mode,
         "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.new_ids), "tokens_per_s": round(result.tokens_per_s, 2),
-        "attention_flops_saved": round(saved, 4), "text": result.text,
+        "attention_flops_saved": round(saved, 4), "method": handle.name, "token_ratio": token_ratio, "text": result.text,
     }
     if compare:
         handle.remove()

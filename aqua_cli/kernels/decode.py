@@ -91,6 +91,37 @@ def _kth_key(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
 
 
 @_jit
+def _kth_key_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
+    """``_kth_key`` for int32 keys in [0, 0x7f800000] (the bits of non-negative floats): int32 arithmetic,
+    candidates ``lo + j * ceil(width / FAN)``; 7 rounds of 32 cover the range exactly."""
+    lo = tl.min(key, 0)
+    hi = tl.max(key, 0) + 1
+    frac = tl.arange(0, FAN) + 1
+    for _ in tl.static_range(ITERS):
+        step = (hi - lo + FAN - 1) // FAN
+        cand = tl.minimum(lo + step * frac, hi)
+        cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+        ok = cnt >= K
+        new_lo = tl.max(tl.where(ok, cand, lo), 0)
+        hi = tl.min(tl.where(ok, hi, cand), 0)
+        lo = new_lo
+    return lo
+
+
+@_jit
+def _top_mask_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
+    """``_top_mask`` for non-negative int32 keys (``_kth_key_pos``)."""
+    kth = _kth_key_pos(key, K, FAN, ITERS)
+    gt = key > kth
+    n_gt = tl.sum(gt.to(tl.int32), 0)
+    eq = key == kth
+    eq_pos = tl.cumsum(eq.to(tl.int32), 0) - 1
+    keep = gt | (eq & (eq_pos < K - n_gt))
+    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    return keep, pos
+
+
+@_jit
 def _top_mask(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
     """Keep-mask of the K largest ``key`` (exact ties to the lower index) and each kept entry's slot."""
     kth = _kth_key(key, K, FAN, ITERS)
@@ -126,8 +157,8 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
         qp = _dot_acc(qc, tl.load(PS + 2 * HKV * D * D + poff), qp)
     qpq = qp.to(Q.dtype.element_ty)
     score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
-    key = score.to(tl.int32, bitcast=True).to(tl.int64)
-    keep, pos = _top_mask(key, K, 16, 9)
+    # the K-th value by search (an exact rank by one (D, D) comparison was measured slower: 15-20 us vs 11-14)
+    keep, pos = _top_mask_pos(score.to(tl.int32, bitcast=True), K, 32, 7)
     offs_j = tl.arange(0, KP)
     hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
     idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
@@ -143,15 +174,20 @@ def _select_dims_kernel(
     QSEL,  # (B*Hkv, G, KP) out: projected queries at the selected dims (ascending), in Q's dtype
     IDX,  # (B*Hkv, KP) int32 out: selected dims, ascending
     CNT,  # (B*Hkv,) int32 out: K
+    QF,  # (B*Hkv, G, D) out if WRITE_QF: all projected queries (for the page exact pass)
     HKV, K,
-    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, WRITE_QF: tl.constexpr,
 ):
-    """Standalone dim selection (one program per KV group) for the unfused paths (token top-T)."""
+    """Standalone dim selection (one program per KV group): measured faster than repeating it in the
+    prologue of every program of the main pass (see docs/bench.md)."""
     bh = tl.program_id(0)
     h = bh % HKV
-    _, qsel, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
+    qpq, qsel, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
     offs_g = tl.arange(0, GP)
     offs_j = tl.arange(0, KP)
+    if WRITE_QF:
+        offs_d = tl.arange(0, D)
+        tl.store(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], qpq, mask=offs_g[:, None] < G)
     tl.store(IDX + bh * KP + offs_j, idx)
     tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], qsel, mask=offs_g[:, None] < G)
     tl.store(CNT + bh, K)
@@ -290,35 +326,36 @@ def _dims_fused_kernel(
 
 @_jit
 def _page_score_kernel(
-    Q, PS,  # queries (B, Hq, D) bf16, split projection (3, Hkv, D, D)
+    Q, IDX,  # (B*Hkv, G, KP) selected projected queries, (B*Hkv, KP) int32 their dims (launch_select_dims)
     KD,  # projected keys: token t = p*PAGE + j of dim d at p*s_kp + d*s_kd + j (contiguous or paged layout)
     PSC,  # (B*Hkv, NP) float32 out: page scores (max over the page's tokens and the group's heads)
-    QF,  # (B*Hkv, G, D) out (split 0 only): the full projected queries, for the exact pass
-    L, K, NP, pages_per_split, HKV,
+    CNTR, LIST, NFULL,  # FOLD: (B*Hkv,) int32 arrival counters (zero, left zero), page selection outputs
+    L, K, NP, pages_per_split, HKV, NSEL, SINKS, RECENT,
     s_kb, s_kh, s_kp, s_kd,
-    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
-    PAGE: tl.constexpr, PPI: tl.constexpr, FULL_ROWS: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
+    PAGE: tl.constexpr, PPI: tl.constexpr, FULL_ROWS: tl.constexpr, CONTIG: tl.constexpr,
+    FOLD: tl.constexpr, NPP: tl.constexpr,
 ):
-    """Dims + top-T pages, pass 1: dim selection (prologue), then the approximate logits of PPI pages
-    per step over the selected rows, reduced to one score per page. Only NP floats leave the kernel."""
+    """Dims + top-T pages, pass 1: the approximate logits of PPI pages per step over the selected rows,
+    reduced to one score per page. Only NP floats per KV group leave the kernel. ``CONTIG``: pages are
+    adjacent along the rows (``s_kp == PAGE``), so a step is one contiguous run of PPI*PAGE tokens (16-byte
+    loads); otherwise PPI must be 1."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    qpq, q, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
     offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
     gmask = offs_g < G
-    if split == 0:
-        tl.store(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], qpq, mask=gmask[:, None])
     offs_j = tl.arange(0, KP)
     jmask = offs_j < K
-    idx = idx.to(tl.int64)
+    if FULL_ROWS:
+        idx = tl.load(IDX + bh * KP + offs_j).to(tl.int64)
+    else:
+        idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
+    q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=gmask[:, None], other=0.0)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     BN: tl.constexpr = PPI * PAGE
     offs_t = tl.arange(0, BN)
-    pg_of = offs_t // PAGE
-    within = offs_t % PAGE
     offs_pp = tl.arange(0, PPI)
     p0 = split * pages_per_split
     p1 = tl.minimum(p0 + pages_per_split, NP)
@@ -326,7 +363,10 @@ def _page_score_kernel(
     n_steps = tl.maximum(p_full - p0, 0) // PPI
     for it in range(0, n_steps):
         pp = p0 + it * PPI
-        ptr = kbase + idx[:, None] * s_kd + ((pp + pg_of).to(tl.int64) * s_kp + within)[None, :]
+        if CONTIG:
+            ptr = kbase + idx[:, None] * s_kd + (pp * PAGE + offs_t)[None, :]
+        else:
+            ptr = kbase + idx[:, None] * s_kd + pp.to(tl.int64) * s_kp + offs_t[None, :]
         if FULL_ROWS:
             kd = tl.load(ptr)
         else:
@@ -335,6 +375,8 @@ def _page_score_kernel(
         s = tl.where(gmask[:, None], s, float("-inf"))
         pmax = tl.max(tl.reshape(tl.max(s, 0), (PPI, PAGE)), 1)
         tl.store(PSC + bh * NP + pp + offs_pp, pmax)
+    pg_of = offs_t // PAGE
+    within = offs_t % PAGE
     for pp in range(p0 + n_steps * PPI, p1, PPI):  # the rest: masked (partial pages, the split's end)
         pages = pp + pg_of
         tok = pages * PAGE + within
@@ -345,48 +387,66 @@ def _page_score_kernel(
         s = tl.where(gmask[:, None] & tmask[None, :], s, float("-inf"))
         pmax = tl.max(tl.reshape(tl.max(s, 0), (PPI, PAGE)), 1)
         tl.store(PSC + bh * NP + pp + offs_pp, pmax, mask=(pp + offs_pp) < p1)
+    if FOLD:  # the last program of this KV group to finish selects its pages (no launch of its own)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
+        if arrived == tl.num_programs(1) - 1:
+            _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
+            tl.store(CNTR + bh, 0)
+
+
+@_jit
+def _page_select_kernel(
+    PSC,  # (B*Hkv, NP) float32 page scores
+    LIST,  # (B*Hkv, NSEL) int32 out: chosen pages, ascending (a partial last page, if chosen, is last)
+    NFULL,  # (B*Hkv,) int32 out: how many chosen pages are full (the rest: the partial last page)
+    NP, NSEL, L, SINKS, RECENT,
+    PAGE: tl.constexpr, NPP: tl.constexpr,
+):
+    """Dims + top-T pages, pass 2: the NSEL best pages of one KV group (exact K-th value search, ties to the
+    lower page; a 4-ary search keeps the (4, NPP) comparison in registers), written compactly by a scatter."""
+    _select_pages(PSC, LIST, NFULL, tl.program_id(0), NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
+
+
+@_jit
+def _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE: tl.constexpr, NPP: tl.constexpr):
+    """The NSEL best pages; the first SINKS and the last RECENT pages rank first (forced: score +inf)."""
+    offs_p = tl.arange(0, NPP)
+    pmask = offs_p < NP
+    sc = tl.load(PSC + bh * NP + offs_p, mask=pmask, other=float("-inf"), cache_modifier=".cg")
+    bits = sc.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed int order
+    forced = (offs_p < SINKS) | (offs_p >= NP - RECENT)
+    key = tl.where(forced, 2147483647, key)
+    key = tl.where(pmask, key, -2147483648).to(tl.int64)
+    keep, pos = _top_mask(key, NSEL, 4, 16)
+    tl.store(LIST + bh * NSEL + pos, offs_p, mask=keep)
+    n_full = L // PAGE
+    tl.store(NFULL + bh, tl.sum((keep & (offs_p < n_full)).to(tl.int32), 0))
 
 
 @_jit
 def _page_attend_kernel(
-    QF,  # (B*Hkv, G, D) projected queries (from _page_score_kernel)
-    PSC,  # (B*Hkv, NP) page scores
-    SCR,  # (B*Hkv*S, PER) int32 scratch: this program's page ids
+    QF,  # (B*Hkv, G, D) projected queries
+    LIST, NFULL,  # from _page_select_kernel
     KD, V,  # projected keys (as _page_score_kernel), values (B, Hkv, L, D) token-major
     O, M, LS,  # partials (B*Hkv, S, G, D), (B*Hkv, S, G)
-    L, NP, NSEL, per_split, HKV, qk_scale,
+    L, NSEL, per_split, HKV, qk_scale,
     s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NPP: tl.constexpr, PER: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
 ):
-    """Dims + top-T pages, pass 2: every program finds the group's NSEL best pages from the NP scores
-    (exact K-th value by ``_top_mask``, no sort, no extra launch), takes its share of the *full* selected
-    pages, and runs exact attention over them: ``(qP).(kP)`` on whole pages of the projected keys (the same
-    bytes the scoring pass reads; equal to ``q.k`` for an orthogonal P) and the pages' rows of V. The
-    last program also takes a selected partial last page (masked)."""
+    """Dims + top-T pages, pass 3: exact attention over this split's share of the chosen full pages --
+    ``(qP).(kP)`` on whole pages of the projected keys (the rows the scoring pass read, plus the others;
+    equal to ``q.k`` for an orthogonal P) and the pages' rows of V; the last split also takes a chosen
+    partial last page (masked)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
     b = bh // HKV
     h = bh % HKV
-    offs_p = tl.arange(0, NPP)
-    pmask = offs_p < NP
-    sc = tl.load(PSC + bh * NP + offs_p, mask=pmask, other=float("-inf"))
-    bits = sc.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed int order
-    key = tl.where(pmask, key, -2147483648).to(tl.int64)
-    keep, pos = _top_mask(key, NSEL, 16, 9)
-    n_full = L // PAGE
-    keep_f = keep & (offs_p < n_full)
-    pos_f = tl.cumsum(keep_f.to(tl.int32), 0) - 1
-    n_sel_full = tl.sum(keep_f.to(tl.int32), 0)
+    nfull = tl.load(NFULL + bh)
     s0 = split * per_split
-    n_here = tl.minimum(per_split, n_sel_full - s0)
-    offs_k = tl.arange(0, PER)
-    hit = keep_f[None, :] & (pos_f[None, :] == (s0 + offs_k)[:, None])  # (PER, NPP)
-    pages = tl.sum(tl.where(hit, offs_p[None, :], 0), 1)
-    prog = bh * nsplit + split
-    tl.store(SCR + prog * PER + offs_k, pages)
-    tl.debug_barrier()
+    n_here = tl.minimum(per_split, nfull - s0)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     offs_t = tl.arange(0, PAGE)
@@ -398,7 +458,7 @@ def _page_attend_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     for i in range(0, n_here):
-        pg = tl.load(SCR + prog * PER + i).to(tl.int64)
+        pg = tl.load(LIST + bh * NSEL + s0 + i).to(tl.int64)
         kt = tl.load(kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :])  # (D, PAGE)
         vt = tl.load(vbase + (pg * PAGE + offs_t)[:, None] * s_vl + offs_d[None, :])  # (PAGE, D)
         s = _dot(q, kt) * qk_scale
@@ -408,14 +468,12 @@ def _page_attend_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
         m_i = m_new
-    tail = NP - 1
-    has_tail = (n_full < NP) & (tl.sum((keep & (offs_p == tail)).to(tl.int32), 0) > 0)
-    if has_tail & (split == nsplit - 1):
-        tok = tail * PAGE + offs_t
+    if (nfull < NSEL) & (split == nsplit - 1):  # the partial last page was chosen: it sits at slot nfull
+        pg = tl.load(LIST + bh * NSEL + nfull).to(tl.int64)
+        tok = pg * PAGE + offs_t
         tmask = tok < L
-        kt = tl.load(kbase + tail * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :],
-                     mask=tmask[None, :], other=0.0)
-        vt = tl.load(vbase + tok[:, None].to(tl.int64) * s_vl + offs_d[None, :], mask=tmask[:, None], other=0.0)
+        kt = tl.load(kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :], mask=tmask[None, :], other=0.0)
+        vt = tl.load(vbase + tok[:, None] * s_vl + offs_d[None, :], mask=tmask[:, None], other=0.0)
         s = _dot(q, kt) * qk_scale
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -424,7 +482,7 @@ def _page_attend_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
         m_i = m_new
-    row = prog * G + offs_g
+    row = (bh * nsplit + split) * G + offs_g
     tl.store(M + row, m_i, mask=gmask)
     tl.store(LS + row, l_i, mask=gmask)
     tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
@@ -648,10 +706,11 @@ def _gp(rep: int) -> int:
     return max(GROUP_PAD, _pow2(rep))
 
 
-def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int) -> Selection:
+def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch.Tensor | None = None,
+                       num_warps: int = 4) -> Selection:
     """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
     up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
-    ``(Hkv, D, D)`` float32 on q's device."""
+    ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there."""
     _need_triton()
     batch, q_heads, dim = q.shape
     groups = proj.shape[0]
@@ -663,8 +722,8 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int) -> Select
     idx = torch.empty(batch * groups, KP, device=q.device, dtype=torch.int32)
     count = torch.empty(batch * groups, device=q.device, dtype=torch.int32)
     _select_dims_kernel[(batch * groups,)](
-        qc, _proj_split(proj), qsel, idx, count, groups, dims,
-        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), num_warps=4,
+        qc, _proj_split(proj), qsel, idx, count, qf if qf is not None else qsel, groups, dims,
+        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None, num_warps=num_warps,
     )
     return qsel, idx, count
 
@@ -692,6 +751,20 @@ def launch_dims_fused(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: 
     return _combine(o, m, ls, batch, groups * rep, dim, v.dtype)
 
 
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters, kept across calls (each use leaves them zero again): allocated once,
+    so CUDA-graph replays reuse them. Two streams must not run a folded page step at the same time."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def kd_layout(kd: torch.Tensor, page: int) -> tuple[int, int, int, int, int]:
     """``(B, Hkv, D, L)`` contiguous-rows or ``(B, Hkv, NP, D, page)`` paged projected keys ->
     ``(s_kb, s_kh, s_kp, s_kd, D)``: token ``t = p*page + j`` of dim ``d`` sits at ``p*s_kp + d*s_kd + j``."""
@@ -715,9 +788,12 @@ def _v_rows(v: torch.Tensor, page: int) -> tuple[int, int, int]:
 
 def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, dims: int, page: int, length: int,
                        score_block: int = 256, num_warps: int = 4, num_stages: int = 3,
-                       waves: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1 of page top-T: ``(B*Hkv, NP)`` float32 page scores (unscaled approximate logits, max over
-    the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries."""
+                       waves: float = 4.0, fold: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dim selection and pass 1 of page top-T (2 launches): ``(B*Hkv, NP)`` float32 page scores (unscaled
+    approximate logits, max over the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries.
+    ``fold`` = (list, nfull, n_sel, sinks, recent): the last program of each KV group also selects the pages (as
+    ``_page_select_kernel``), saving a launch."""
     _need_triton()
     batch, q_heads, dim = q.shape
     groups = kd.shape[1]
@@ -727,18 +803,26 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     KP = _kp(dims)
     n_pages = -(-length // page)
     bh = batch * groups
-    ppi = max(1, score_block // page)
+    qf = torch.empty(bh, rep, dim, device=q.device, dtype=q.dtype)
+    qsel, idx, _ = launch_select_dims(q, proj, dims, qf)
+    contig = s_kp == page
+    ppi = max(1, score_block // page) if contig else 1
     steps = -(-n_pages // ppi)
     splits = max(1, min(steps, -(-int(waves * _sms(q.device)) // bh)))
     per_split = -(-steps // splits) * ppi
     splits = -(-n_pages // per_split)
     pscores = torch.empty(bh, n_pages, device=q.device, dtype=torch.float32)
-    qf = torch.empty(bh, rep, dim, device=q.device, dtype=q.dtype)
+    if fold is not None:
+        chosen, nfull, n_sel, sinks, recent = fold
+        counters = _counters(bh, q.device)
+    else:
+        chosen = nfull = counters = pscores
+        n_sel, sinks, recent = 1, 0, 0
     _page_score_kernel[(bh, splits)](
-        q.contiguous(), _proj_split(proj), kd, pscores, qf, length, dims, n_pages, per_split, groups,
+        qsel, idx, kd, pscores, counters, chosen, nfull, length, dims, n_pages, per_split, groups, n_sel, sinks, recent,
         s_kb, s_kh, s_kp, s_kd,
-        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), PAGE=page, PPI=ppi, FULL_ROWS=dims == KP,
-        num_warps=num_warps, num_stages=num_stages,
+        G=rep, GP=_gp(rep), KP=KP, PAGE=page, PPI=ppi, FULL_ROWS=dims == KP, CONTIG=contig,
+        FOLD=fold is not None, NPP=max(16, _pow2(n_pages)), num_warps=num_warps, num_stages=num_stages,
     )
     return pscores, qf
 
@@ -746,12 +830,16 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
 def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, token_ratio: float,
                  scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
                  score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 2, waves: float = 4.0,
-                 attend_waves: float = 4.0) -> torch.Tensor:
-    """Dims + top-T pages: 3 launches (score pages, select + exact pass over the chosen pages, combine).
+                 attend_waves: float = 2.0, fold_select: bool = False, sink_pages: int = 0,
+                 recent_pages: int = 0) -> torch.Tensor:
+    """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine;
+    4 with ``fold_select``: the scoring pass's last program per KV group selects the pages).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
-    ``v.shape[2]`` (token-major values) and must be given for paged values."""
+    ``v.shape[2]`` (token-major values) and must be given for paged values. ``sink_pages``/``recent_pages``:
+    the first and the last pages are always kept, on top of the ``pages_for`` best (as
+    ``paged.select_pages_forced``)."""
     _need_triton()
-    from .paged import pages_for
+    from .paged import n_forced, pages_for
 
     batch, q_heads, dim = q.shape
     groups = kd.shape[1]
@@ -764,23 +852,26 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     s_vb, s_vh, s_vl = _v_rows(v, page)
     dims = min(dims, dim)
     n_pages = -(-length // page)
-    n_sel = pages_for(token_ratio, length, page)
+    n_sel = min(n_pages, pages_for(token_ratio, length, page) + n_forced(n_pages, sink_pages, recent_pages))
     if n_pages > 16384:
         raise ValueError(f"{n_pages} pages is more than the page kernels hold (16384): use larger pages")
     bh = batch * groups
-    pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, waves)
-    sms = _sms(q.device)
-    gp = _gp(rep)
-    splits2 = max(1, min(n_sel, -(-int(attend_waves * sms) // bh)))
+    chosen = torch.empty(bh, n_sel, device=q.device, dtype=torch.int32)
+    nfull = torch.empty(bh, device=q.device, dtype=torch.int32)
+    pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, waves,
+                                     (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None)
+    if not fold_select:
+        npp = max(16, _pow2(n_pages))
+        _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, sink_pages, recent_pages, PAGE=page, NPP=npp,
+                                   num_warps=8 if npp >= 1024 else 4)
+    splits2 = max(1, min(n_sel, -(-int(attend_waves * _sms(q.device)) // bh)))
     per2 = -(-n_sel // splits2)
     splits2 = -(-n_sel // per2)
-    scratch = torch.empty(bh * splits2, _pow2(per2), device=q.device, dtype=torch.int32)
     o, m, ls = _partials(bh, splits2, rep, dim, q.device)
     _page_attend_kernel[(bh, splits2)](
-        qf, pscores, scratch, kd, v, o, m, ls, length, n_pages, n_sel, per2, groups, scale * LOG2E,
+        qf, chosen, nfull, kd, v, o, m, ls, length, n_sel, per2, groups, scale * LOG2E,
         s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
-        G=rep, GP=gp, D=dim, PAGE=page, NPP=max(16, _pow2(n_pages)), PER=_pow2(per2),
-        num_warps=attend_warps, num_stages=attend_stages,
+        G=rep, GP=_gp(rep), D=dim, PAGE=page, num_warps=attend_warps, num_stages=attend_stages,
     )
     return _combine(o, m, ls, batch, q_heads, dim, v.dtype)
 
@@ -872,7 +963,7 @@ class DecodeConfig:
     tokens_warps: int = 4
     tokens_stages: int = 3
     fused_select: bool = True
-    prologue: bool = True
+    prologue: bool = False  # measured: a launch of its own is faster (docs/bench.md)
     granularity: str = "tokens"
     page: int = 64  # tokens per page (granularity="pages")
     score_block: int = 256  # tokens per step of the page scoring kernel
@@ -880,7 +971,8 @@ class DecodeConfig:
     score_stages: int = 3
     attend_warps: int = 4
     attend_stages: int = 2
-    attend_waves: float = 4.0
+    attend_waves: float = 2.0
+    fold_select: bool = False  # pages: the scoring pass's last program per KV group selects the pages (measured no faster)
 
     def __post_init__(self) -> None:
         if self.select_block < 16 or self.select_block & (self.select_block - 1):
@@ -905,18 +997,21 @@ def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig
 
 
 def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
-                config: DecodeConfig) -> torch.Tensor:
+                config: DecodeConfig, scale: float | None = None, sink_pages: int = 0, recent_pages: int = 0) -> torch.Tensor:
     """One AQUA decode step with the fused kernels; same result as ``aqua_decode_reference`` (dims, token
     top-T) or ``paged.aqua_decode_pages_reference`` (page top-T).
 
     ``q`` ``(B, Hq, D)``; ``k``, ``v`` ``(B, Hkv, L, D)`` token-major (``k`` only read for token top-T; pass
     None otherwise); ``kd`` ``(B, Hkv, D, L)`` projected keys (``project_keys``), or paged for pages;
     ``proj`` ``(Hkv, D, D)`` float32 (orthogonal for pages: their exact pass computes ``(qP).(kP)``).
-    Launches: dims 2 (main pass with the selection in its prologue, combine); pages 3 (score, select +
-    exact pass, combine); token top-T 4 (selection, scoring, exact pass, combine).
+    ``scale``: softmax scale (default ``D**-0.5``); ``sink_pages``/``recent_pages`` (pages only): the first and
+    last pages are always kept, on top of the best ``pages_for`` pages.
+    Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 5 (dim selection,
+    page scores, page selection, exact pass, combine; 4 with ``fold_select``); token top-T 4 (selection,
+    scoring, exact pass, combine).
     """
     dim = q.shape[-1]
-    scale = dim ** -0.5
+    scale = dim ** -0.5 if scale is None else scale
     fused = config.fused_select and fused_selection_supported(q, proj, config.gqa)
     if config.token_ratio is not None and config.granularity == "pages":
         if not fused:
@@ -924,7 +1019,8 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
         return launch_pages(q, proj, kd, v, config.dims, config.token_ratio, scale, config.page,
                             score_block=config.score_block, score_warps=config.score_warps,
                             score_stages=config.score_stages, attend_warps=config.attend_warps,
-                            attend_stages=config.attend_stages, waves=config.waves, attend_waves=config.attend_waves)
+                            attend_stages=config.attend_stages, waves=config.waves, attend_waves=config.attend_waves,
+                            fold_select=config.fold_select, sink_pages=sink_pages, recent_pages=recent_pages)
     if config.token_ratio is None and fused and config.prologue:
         return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages,
                                  config.waves)

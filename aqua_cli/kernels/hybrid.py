@@ -16,10 +16,11 @@ import torch
 from .reference import dense_decode
 
 # Smallest sequence length per batch size from which the kernel beat SDPA at every longer length in
-# docs/results/bench-h100.json; batch sizes in between use the nearest smaller key. NEVER: dense always.
+# docs/results/bench-h100-b{1,8}.json (4K..128K, k=0.5; top-T: tokens and pages alike); batch sizes in
+# between use the nearest smaller key. NEVER: dense always.
 NEVER = 1 << 40
-DEFAULT_MIN_SEQ_DIMS = {1: 131072, 8: 16384}
-DEFAULT_MIN_SEQ_TOPT = {1: 65536, 8: 8192}
+DEFAULT_MIN_SEQ_DIMS = {1: 65536, 8: 8192}
+DEFAULT_MIN_SEQ_TOPT = {1: 32768, 8: 4096}
 MAX_DEFAULT_RATIO = 0.5  # with the defaults, k/d above this never beat dense on the H100: stay dense
 
 

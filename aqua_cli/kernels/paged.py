@@ -43,6 +43,21 @@ def pages_for(ratio: float, length: int, page: int) -> int:
     return max(1, min(n_pages, -(-math.ceil(ratio * length) // page)))
 
 
+def n_forced(n_pages: int, sinks: int, recent: int) -> int:
+    """How many distinct pages the first ``sinks`` and the last ``recent`` of ``n_pages`` are."""
+    return len(set(range(min(sinks, n_pages))) | set(range(max(0, n_pages - recent), n_pages)))
+
+
+def select_pages_forced(pscores: torch.Tensor, keep: int, sinks: int, recent: int) -> torch.Tensor:
+    """``select_pages`` with the first ``sinks`` and the last ``recent`` pages always kept, on top of the
+    ``keep`` best others (decode: every page visible)."""
+    n_pages = pscores.shape[-1]
+    idx = torch.arange(n_pages, device=pscores.device)
+    forced = (idx < sinks) | (idx >= n_pages - recent)
+    boosted = torch.where(forced, torch.full_like(pscores, float("inf")), pscores)
+    return select_pages(boosted, min(n_pages, keep + n_forced(n_pages, sinks, recent)))
+
+
 def page_scores(scores: torch.Tensor, page: int) -> torch.Tensor:
     """``(..., L)`` token scores (``-inf`` = not visible) -> ``(..., ceil(L / page))`` max per page."""
     total = scores.shape[-1]
@@ -67,16 +82,18 @@ def expand_pages(mask: torch.Tensor, page: int, length: int) -> torch.Tensor:
 
 
 def aqua_decode_pages_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
-                                dims: int, token_ratio: float, page: int = 64, gqa: str = "group") -> torch.Tensor:
+                                dims: int, token_ratio: float, page: int = 64, gqa: str = "group", sink_pages: int = 0,
+                                recent_pages: int = 0) -> torch.Tensor:
     """Dims + top-T pages for one decode step; ``(B, Hq, D)``. Shapes as ``aqua_decode_reference``. The exact
-    pass uses the original ``q``, ``k`` (equal to the projected ones for an orthogonal ``P``)."""
+    pass uses the original ``q``, ``k`` (equal to the projected ones for an orthogonal ``P``). ``sink_pages``,
+    ``recent_pages``: always kept, on top of the best ``pages_for`` pages."""
     batch, q_heads, dim = q.shape
     groups, length = k.shape[1], k.shape[2]
     scale = dim ** -0.5
     qp = project_queries(q, proj).to(q.dtype)
     idx, count, qsel = select_dims(qp, dims, gqa)
     logits = approx_logits(qsel, idx, count, kd)  # (B, Hkv, G, L)
-    mask = select_pages(page_scores(logits.amax(2), page), pages_for(token_ratio, length, page))
+    mask = select_pages_forced(page_scores(logits.amax(2), page), pages_for(token_ratio, length, page), sink_pages, recent_pages)
     keep = expand_pages(mask, page, length)  # (B, Hkv, L)
     exact = q.float().view(batch, groups, -1, dim) @ k.float().transpose(-1, -2) * scale
     probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)

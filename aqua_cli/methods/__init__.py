@@ -1,7 +1,7 @@
 """Every way aqua changes attention, in one shape: a :class:`Method` dataclass that installs one
 :class:`AttentionHook` per layer, optionally builds the cache it needs, and undoes itself::
 
-    from aqua_cli.methods import Aqua, AquaKV, H2O, TopTokens
+    from aqua_cli.methods import Aqua, AquaDecode, AquaKV, H2O, TopTokens
     with Aqua(artifact, k=0.5)(model):
         model.generate(...)
     with H2O(0.5, artifact=artifact, k=0.75)(model) as h2o:
@@ -25,6 +25,7 @@ from .aqua import (
     select_dims,
 )
 from .base import AttentionHook, Dense, Method
+from .fused import AquaDecode, DecodeHook, ProjectedKVCache, ProjectedKVLayer
 from .h2o import H2O, H2OCache, H2OHook, H2OLayer, H2OState, patch_h2o
 from .kv import AquaKV, ProjectedKeyCache, ProjectedKeyLayer, patch_kv, projected_cache
 from .topt import TopTokens, TopTokensHook
@@ -43,11 +44,13 @@ def default_methods(artifact: Any) -> list[Method]:
         H2O(4096, artifact=artifact, k=1.0),
         TopTokens(artifact, k=1.0, token_ratio=None),
         TopTokens(artifact, k=1.0, token_ratio=1.0),
+        AquaDecode(artifact, k=1.0),
+        AquaDecode(artifact, k=1.0, token_ratio=1.0, page=16, prefill="aqua", query_chunk=5),
     ]
 
 
 __all__ = [
-    "MODES", "Aqua", "AquaKV", "AquaPatch", "AttentionHook", "Dense", "H2O", "H2OCache", "H2OHook", "H2OLayer",
+    "MODES", "Aqua", "AquaDecode", "AquaKV", "DecodeHook", "ProjectedKVCache", "ProjectedKVLayer", "AquaPatch", "AttentionHook", "Dense", "H2O", "H2OCache", "H2OHook", "H2OLayer",
     "H2OState", "Method", "ProjectedKeyCache", "ProjectedKeyLayer", "ProjectionHook", "TopTokens", "TopTokensHook",
     "default_methods", "load_patched", "parse_mode", "patch", "patch_h2o", "patch_kv", "projected_cache", "select_dims",
 ]

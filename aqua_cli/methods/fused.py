@@ -1,0 +1,383 @@
+"""AQUA inside the model's own decode step: one copy of the keys, projected once, in the kernels' layout.
+
+``P`` is orthogonal, so ``q · k = (qP) · (kP)``: a cache that stores ``kP`` *instead of* ``k`` changes no
+score and costs no extra memory. :class:`ProjectedKVLayer` keeps, per layer,
+
+* ``keys``: ``(batch, num_kv_heads, m, capacity)`` the projected keys, **dimension-major** (one projected
+  dimension of every token is one contiguous row, so reading ``k`` of ``D`` dims reads ``k/D`` of the key
+  bytes), truncated to the first ``m`` projected dims (``kv_dims``; ``m = D`` keeps everything, exact);
+* ``values``: ``(batch, num_kv_heads, capacity, D)`` as they are.
+
+Keys are projected once, when written (prefill and each new token), never again. ``capacity`` is fixed
+when ``max_tokens`` is given (a static shape) and grows by whole pages otherwise.
+
+:class:`AquaDecode` is the method: its hooks
+
+* run exact attention (SDPA) on the fresh queries and keys of a prefill into an empty cache, and write
+  ``kP`` into the cache;
+* send single-token decode steps on CUDA to the fused Triton kernels (:mod:`aqua_cli.kernels.decode`):
+  dims only, or dims + top-T pages, dense below the measured break-even (the hybrid switch);
+* run the same math in PyTorch everywhere else (CPU, padded batches, multi-token steps, ``m < D``), on the
+  same cache: the scores are ``(qP)_sel · kP`` read straight from the dimension-major keys;
+* without a projected cache (``use_cache=False``, e.g. ``aqua eval``'s perplexity) behave as :class:`Aqua`.
+
+Under GQA the dims are chosen per KV group (the largest ``sum_g |qP|`` over the group's query heads), as
+the kernels do. Top-T keeps whole pages of ``page`` tokens (the best by their max approximate score), and
+always the first ``sink_pages`` pages (attention sinks) and the last ``recent_pages`` pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..attention import full_attention_only
+from ..budgets import parse_kv_dims
+from ..errors import ConfigError
+from .aqua import Aqua, ProjectionHook
+from .base import AttentionHook
+
+
+@dataclass
+class DecodeState:
+    """What a layer's cache and its hook share: the layer the last ``update`` wrote (consumed by the hook)."""
+
+    pending: "ProjectedKVLayer | None" = field(default=None, repr=False)
+
+
+class ProjectedKVLayer(DynamicLayer):
+    """One layer's projected KV cache (see module docstring). ``update`` returns the dimension-major
+    projected keys ``(B, Hkv, m, L)`` and the values ``(B, Hkv, L, D)`` as views of the buffers."""
+
+    is_croppable = True
+
+    def __init__(self, projection: torch.Tensor, kv_dims: int, state: DecodeState, layer_idx: int = 0,
+                 max_tokens: int | None = None, page: int = 64):
+        super().__init__()
+        self.projection = projection.float()
+        self.kv_dims, self.state, self.layer_idx = kv_dims, state, layer_idx
+        self.max_tokens, self.page = max_tokens, page
+        self.length = 0
+        self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._basis: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        groups, head_dim = self.projection.shape[0], self.projection.shape[-1]
+        if key_states.shape[1] != groups or key_states.shape[-1] != head_dim:
+            raise ConfigError(
+                f"layer {self.layer_idx}: this projected KV cache was built for {groups} KV heads of dim {head_dim}, "
+                f"the model gives {key_states.shape[1]} of dim {key_states.shape[-1]}: build the cache for this model"
+            )
+        self.device, self.is_initialized = key_states.device, True
+        self._basis = self.projection[:, :, : self.kv_dims].to(self.device)
+        batch = key_states.shape[0]
+        cap = self.max_tokens or 0
+        self.keys = key_states.new_zeros((batch, groups, self.kv_dims, cap))
+        self.values = value_states.new_zeros((batch, groups, cap, head_dim))
+
+    def _reserve(self, needed: int) -> None:
+        cap = self.keys.shape[-1]
+        if needed <= cap:
+            return
+        if self.max_tokens is not None:
+            raise ConfigError(f"this projected KV cache holds {self.max_tokens} tokens; {needed} were written: "
+                              "build it with a larger max_tokens")
+        new_cap = self.page * -(-max(needed, cap + cap // 2) // self.page)
+        keys = self.keys.new_zeros((*self.keys.shape[:3], new_cap))
+        values = self.values.new_zeros((*self.values.shape[:2], new_cap, self.values.shape[-1]))
+        keys[..., : self.length] = self.keys[..., : self.length]
+        values[:, :, : self.length] = self.values[:, :, : self.length]
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_states, value_states: ``(batch, num_kv_heads, new_tokens, head_dim)``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[1] != self.keys.shape[1] or key_states.shape[-1] != self.projection.shape[-1]:
+            raise ConfigError(f"layer {self.layer_idx}: keys of shape {tuple(key_states.shape)} do not fit this projected KV cache")
+        start, new = self.length, key_states.shape[-2]
+        self._reserve(start + new)
+        projected = (key_states.float() @ self._basis).to(self.keys.dtype)  # (B, G, n, m)
+        self.keys[..., start : start + new] = projected.transpose(-1, -2)
+        self.values[:, :, start : start + new] = value_states
+        self.length = start + new
+        self.fresh = (key_states, value_states) if start == 0 else None
+        self.state.pending = self
+        return self.keys[..., : self.length], self.values[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query: Any) -> tuple[int, int]:
+        """``query``: the query length (transformers >= 5.20) or the cache positions (earlier)."""
+        query_length = query if isinstance(query, int) else int(query.shape[0])
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else -1
+
+    def reset(self) -> None:
+        self.length, self.fresh = 0, None
+        if self.state.pending is self:
+            self.state.pending = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # transformers' legacy form: the length to keep
+            self.length = min(self.length, tokens_to_remove)
+        else:
+            self.length = max(0, self.length + tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
+
+class ProjectedKVCache(Cache):
+    """A :class:`ProjectedKVLayer` per layer, tied to the states of the :class:`AquaDecode` that built it."""
+
+    def __init__(self, artifact: Any, kv_dims: int, states: list[DecodeState], max_tokens: int | None = None, page: int = 64):
+        super().__init__(layers=[ProjectedKVLayer(p, kv_dims, s, i, max_tokens, page)
+                                 for i, (p, s) in enumerate(zip(artifact.projections, states))])
+        self.kv_dims, self.model_id = kv_dims, artifact.model_id
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if layer_idx >= len(self.layers):
+            raise ConfigError(
+                f"this projected KV cache has {len(self.layers)} layers (built for {self.model_id}) but the model "
+                f"updates layer {layer_idx}: build the cache with the model's own AquaDecode"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+# -- the reference decode on the projected cache (any device) ------------------------------------------
+def _visible(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``(B, 1, Q, L)``: which keys each query sees (causal when transformers passes no mask)."""
+    if mask is None:
+        rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+        return (torch.arange(kv_len, device=device)[None] <= rows)[None, None].expand(batch, 1, q_len, kv_len)
+    mask = mask[:, :1, :, -kv_len:]
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return allowed.expand(batch, 1, q_len, kv_len)
+
+
+def group_dims(qp: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean ``(B, G, 1, Q, m)`` dims kept per KV group and query: the ``k`` largest ``sum_g |qP|``
+    (float32 sums, as the kernels rank them); ``qp`` ``(B, G, rep, Q, m)``."""
+    m = qp.shape[-1]
+    if k >= m:
+        return torch.ones_like(qp[:, :, :1], dtype=torch.bool)
+    top = qp.float().abs().sum(2, keepdim=True).topk(k, dim=-1).indices
+    return torch.zeros_like(qp[:, :, :1], dtype=torch.bool).scatter_(-1, top, True)
+
+
+def page_keep(scores: torch.Tensor, visible: torch.Tensor, ratio: float, page: int, sinks: int, recent: int) -> torch.Tensor:
+    """Token keep-mask ``(B, G, Q, L)`` of top-T by pages: per query, the first ``sinks`` and the last
+    ``recent`` visible pages, and on top of them the ``ceil(ratio * visible / page)`` visible pages of highest
+    max score. ``scores`` ``(B, G, Q, L)`` with ``-inf`` where not visible."""
+    length = scores.shape[-1]
+    n_pages = -(-length // page)
+    padded = torch.nn.functional.pad(scores, (0, n_pages * page - length), value=float("-inf"))
+    pscores = padded.view(*scores.shape[:-1], n_pages, page).amax(-1)  # (B, G, Q, NP)
+    seen = visible.sum(-1)  # (B, 1, Q) visible keys (a prefix, causal)
+    last = (seen - 1).clamp(min=0) // page  # the page holding the newest visible key
+    idx = torch.arange(n_pages, device=scores.device)
+    forced = (idx < sinks) | ((idx <= last[..., None]) & (idx > last[..., None] - recent))
+    pscores = torch.where(forced & (pscores > float("-inf")), torch.full_like(pscores, float("inf")), pscores)
+    budget = torch.clamp(torch.ceil(ratio * seen.float() / page), min=1).long()  # (B, 1, Q)
+    budget = budget + (forced & (idx <= last[..., None])).sum(-1)  # the forced pages come on top
+    rank = torch.sort(pscores, dim=-1, descending=True, stable=True).indices.argsort(-1)
+    keep_pages = rank < budget[..., None]
+    return keep_pages.repeat_interleave(page, dim=-1)[..., :length] & visible
+
+
+@dataclass
+class DecodeHook(ProjectionHook):
+    """One layer of :class:`AquaDecode`: see the module docstring for which path runs when."""
+
+    state: DecodeState = field(default_factory=DecodeState)
+    token_ratio: float | None = None
+    page: int = 64
+    sink_pages: int = 1
+    recent_pages: int = 1
+    kernels: bool = True
+    hybrid: bool = True
+    prefill: str = "dense"
+    query_chunk: int = 512  # queries per score block in the PyTorch path: bounds memory at long prefill
+
+    def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        layer, self.state.pending = self.state.pending, None
+        if layer is None or key.dim() != 4 or key.shape[-1] != layer.length:
+            return super().attend(module, query, key, value, attention_mask, **kwargs)  # no projected cache: Aqua
+        fresh, layer.fresh = layer.fresh, None
+        if fresh is not None and self.prefill == "dense":  # prefill into an empty cache: exact, on the fresh keys
+            return sdpa_attention_forward(module, query, fresh[0], fresh[1], attention_mask, **kwargs)
+        scale = kwargs.get("scaling")
+        if scale is None:
+            scale = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if self._kernel_ready(query, key, attention_mask):
+            return self._kernel(query, key, value, scale), None
+        return self._reference(query, key, value, attention_mask, scale), None
+
+    # -- the fused kernels ------------------------------------------------------------------------------
+    def _kernel_ready(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        if not (self.kernels and query.is_cuda and query.shape[2] == 1 and self.mode == "dynamic"):
+            return False
+        if isinstance(self.k, torch.Tensor) or key.shape[2] != query.shape[-1] or query.dtype != torch.bfloat16:
+            return False  # per-group budgets and truncated keys (m < D) run the reference
+        if mask is not None and not bool(_visible(mask, query.shape[0], 1, key.shape[-1], query.device).all()):
+            return False  # a padded batch: the kernels see every cached token
+        from ..kernels import triton_available
+
+        return triton_available()
+
+    def _kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        from ..kernels.decode import DecodeConfig, aqua_decode
+
+        batch, q_heads, _, dim = query.shape
+        length = key.shape[-1]
+        dims = min(int(self.k), dim)
+        if self.hybrid and not self.uses_aqua(batch, length, dim):
+            dims, ratio = dim, None  # below the break-even: the dims kernel over every dim is dense attention
+        else:
+            ratio = self.token_ratio
+        config = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page)
+        out = aqua_decode(query[:, :, 0], None, value, key, self._projection_on(query.device), config,
+                          scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages)
+        return out[:, None]  # (B, 1, Hq, D)
+
+    def uses_aqua(self, batch: int, length: int, head_dim: int) -> bool:
+        from ..kernels.hybrid import DEFAULT_MIN_SEQ_DIMS, DEFAULT_MIN_SEQ_TOPT
+
+        table = DEFAULT_MIN_SEQ_DIMS if self.token_ratio is None else DEFAULT_MIN_SEQ_TOPT
+        keys = [b for b in sorted(table) if b <= batch] or [min(table)]
+        return length >= table[keys[-1]]
+
+    # -- the same math in PyTorch -----------------------------------------------------------------------
+    def _reference(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+        """query ``(B, Hq, Q, D)``; key ``(B, Hkv, m, L)`` projected, dimension-major; value ``(B, Hkv, L, D)``."""
+        batch, q_heads, q_len, dim = query.shape
+        groups, m, length = key.shape[1], key.shape[2], key.shape[3]
+        proj = self._projection_on(query.device)[..., :m]
+        qp = query.float().view(batch, groups, q_heads // groups, q_len, dim) @ proj[:, None]  # (B, G, rep, Q, m)
+        kd, v = key.float()[:, :, None], value.float()[:, :, None]  # (B, G, 1, m, L), (B, G, 1, L, D)
+        visible = _visible(mask, batch, q_len, length, query.device)[:, :, None]  # (B, 1, 1, Q, L)
+        outs = [self._attend_chunk(qp[:, :, :, i : i + self.query_chunk], kd, v, visible[:, :, :, i : i + self.query_chunk], m, scale)
+                for i in range(0, q_len, self.query_chunk)]
+        out = torch.cat(outs, dim=3)  # (B, G, rep, Q, D)
+        return out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).to(query.dtype)
+
+    def _attend_chunk(self, qp: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, m: int,
+                      scale: float) -> torch.Tensor:
+        groups = qp.shape[1]
+        if self.mode == "dense":
+            kept = qp
+        elif isinstance(self.k, torch.Tensor) or self.mode == "static":
+            budget = self.k.view(groups, 1, 1) if isinstance(self.k, torch.Tensor) else self.k
+            kept = _select(qp, budget, m, self.mode)
+        else:
+            kept = qp * group_dims(qp, min(int(self.k), m))
+        approx = (kept @ kd) * scale  # (B, G, rep, Q, L)
+        approx = approx.masked_fill(~visible, float("-inf"))
+        if self.token_ratio is None:
+            probs = approx.softmax(-1)
+        else:
+            keep = page_keep(approx.amax(2), visible[:, :, 0], self.token_ratio, self.page, self.sink_pages, self.recent_pages)
+            exact = (qp @ kd) * scale
+            probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
+        return probs.nan_to_num(0.0) @ v  # a fully masked row (left padding) gives zeros, not NaN
+
+
+def _select(qp: torch.Tensor, budget: Any, m: int, mode: str) -> torch.Tensor:
+    from .aqua import select_dims
+
+    budget = budget.clamp(max=m) if isinstance(budget, torch.Tensor) else min(budget, m)
+    return select_dims(qp, budget, mode)
+
+
+@dataclass
+class AquaDecode(Aqua):
+    """AQUA with a projected KV cache and, on CUDA, the fused kernels in every decode step.
+
+    ``k``: dims kept (ratio or count); ``token_ratio``: T/L for dims + top-T pages (None: dims only);
+    ``kv_dims``: projected key dims stored (ratio or count; 1.0 = all, exact at ``k = D``); ``page``: tokens
+    per page; ``sink_pages``/``recent_pages``: pages always kept by top-T; ``max_tokens``: a fixed cache
+    capacity (None: grows); ``kernels``: use the fused kernels where they apply; ``hybrid``: dense below
+    the measured break-even; ``prefill``: "dense" (exact attention on the prompt, as a server would) or
+    "aqua" (every prompt position attends as a decode step at that position would: what a quality run
+    of the decode path measures in one forward). Pass ``new_cache()`` as ``past_key_values``.
+    """
+
+    token_ratio: float | None = None
+    kv_dims: float | int = 1.0
+    page: int = 64
+    sink_pages: int = 1
+    recent_pages: int = 1
+    max_tokens: int | None = None
+    kernels: bool = True
+    hybrid: bool = True
+    prefill: str = "dense"
+    query_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefill not in ("dense", "aqua"):
+            raise ConfigError(f"prefill must be dense or aqua, got {self.prefill!r}")
+        self.m = parse_kv_dims(self.kv_dims, self.artifact.head_dim)
+        if self.token_ratio is not None and not 0.0 < self.token_ratio <= 1.0:
+            raise ConfigError(f"token ratio T/L = {self.token_ratio} is outside (0, 1]")
+        if self.page < 16 or self.page & (self.page - 1):
+            raise ConfigError(f"page must be a power of two >= 16, got {self.page}")
+        if self.sink_pages < 0 or self.recent_pages < 0:
+            raise ConfigError("sink_pages and recent_pages must be 0 or more")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        self.states: list[DecodeState] = []
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "aqua-decode" if self.token_ratio is None else "aqua-decode-topt"
+
+    def check(self, model: torch.nn.Module) -> None:
+        super().check(model)
+        full_attention_only(model.config, "the projected KV cache")
+
+    def make_hook(self, projection: torch.Tensor) -> ProjectionHook:
+        state = DecodeState()
+        self.states.append(state)
+        return DecodeHook(projection, self.dims, self.mode, kv_dims=self.m, state=state, token_ratio=self.token_ratio,
+                          page=self.page, sink_pages=self.sink_pages, recent_pages=self.recent_pages,
+                          kernels=self.kernels, hybrid=self.hybrid, prefill=self.prefill,
+                          query_chunk=self.query_chunk)
+
+    def layer_hooks(self, model: torch.nn.Module) -> list[AttentionHook]:
+        self.states = []
+        return super().layer_hooks(model)
+
+    def new_cache(self) -> ProjectedKVCache:
+        if not self.states:
+            raise ConfigError("install AquaDecode on a model before building its cache")
+        for state in self.states:
+            state.pending = None
+        return ProjectedKVCache(self.artifact, self.m, self.states, self.max_tokens, self.page)
+
+    def remove(self) -> None:
+        for state in self.states:
+            state.pending = None
+        super().remove()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "kv_dims": self.kv_dims, "token_ratio": self.token_ratio, "page": self.page,
+                "sink_pages": self.sink_pages, "recent_pages": self.recent_pages}
+

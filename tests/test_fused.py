@@ -1,0 +1,191 @@
+"""AquaDecode: the projected KV cache (one copy of the keys, projected once, dimension-major) and the decode
+path on it: layout and bytes, the PyTorch path against a brute-force definition, page top-T with sinks and a
+recent window, prefill="aqua" equal to decoding token by token, and (on a GPU) the fused kernels inside the
+model against the PyTorch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import rel_err, tiny_model, token_ids
+from transformers import DynamicCache
+
+from aqua_cli.cost import cache_bytes
+from aqua_cli.errors import ConfigError
+from aqua_cli.methods import AquaDecode
+from aqua_cli.methods.fused import page_keep
+
+
+def stepwise(model, x, cache, prefill=6):
+    with torch.no_grad():
+        out = model(x[:, :prefill], past_key_values=cache, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for t in range(prefill, x.shape[1]):
+            logits.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+def test_cache_holds_projected_keys_dim_major_once(full):
+    _, model, art = full
+    x = token_ids(batch=2, length=12)
+    m = art.head_dim // 2
+    with AquaDecode(art, k=1.0, kv_dims=m, max_tokens=12)(model) as method:
+        cache = method.new_cache()
+        with torch.no_grad():
+            model(x, past_key_values=cache, use_cache=True)
+    dense = DynamicCache()
+    with torch.no_grad():
+        model(x, past_key_values=dense, use_cache=True)
+    layer, ref = cache.layers[0], dense.layers[0]
+    assert layer.keys.shape == (2, art.num_groups, m, 12)
+    expected = (ref.keys.float() @ art.projections[0][:, :, :m]).transpose(-1, -2)
+    assert torch.allclose(layer.keys.float(), expected, atol=1e-5)
+    assert torch.equal(layer.values, ref.values)
+    got, full_bytes = cache_bytes(cache), cache_bytes(dense)
+    assert got["keys"] * art.head_dim == full_bytes["keys"] * m  # keys shrink to m/D: no second copy
+    assert got["total"] * 2 * art.head_dim == full_bytes["total"] * (art.head_dim + m)  # (1 + m/D) / 2 of dense
+
+
+def test_full_dims_generate_same_tokens(full):
+    _, model, art = full
+    x = token_ids(length=8)
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ref = model.generate(x, **kw)
+        for ratio in (None, 1.0):
+            with AquaDecode(art, k=1.0, token_ratio=ratio, page=16)(model) as method:
+                assert torch.equal(model.generate(x, past_key_values=method.new_cache(), **kw), ref)
+
+
+def test_decode_step_matches_brute_force(full):
+    """One decode step at k < D: dims chosen per KV group by sum |qP|, scores over those dims of the stored
+    projected keys, softmax, values; recomputed here from the captured q, k, v of the layer."""
+    _, model, art = full
+    x = token_ids(length=10, seed=7)
+    captured = {}
+    method = AquaDecode(art, k=max(1, art.head_dim // 4))
+    with method(model), torch.no_grad():
+        cache = method.new_cache()
+        model(x[:, :9], past_key_values=cache, use_cache=True)
+        hook = method.hooks[0]
+        original = hook._reference
+
+        def spy(query, key, value, mask, scale):
+            out = original(query, key, value, mask, scale)
+            captured.update(q=query, kd=key, v=value, scale=scale, out=out)
+            return out
+
+        hook._reference = spy
+        model(x[:, 9:], past_key_values=cache, use_cache=True)
+        del hook._reference
+    q, kd, v, scale, out = (captured[n] for n in ("q", "kd", "v", "scale", "out"))
+    batch, hq, _, d = q.shape
+    groups = kd.shape[1]
+    rep = hq // groups
+    proj = art.projections[0]
+    expected = torch.empty(batch, 1, hq, d)
+    for g in range(groups):
+        qp = q[0, g * rep : (g + 1) * rep, 0].float() @ proj[g]  # (rep, D)
+        dims = qp.abs().sum(0).topk(method.dims).indices
+        for r in range(rep):
+            scores = (qp[r, dims] @ kd[0, g, dims].float()) * scale
+            expected[0, 0, g * rep + r] = scores.softmax(-1) @ v[0, g].float()
+    assert rel_err(out.float(), expected) <= 1e-5
+
+
+def test_sum_and_max_over_the_group_choose_differently():
+    """The group rule sums |qP| over the group's heads: here a max would pick dim 0, the sum picks dim 1."""
+    from aqua_cli.methods.fused import group_dims
+
+    qp = torch.tensor([[9.0, 5.0, 0.0], [0.0, 5.0, 1.0]]).view(1, 1, 2, 1, 3)
+    assert group_dims(qp, 1).flatten().tolist() == [False, True, False]
+
+
+def test_page_keep_sinks_recent_and_budget():
+    length, page = 64, 8
+    visible = torch.ones(1, 1, 1, length, dtype=torch.bool)
+    scores = torch.zeros(1, 1, 1, length)
+    scores[..., 30] = 5.0  # page 3 is the best scored
+    keep = page_keep(scores, visible, ratio=1 / 8, page=page, sinks=1, recent=1)[0, 0, 0]
+    pages = keep.view(-1, page).all(-1).tolist()
+    assert pages == [True, False, False, True, False, False, False, True]  # the sink, the best, the recent one
+    keep = page_keep(scores, visible, ratio=4 / 8, page=page, sinks=0, recent=0)[0, 0, 0]
+    assert int(keep.view(-1, page).all(-1).sum()) == 4 and bool(keep[30])
+    half = visible.clone()
+    half[..., 20:] = False  # a query that sees 20 keys: its recent page is page 2, and nothing past it is kept
+    keep = page_keep(scores.masked_fill(~half, float("-inf")), half, ratio=1 / 8, page=page, sinks=1, recent=1)[0, 0, 0]
+    assert keep[:8].all() and keep[16:20].all() and not keep[20:].any()
+
+
+def test_prefill_aqua_equals_token_by_token_decoding(full):
+    """prefill="aqua" scores every prompt position as its own decode step would: one forward gives the logits
+    that decoding token by token through the cache gives (what makes it a quality measure of the decode path)."""
+    _, model, art = full
+    x = token_ids(length=160, seed=9)
+    kw = dict(k=max(1, art.head_dim // 2), token_ratio=1 / 8, page=16, sink_pages=1, recent_pages=1)
+    with torch.no_grad():
+        with AquaDecode(art, prefill="aqua", query_chunk=7, **kw)(model) as method:
+            whole = model(x, past_key_values=method.new_cache(), use_cache=True).logits[:, 5:]
+        with AquaDecode(art, prefill="aqua", **kw)(model) as method:
+            steps = stepwise(model, x, method.new_cache(), prefill=6)
+        dense = model(x).logits[:, 5:]
+    assert rel_err(whole, steps) <= 1e-4
+    assert rel_err(whole, dense) > 1e-3  # and it is an approximation
+
+
+def test_capacity_grows_unless_fixed(full):
+    _, model, art = full
+    with AquaDecode(art, k=1.0, page=16)(model) as method:
+        cache = method.new_cache()
+        stepwise(model, token_ids(length=40), cache, prefill=20)
+        assert cache.get_seq_length() == 40 and cache.layers[0].keys.shape[-1] >= 40
+        fixed = AquaDecode(art, k=1.0, max_tokens=24)(model)
+        with pytest.raises(ConfigError, match="holds 24 tokens"), torch.no_grad():
+            stepwise(model, token_ids(length=30), fixed.new_cache(), prefill=20)
+        fixed.remove()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"token_ratio": 1.5}, "outside"), ({"page": 24}, "power of two"), ({"sink_pages": -1}, "0 or more"),
+    ({"max_tokens": 0}, "at least 1"), ({"prefill": "fast"}, "prefill"), ({"kv_dims": 0}, "kv-dims"),
+])
+def test_bad_settings_are_refused(full, kwargs, needle):
+    _, _, art = full
+    with pytest.raises(ConfigError, match=needle):
+        AquaDecode(art, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_sliding_window_models_are_refused(arch):
+    from conftest import tiny_artifact
+
+    model = tiny_model(arch)
+    with pytest.raises(ConfigError, match="full-attention layers only"):
+        AquaDecode(tiny_artifact(model, arch))(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("ratio", [None, 1 / 8])
+def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio):
+    """bf16 on the GPU, a model with real head_dim (128) and GQA 4: decode steps through the fused kernels
+    give the logits of the PyTorch path on the same cache, to bf16 tolerance."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from aqua_cli.kernels import triton_available
+    from conftest import tiny_artifact
+
+    if not triton_available():
+        pytest.skip("needs Triton")
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=128, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    art = tiny_artifact(model, "llama")
+    model = model.to("cuda", torch.bfloat16)
+    x = torch.randint(3, 256, (2, 700), generator=torch.Generator().manual_seed(1)).cuda()
+    logits = {}
+    for kernels in (False, True):
+        with AquaDecode(art, k=0.5, token_ratio=ratio, page=64, hybrid=False, kernels=kernels)(model) as method:
+            logits[kernels] = stepwise(model, x, method.new_cache(), prefill=690).float()
+    assert rel_err(logits[True], logits[False]) <= 2e-2
