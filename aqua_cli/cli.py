@@ -4,7 +4,8 @@ JSON and progress output. Each command is a thin module of :mod:`aqua_cli.comman
 
 Results go to stdout (tables, or JSON with ``--json -``), progress and diagnostics to stderr. Every
 known failure is an :class:`AquaError` printed as one line (``Error: ...``) with exit status 1; set
-``--debug`` (or ``AQUA_DEBUG=1``) for the traceback.
+``--debug`` (or ``AQUA_DEBUG=1``) for the traceback. Text is printed literally: the consoles parse no
+rich markup or emoji codes, so a path, model id or table cell holding ``[/]`` or ``[bold]`` is shown as is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from . import __version__
 from .errors import AquaError
@@ -31,8 +33,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # piped or redirected results keep every column (rich would squeeze tables to 80 and cut numbers)
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
+# markup and emoji off: user text (paths, model ids, --data names, metadata in tables) is printed literally
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160, markup=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
+
+
+def status(text: str):
+    """A spinner on stderr whose text is literal (rich parses a plain string given to a spinner as markup)."""
+    return err.status(Text(text))
 
 # -- shared options (one spelling and help text for every command) --------------------------------
 ModelArg = Annotated[
@@ -55,7 +63,16 @@ TextColumnOpt = Annotated[str, typer.Option("--text-column", help="Column (datas
 TokensOpt = Annotated[int, typer.Option("--tokens", help="Token budget (whole windows of --seq-len).")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the window order (runs are deterministic for a seed).")]
+
+
+def check_seed(value: int) -> int:
+    """Seeds go to torch.Generator.manual_seed, which takes 0 .. 2**64 - 1."""
+    if value is not None and not 0 <= value < 2**64:
+        raise AquaError(f"--seed must be between 0 and 2**64 - 1 (18446744073709551615), got {value}")
+    return value
+
+
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the window order (runs are deterministic for a seed).", callback=check_seed)]
 ArtifactArg = Annotated[Optional[str], typer.Argument(help="Artifact directory, registry name (org--name) or hf://org/repo. Default: the shipped SmolLM2 artifact.")]
 ArtifactOpt = Annotated[
     Optional[str],
@@ -83,6 +100,36 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
+def check_output_file(target: str | Path | None, option: str) -> Path | None:
+    """Check a file output (``--json``, ``--plot``) before any work: not a directory, not inside an artifact
+    (it would corrupt it), and its folder can be created. ``None`` and ``-`` (stdout) pass."""
+    if target is None or str(target) == "-":
+        return None
+    from .artifact import enclosing_artifact, resolve_path
+
+    path = resolve_path(target, option)
+    inside = enclosing_artifact(path)
+    if inside is not None:
+        raise AquaError(f"{option} {target} is inside the artifact {inside}: write it somewhere else")
+    if path.is_dir():
+        raise AquaError(f"{option} {target} is a directory: give a file name")
+    if path.exists() and not path.is_file():
+        raise AquaError(f"{option} {target} exists and is not a regular file: give another file name")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise AquaError(f"cannot write {option} {target}: {existing} is not a directory")
+    return path
+
+
+def check_outputs(json_out: str | None = None, plot: str | Path | None = None) -> None:
+    """The file outputs of a command, checked before the model loads."""
+    check_output_file(json_out, "--json")
+    if plot is not None:
+        from .plotting import plot_path
+
+        check_output_file(plot_path(plot), "--plot")
+
+
 def write_json(target: str | None, payload: Any) -> None:
     if target is None:
         return
@@ -90,15 +137,19 @@ def write_json(target: str | None, payload: Any) -> None:
     if target == "-":
         sys.stdout.write(text + "\n")
         return
-    path = Path(target).expanduser()
+    path = check_output_file(target, "--json")
+    assert path is not None
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(text + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:
         raise AquaError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    err.print(f"wrote {path}")
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+    err.print(f"wrote {path}", highlight=False)
 
 
 def progress(description: str, enabled: bool = True):
@@ -129,7 +180,7 @@ def load(model: str | None, revision: str | None, device: str, dtype: str, devic
     from .models import load_model, resolve_model
 
     source = resolve_model(model, revision)
-    with err.status(f"loading {source.model_id} ..."):
+    with status(f"loading {source.model_id} ..."):
         loaded, tokenizer = load_model(source, device, dtype, device_map=device_map)
     return source, loaded, tokenizer
 

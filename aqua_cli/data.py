@@ -92,7 +92,7 @@ def load_texts(spec: DataSpec) -> list[str]:
             texts = _file_texts(path, spec.text_column)
         elif path.is_dir():
             texts = _dataset_texts(_load_from_disk(path, spec.split), spec)
-        elif path.suffix in (".txt", ".jsonl") or spec.name.startswith((".", "/", "~")):
+        elif path.suffix in (".txt", ".jsonl") or spec.name.startswith((".", "/", "~")) or _local_path_like(spec.name):
             raise DataError(f"data file not found: {spec.name}")
         else:
             texts = _dataset_texts(_load_hub_dataset(spec), spec)
@@ -107,7 +107,7 @@ def _file_texts(path: Path, column: str) -> list[str]:
     if b"\x00" in raw[:65536]:
         raise DataError(f"{path} looks binary (NUL bytes): give a UTF-8 .txt or .jsonl file")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): convert it or give another file") from exc
     if path.suffix != ".jsonl":
@@ -122,8 +122,21 @@ def _file_texts(path: Path, column: str) -> list[str]:
             raise DataError(f"{path}:{number} is not valid JSON") from None
         if not isinstance(record, dict) or column not in record:
             raise DataError(f"{path}:{number} has no '{column}' field: set --text-column")
-        texts.append(str(record[column]))
+        value = record[column]
+        if value is None:  # a null text is no text, not the string "None"
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{number}: '{column}' is {type(value).__name__}, not a string: fix the line or set --text-column")
+        texts.append(value)
     return texts
+
+
+def _local_path_like(name: str) -> bool:
+    """A name that can only be a local path (it is no Hub dataset id): a Windows separator, more than one
+    '/', or a first folder that exists here. Such a name that does not exist is "not found" at once, not
+    after the Hub lookup's retries."""
+    parts = name.split("/")
+    return "\\" in name or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
 
 
 def _load_from_disk(path: Path, split: str) -> Any:
@@ -143,6 +156,13 @@ def _load_from_disk(path: Path, split: str) -> Any:
 def _load_hub_dataset(spec: DataSpec) -> Any:
     import datasets
 
+    from .network import endpoint, hub_reachable, offline
+
+    if not offline() and not hub_reachable():  # answered in seconds, not after the datasets library's retries
+        raise DataError(
+            f"data '{spec.name}' is not a local file or directory, and the Hub at {endpoint()} cannot be reached to look it up "
+            "as a dataset: check the path, or your connection (HF_HUB_OFFLINE=1 uses datasets already in the cache)"
+        )
     try:
         return datasets.load_dataset(spec.name, spec.config, split=spec.split)
     except Exception as exc:

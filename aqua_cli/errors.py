@@ -12,6 +12,10 @@ class AquaError(Exception):
     """A problem the user can fix; the message is shown as is."""
 
 
+class AquaWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one ``Warning:`` line."""
+
+
 class ModelLoadError(AquaError):
     """The model could not be found, downloaded or loaded."""
 

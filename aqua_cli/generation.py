@@ -65,12 +65,26 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
+def check_context(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with the tokens to generate, does not fit the model's context
+    (``max_position_embeddings``): beyond it a model returns garbage, slowly."""
+    from .models import text_config
+
+    limit = getattr(text_config(model.config), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and prompt_tokens + max_new_tokens > limit:
+        raise ConfigError(
+            f"the prompt is {prompt_tokens} tokens and --max-new-tokens {max_new_tokens}: together more than the model's "
+            f"context of {limit} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+
+
 def generate_text(
     model: torch.nn.Module, tokenizer: Any, prompt: str, config: SamplingConfig, streamer: Any = None, cache: Any = None
 ) -> GenerationResult:
     """Generate from ``prompt``; ``streamer`` (e.g. transformers' ``TextStreamer``) sees tokens as they come;
     ``cache`` (e.g. a method's ``new_cache()``) is passed as ``past_key_values``."""
     ids = encode_prompt(tokenizer, prompt, config.chat).to(next(model.parameters()).device)
+    check_context(model, int(ids.shape[-1]), config.max_new_tokens)
     torch.manual_seed(config.seed)
     sampling: dict[str, Any] = {"do_sample": False}
     if config.temperature > 0:

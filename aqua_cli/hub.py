@@ -53,6 +53,12 @@ class HubRef:
             raise AquaError(f"'{text}' is not a Hub artifact name: write hf://org/repo or hf://org/repo@revision")
         if rev and revision and rev != revision:
             raise AquaError(f"'{text}' names revision '{rev}' but --revision says '{revision}': give one")
+        if "@" in body and not rev:
+            raise AquaError(f"'{text}' has an empty revision after '@': write hf://org/repo@revision, or leave out the '@'")
+        if rev or revision:
+            from .models import check_revision
+
+            check_revision(rev or revision or "")
         return cls(repo_id, rev or revision or None)
 
     def __str__(self) -> str:
@@ -99,9 +105,13 @@ def _offline() -> bool:
 
 
 def cache_dir() -> Path:
+    """The HF cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``); a path that exists and is not a directory is one line."""
     from huggingface_hub import constants
 
-    return Path(constants.HF_HUB_CACHE)
+    path = Path(constants.HF_HUB_CACHE)
+    if path.exists() and not path.is_dir():
+        raise AquaError(f"the Hugging Face cache {path} is not a directory: point HF_HUB_CACHE (or HF_HOME) at a directory")
+    return path
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -137,8 +147,20 @@ def _hub_errors(ref: HubRef, action: str) -> Iterator[None]:
     except LocalEntryNotFoundError as exc:
         if _offline():
             raise AquaError(f"{ref} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: pull it once online (`aqua pull {ref}`)") from None
-        raise AquaError(f"cannot reach the Hub at {_endpoint()} and {ref} is not in the local cache: check your connection or HF_ENDPOINT, then retry") from exc
+        from .network import read_timeout
+
+        raise AquaError(
+            f"cannot reach the Hub at {_endpoint()} (down, refused, or no answer within {read_timeout():g} s) and {ref} is not in the local cache: "
+            "check your connection or HF_ENDPOINT, then retry"
+        ) from None
     except _transport_errors() as exc:
+        if "timeout" in type(exc).__name__.lower():
+            from .network import read_timeout
+
+            raise AquaError(
+                f"the Hub at {_endpoint()} did not answer within {read_timeout():g} s when trying to {action} {ref} ({type(exc).__name__}): "
+                "check your connection or HF_ENDPOINT, or raise HF_HUB_DOWNLOAD_TIMEOUT, then retry"
+            ) from None
         raise AquaError(f"cannot reach the Hub at {_endpoint()} to {action} {ref} ({type(exc).__name__}): check your connection or HF_ENDPOINT, then retry") from None
 
 
@@ -180,7 +202,10 @@ def pull_artifact(ref: str, revision: str | None = None, token: str | None = Non
     from huggingface_hub import snapshot_download
     from huggingface_hub.file_download import repo_folder_name
 
+    from .network import configure
+
     hub_ref = HubRef.parse(ref, revision)
+    configure()
     storage = cache_dir() / repo_folder_name(repo_id=hub_ref.repo_id, repo_type="model")
     existed = storage.exists()
     with file_lock(_pull_lock_path(hub_ref.repo_id), f"pulling {hub_ref.repo_id}", lock_timeout(60.0)):
@@ -248,9 +273,10 @@ def _verify_or_evict(folder: Path, ref: HubRef, commit: str) -> None:
         if not (folder / TENSOR_FILE).is_file():
             raise ArtifactError(f"the repo has no {TENSOR_FILE}: it is not an aqua artifact")
         Artifact.load(folder)
-    except ArtifactError as exc:
+    except Exception as exc:  # any failure, not only ArtifactError: nothing unverified stays in the cache
         _evict_snapshot(folder)
-        reason = str(exc).replace(str(folder / TENSOR_FILE), TENSOR_FILE)
+        reason = str(exc) if isinstance(exc, AquaError) else f"{type(exc).__name__}: {first_line(exc)}"
+        reason = reason.replace(str(folder / TENSOR_FILE), TENSOR_FILE).replace(str(folder), "the snapshot")
         raise ArtifactError(
             f"{ref} (commit {commit[:12]}) failed verification and was removed from the cache: {reason}; "
             "ask its owner to push it again"
@@ -313,7 +339,13 @@ def push(
     """Verify ``artifact`` (a directory or ``hf://`` name), then create ``repo_id`` (and branch ``revision``) if missing and upload it as one commit."""
     from huggingface_hub import CommitOperationAdd
 
+    from .models import check_revision
+    from .network import configure
+
     token = check_push_target(repo_id, token)
+    if revision is not None:
+        check_revision(revision, "--revision (branch)")
+    configure()
     path = pull(str(artifact), token=token) if str(artifact).startswith(HF_SCHEME) else Path(artifact).expanduser()
     if not path.exists():
         raise ArtifactError(f"no artifact at {path}: give its directory or hf://org/repo (`aqua push` also takes registry names)")

@@ -79,6 +79,8 @@ def default_gguf_path() -> Path:
 
 def resolve_model(name: str | None = None, revision: str | None = None) -> ModelSource:
     """Decide what kind of model ``name`` is, without loading it."""
+    if revision is not None:
+        check_revision(revision)
     if name is None or name in ("", "default"):
         path = default_gguf_path()
         return ModelSource(DEFAULT_MODEL_ID, str(path.parent), "gguf", "gguf:Q4_1", path.name)
@@ -97,6 +99,23 @@ def resolve_model(name: str | None = None, revision: str | None = None) -> Model
     if not _HUB_ID.match(name) or name.count("/") > 1:
         raise ModelLoadError(f"model not found: '{name}' is neither a local path nor a valid Hub id (org/name)")
     return ModelSource(name, name, "hub", revision)
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_BAD_REF = re.compile(r"(^[/.-])|[/.]$|\.\.|//|@\{|\.lock(/|$)|/\.|[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def check_revision(revision: str, what: str = "revision") -> str:
+    """A Hub revision must be a commit hash, or a branch or tag name by git's rules (no ``..``, no leading
+    ``/``, ``.`` or ``-``, no spaces or ``~^:?*[\\``, at most 256 characters): checked before any request,
+    so a revision can never become a path outside the HF cache."""
+    if _COMMIT.fullmatch(revision):
+        return revision
+    if not revision or len(revision) > 256 or _BAD_REF.search(revision):
+        raise ConfigError(
+            f"invalid {what} {revision!r}: give a branch or tag name (letters, digits, '.', '_', '-', '/', no '..') or a 40-character commit hash"
+        )
+    return revision
 
 
 def _gguf_model_id(path: Path) -> str:
@@ -194,21 +213,13 @@ def load_model(
     return model, tokenizer
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub endpoint answers a TCP connect: without this, an offline machine spends a
-    minute in huggingface_hub's retries before saying the model is unreachable."""
-    import socket
-    from urllib.parse import urlparse
+def hub_reachable(timeout: float | None = None) -> bool:
+    """Whether the Hub endpoint answers in time (:func:`aqua_cli.network.hub_reachable`): without this, an
+    offline machine, or an endpoint that accepts connections and never answers, spends minutes in
+    huggingface_hub's retries before saying the model is unreachable."""
+    from .network import hub_reachable as reachable
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return reachable(timeout)
 
 
 def _hub_kwargs(source: ModelSource) -> dict[str, Any]:
@@ -217,11 +228,14 @@ def _hub_kwargs(source: ModelSource) -> dict[str, Any]:
         return {}
     from huggingface_hub import try_to_load_from_cache
 
+    from .network import endpoint, offline
+
     cached = try_to_load_from_cache(source.location, "config.json", revision=source.revision)
     if not isinstance(cached, str):
+        why = "HF_HUB_OFFLINE is set" if offline() else f"the Hub at {endpoint()} cannot be reached or does not answer"
         raise ModelLoadError(
-            f"model '{source.model_id}' is not in the local Hugging Face cache and the Hub cannot be reached "
-            "(offline?): download it on a connected machine, or give a local directory or .gguf file"
+            f"model '{source.model_id}' is not in the local Hugging Face cache and {why}: "
+            "download it on a connected machine, or give a local directory or .gguf file"
         )
     return {"local_files_only": True}
 

@@ -11,12 +11,13 @@ neither imports it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifact import TENSOR_FILE, Artifact, header_metadata, registry_name
-from .errors import ArtifactError
+from .artifact import TENSOR_FILE, Artifact, read_header, registry_name, verify_metadata
+from .errors import AquaError, ArtifactError, AquaWarning, first_line
 from .hub import HF_SCHEME, cache_dir
 from .models import DEFAULT_MODEL_ID
 
@@ -34,6 +35,7 @@ class Listed:
     tokens: int | None
     size: int
     path: str
+    status: str = "ok"  # or "broken: <why>" (read from the header; such an entry fails to load)
 
 
 def registry_dir() -> Path:
@@ -88,23 +90,33 @@ def as_artifact(artifact: Any) -> Artifact:
 
 
 def list_artifacts() -> list[Listed]:
-    """Artifacts in the registry, shipped with aqua, and in the HF cache (read from headers: no tensors loaded)."""
+    """Artifacts in the registry, shipped with aqua, and in the HF cache (read from headers: no tensors
+    loaded). An entry whose header fails the checks of a load is listed as broken; the others still are."""
     return _local_artifacts() + _cached_artifacts()
 
 
 def _local_artifacts() -> list[Listed]:
     rows, seen = [], set()
     for where, root in (("registry", registry_dir()), ("shipped", shipped_dir())):
-        if not root.is_dir():
+        try:
+            folders = sorted(root.iterdir()) if root.is_dir() else []
+        except OSError as exc:
+            warnings.warn(f"cannot read the {where} folder {root}: {exc.strerror or exc}", AquaWarning, stacklevel=2)
             continue
-        for folder in sorted(root.iterdir()):
+        for folder in folders:
             file = folder / TENSOR_FILE
-            if folder.name.startswith(".") or not file.is_file() or folder.resolve() in seen:
+            try:
+                if folder.name.startswith(".") or not file.is_file() or folder.resolve() in seen:
+                    continue
+            except OSError:
                 continue
             seen.add(folder.resolve())
-            meta = _header_metadata(file)
-            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-            rows.append(Listed(folder.name, where, meta.get("model_id", "?"), str(meta.get("model_revision") or "-"), meta.get("tokens"), size, str(folder)))
+            try:
+                size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            except OSError:
+                size = 0
+            meta, status = _checked_header(file)
+            rows.append(_row(folder.name, where, meta, status, size, folder))
     return rows
 
 
@@ -116,6 +128,9 @@ def _cached_artifacts() -> list[Listed]:
         cache = scan_cache_dir(cache_dir())
     except CacheNotFound:
         return []
+    except (AquaError, OSError, ValueError) as exc:  # HF_HUB_CACHE is a file, unreadable...: list the rest
+        warnings.warn(f"the Hugging Face cache is not listed: {first_line(exc)}", AquaWarning, stacklevel=2)
+        return []
     rows = []
     for repo in sorted(cache.repos, key=lambda r: r.repo_id):
         if repo.repo_type != "model":
@@ -124,22 +139,39 @@ def _cached_artifacts() -> list[Listed]:
             file = rev.snapshot_path / TENSOR_FILE
             if not file.is_file():
                 continue
-            meta = _header_metadata(file)
-            if meta.get("tool") != "aqua_cli":
-                continue
+            meta, status = _checked_header(file)
+            if status != "ok" and not _claims_aqua(file):
+                continue  # some other model's projections.safetensors
             refs = ",".join(sorted(rev.refs))
             name = f"{HF_SCHEME}{repo.repo_id}" + (f"@{refs.split(',')[0]}" if refs and refs != "main" else "" if refs else f"@{rev.commit_hash}")
             revision = f"{refs}@{rev.commit_hash[:12]}" if refs else rev.commit_hash[:12]
-            rows.append(Listed(name, "hf-cache", meta.get("model_id", "?"), revision, meta.get("tokens"), rev.size_on_disk, str(rev.snapshot_path)))
+            rows.append(_row(name, "hf-cache", meta, status, rev.size_on_disk, rev.snapshot_path, revision))
     return rows
 
 
-def _header_metadata(file: Path) -> dict[str, Any]:
-    """The aqua metadata of a safetensors file from its header alone (``{}`` if it is not readable)."""
+def _checked_header(file: Path) -> tuple[dict[str, Any], str]:
+    """The verified header metadata of an entry and ``"ok"``, or ``{}`` and ``"broken: <why>"``."""
     try:
-        return header_metadata(file)
+        return verify_metadata(read_header(file).get("__metadata__"), file, warn=False), "ok"
+    except Exception as exc:  # whatever is wrong with one entry, the others are still listed
+        reason = str(exc) if isinstance(exc, AquaError) else f"{type(exc).__name__}: {first_line(exc)}"
+        return {}, "broken: " + reason.replace(f"{file}: ", "").replace(str(file), TENSOR_FILE)
+
+
+def _claims_aqua(file: Path) -> bool:
+    try:
+        meta = read_header(file).get("__metadata__")
     except ArtifactError:
-        return {}
+        return True  # unreadable: say so
+    return isinstance(meta, dict) and meta.get("tool") == "aqua_cli"
+
+
+def _row(name: str, where: str, meta: dict[str, Any], status: str, size: int, path: Path, revision: str | None = None) -> Listed:
+    tokens = meta.get("tokens")
+    return Listed(
+        name, where, str(meta.get("model_id", "?")), revision or str(meta.get("model_revision") or "-"),
+        tokens if isinstance(tokens, int) else None, size, str(path), status,
+    )
 
 
 def listed_as_dict(row: Listed) -> dict[str, Any]:

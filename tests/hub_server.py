@@ -344,3 +344,58 @@ _ROUTES: list[tuple[str, tuple[str, ...], str]] = [
     (rf"/api/models/{_REPO}/tree/([^/]+)(/.*)?", ("GET",), "tree"),
     (rf"/{_REPO}/resolve/([^/]+)/(.+)", ("GET", "HEAD"), "resolve"),
 ]
+
+
+class StalledEndpoint:
+    """A loopback endpoint that accepts every connection and never answers (a hung proxy or server).
+
+    Bounded: it binds 127.0.0.1 only, holds at most ``max_connections`` sockets, and closes them all, and
+    stops accepting, when the ``with`` block ends (or after ``lifetime`` seconds at the latest)."""
+
+    def __init__(self, lifetime: float = 300.0, max_connections: int = 256):
+        import socket
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(64)
+        self._socket.settimeout(0.05)
+        self.lifetime, self.max_connections = lifetime, max_connections
+        self.accepted: list[Any] = []
+        self.closed = False  # True once it stopped stalling (a client that ended after this did not time out)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._socket.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def _serve(self) -> None:
+        import socket
+        import time
+
+        end = time.monotonic() + self.lifetime
+        while not self._stop.is_set() and time.monotonic() < end:
+            try:
+                conn, _ = self._socket.accept()
+            except (socket.timeout, OSError):
+                continue
+            if len(self.accepted) < self.max_connections:
+                self.accepted.append(conn)  # held open, never read from or written to
+            else:
+                conn.close()
+        self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        for conn in self.accepted:
+            conn.close()
+        self._socket.close()
+
+    def __enter__(self) -> StalledEndpoint:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

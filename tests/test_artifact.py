@@ -67,14 +67,20 @@ def test_failed_replace_keeps_the_old_artifact(art, tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def _rewrite(path: Path, mutate) -> None:
+def _rewrite(path: Path, mutate, reseal: bool = False) -> None:
+    """Change the file behind aqua's back; ``reseal`` recomputes both hashes, as a careful forger would."""
     file = path / TENSOR_FILE
     from safetensors import safe_open
+
+    from aqua_cli.artifact import provenance_sha256, tensors_sha256
 
     with safe_open(str(file), "pt") as fh:
         meta = fh.metadata()
     tensors = load_file(str(file))
     mutate(tensors, meta)
+    if reseal:
+        meta["tensors_sha256"] = tensors_sha256(tensors)
+        meta["provenance_sha256"] = provenance_sha256(meta)
     save_file(tensors, str(file), metadata=meta)
 
 
@@ -108,9 +114,8 @@ def test_wrong_shape_is_refused(art, tmp_path):
 
     def mutate(t, m):
         t["layers.1.projection"] = t["layers.1.projection"][:, :8, :8].contiguous()
-        m["tensors_sha256"] = tensors_sha256(t)
 
-    _rewrite(path, mutate)
+    _rewrite(path, mutate, reseal=True)
     with pytest.raises(ArtifactError, match="shape"):
         Artifact.load(path)
 
@@ -121,9 +126,8 @@ def test_wrong_dtype_is_refused(art, tmp_path):
 
     def mutate(t, m):
         t["layers.0.projection"] = t["layers.0.projection"].double()
-        m["tensors_sha256"] = tensors_sha256(t)
 
-    _rewrite(path, mutate)
+    _rewrite(path, mutate, reseal=True)
     with pytest.raises(ArtifactError, match="dtype"):
         Artifact.load(path)
 
@@ -134,9 +138,8 @@ def test_missing_layer_is_refused(art, tmp_path):
 
     def mutate(t, m):
         del t["layers.1.singular_values"]
-        m["tensors_sha256"] = tensors_sha256(t)
 
-    _rewrite(path, mutate)
+    _rewrite(path, mutate, reseal=True)
     with pytest.raises(ArtifactError, match="missing tensor"):
         Artifact.load(path)
 

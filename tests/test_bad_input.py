@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aqua_cli.artifact import TENSOR_FILE, tensors_sha256
+from aqua_cli.artifact import TENSOR_FILE, provenance_sha256, tensors_sha256
 from aqua_cli.commands import main
 
 from conftest import tiny_artifact
@@ -40,13 +40,17 @@ def files(model_dir, tmp_path_factory):
         save_file(tensors, str(root / name / TENSOR_FILE), metadata=meta)
         return str(root / name)
 
+    def reseal(t, m):  # both hashes recomputed: only the structural checks can catch the change
+        m["tensors_sha256"] = tensors_sha256(t)
+        m["provenance_sha256"] = provenance_sha256(m)
+
     def reshape(t, m):
         t["layers.0.projection"] = t["layers.0.projection"][:, :8, :8].contiguous()
-        m["tensors_sha256"] = tensors_sha256(t)
+        reseal(t, m)
 
     def retype(t, m):
         t["layers.0.projection"] = t["layers.0.projection"].half()
-        m["tensors_sha256"] = tensors_sha256(t)
+        reseal(t, m)
 
     paths = {
         "model": str(model_dir),

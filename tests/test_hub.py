@@ -414,3 +414,154 @@ def test_calibrate_push_checks_the_target_before_calibrating(hub, model_dir, tmp
                        "--out", str(tmp_path / "registry" / "tiny"), "--push", "alice/tiny-aqua")
     assert_one_line_error(code, err, "no Hugging Face token")
     assert not (tmp_path / "registry" / "tiny").exists() and hub.requests == []
+
+
+# -- no hangs: an endpoint that accepts the connection and never answers ----------------------------------
+@pytest.fixture
+def stalled(monkeypatch, tmp_path):
+    """huggingface_hub pointed at a loopback endpoint that never answers, with 1 s timeouts (set the way a
+    user sets them: huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT)."""
+    from huggingface_hub import constants
+    from hub_server import StalledEndpoint
+
+    with StalledEndpoint(lifetime=120) as endpoint:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+        monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_ENDPOINT", endpoint.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("AQUA_REGISTRY", str(tmp_path / "registry"))
+        endpoint.cache = tmp_path / "hf" / "hub"
+        yield endpoint
+
+
+def test_stalled_hub_pull_is_one_line(stalled, capsys):
+    code, _, err = run(capsys, "pull", "hf://alice/smol")
+    assert_one_line_error(code, err, "cannot reach the Hub", "no answer within 1 s", "not in the local cache")
+    assert stalled.accepted and not stalled.closed  # it ended by its timeout while the endpoint still stalled
+    assert_nothing_half_written(stalled.cache.parent.parent)
+
+
+def test_stalled_hub_push_is_one_line(stalled, artifact_dir, capsys):
+    code, _, err = run(capsys, "push", str(artifact_dir), "alice/smol")
+    assert_one_line_error(code, err, "did not answer within 1 s", "HF_HUB_DOWNLOAD_TIMEOUT")
+    assert stalled.accepted and not stalled.closed
+
+
+def test_stalled_hub_calibrate_hub_model_is_one_line(stalled, capsys, tmp_path):
+    code, _, err = run(capsys, "calibrate", "someorg/somemodel", "--tokens", "512", "--seq-len", "64", "--device", "cpu")
+    assert_one_line_error(code, err, "not in the local Hugging Face cache", "cannot be reached or does not answer")
+    assert not (tmp_path / "registry" / "someorg--somemodel").exists()
+    assert stalled.accepted and not stalled.closed
+
+
+def test_stalled_hub_in_a_fresh_process_uses_the_env_timeouts(tmp_path):
+    """The documented way: HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT in the environment."""
+    from hub_server import StalledEndpoint
+
+    with StalledEndpoint(lifetime=120) as endpoint:
+        env = {**os.environ, "HF_ENDPOINT": endpoint.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DOWNLOAD_TIMEOUT": "1", "HF_HUB_ETAG_TIMEOUT": "1", "HF_TOKEN": TOKEN}
+        env.pop("HF_HUB_CACHE", None)
+        proc = subprocess.run([sys.executable, "-m", "aqua_cli", "pull", "hf://alice/smol"], capture_output=True, text=True,
+                              env=env, timeout=300, check=False)
+        assert not endpoint.closed
+    assert_one_line_error(proc.returncode, proc.stderr, "cannot reach the Hub", "no answer within 1 s")
+
+
+# -- revisions are validated before any request ---------------------------------------------------------------
+@pytest.mark.parametrize("ref", ["hf://alice/smol@../../x", "hf://alice/smol@a/../b", "hf://alice/smol@-rf", "hf://alice/smol@a b",
+                                 "hf://alice/smol@x~1", "hf://alice/smol@"])
+def test_bad_revision_is_refused_before_any_request(hub, capsys, ref):
+    code, _, err = run(capsys, "pull", ref)
+    assert_one_line_error(code, err)
+    assert "revision" in err
+    assert hub.requests == []
+    assert not hub.cache.exists() or not any(hub.cache.rglob("snapshots"))
+
+
+def test_bad_model_revision_is_refused_before_any_request(hub, capsys):
+    code, _, err = run(capsys, "calibrate", "alice/model", "--revision", "../../etc", "--tokens", "512")
+    assert_one_line_error(code, err, "invalid revision '../../etc'")
+    assert hub.requests == []
+
+
+def test_bad_push_branch_is_refused_before_any_request(hub, artifact_dir, capsys):
+    code, _, err = run(capsys, "push", str(artifact_dir), "alice/smol", "--revision", "a/../../b")
+    assert_one_line_error(code, err, "invalid --revision (branch) 'a/../../b'")
+    assert hub.requests == []
+
+
+def test_good_revisions_parse():
+    from aqua_cli.hub import HubRef
+
+    for rev in ("main", "v1.0", "calib-v2", "refs/pr/3", "0123456789abcdef0123456789abcdef01234567"):
+        assert HubRef.parse(f"hf://org/repo@{rev}").revision == rev
+
+
+# -- any verification failure of a pulled snapshot evicts it ----------------------------------------------------
+def _resealed(artifact_dir: Path, mutate) -> bytes:
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from aqua_cli.artifact import provenance_sha256, tensors_sha256
+    from aqua_cli.models import fingerprint_hash
+
+    with safe_open(str(artifact_dir / TENSOR_FILE), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+    mutate(tensors, meta)
+    fp = _json.loads(meta["fingerprint"])
+    if isinstance(fp, dict):
+        meta["fingerprint_hash"] = fingerprint_hash(fp)
+    meta["tensors_sha256"] = tensors_sha256(tensors)
+    meta["provenance_sha256"] = provenance_sha256(meta)
+    return save(tensors, metadata=meta)
+
+
+def _drop_kv_heads(t, m):
+    import json as _json
+
+    fp = _json.loads(m["fingerprint"])
+    del fp["num_kv_heads"]
+    m["fingerprint"] = _json.dumps(fp)
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (_drop_kv_heads, "lacks num_kv_heads"),
+        (lambda t, m: t.update({"layers.0.singular_values": t["layers.0.singular_values"][0, 0].clone()}), "layer 0"),  # 0-dim
+        (lambda t, m: t["layers.2.projection"].zero_(), "not orthogonal"),
+        (lambda t, m: m.update(extra="[" * 50_000 + "]" * 50_000), "malformed aqua metadata"),
+    ],
+)
+def test_any_verification_failure_evicts_the_snapshot(hub, artifact_dir, capsys, mutate, needle):
+    from aqua_cli.hub import push
+
+    push(artifact_dir, "alice/smol")
+    hub.commit("alice/smol", {TENSOR_FILE: _resealed(artifact_dir, mutate)}, message="broken")
+    code, _, err = run(capsys, "pull", "hf://alice/smol")
+    assert_one_line_error(code, err, "failed verification", "removed from the cache", needle)
+    assert not (hub.cache / "models--alice--smol").exists()
+    code, out, err = run(capsys, "list", "--json", "-")
+    assert code == 0, err
+    assert "hf://alice/smol" not in out
+
+
+def test_list_shows_a_snapshot_altered_after_the_pull_as_broken(hub, artifact_dir, capsys):
+    from aqua_cli.hub import pull_artifact, push
+
+    push(artifact_dir, "alice/smol")
+    pulled = pull_artifact("hf://alice/smol")
+    blob = (pulled.path / TENSOR_FILE).resolve()
+    blob.write_bytes(_resealed(artifact_dir, lambda t, m: m.update(model_id="org/[/]evil")).replace(b"provenance_sha256", b"provenance_sha257"))
+    code, out, err = run(capsys, "list")
+    assert code == 0, err
+    assert "hf://alice/smol" in out and "broken" in out and "smol" in out

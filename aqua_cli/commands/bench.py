@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..cli import JsonOpt, PlotOpt, app, err, out, ratio_list, write_json
+from ..cli import JsonOpt, PlotOpt, app, check_outputs, err, out, ratio_list, write_json
 from ..errors import AquaError, ConfigError
 
 
@@ -56,6 +56,7 @@ def bench(
     from ..cli import number_list
     from ..models import parse_device, resolve_shape
 
+    check_outputs(json_out, plot)
     seqs = parse_seq(seq)
     batches = number_list(batch, int, "--batch")
     if not batches or min(batches) < 1:

@@ -25,13 +25,13 @@ from ..cli import (
     TextColumnOpt,
     TokensOpt,
     app,
+    check_outputs,
     check_positive,
     load,
     out,
     progress,
     write_json,
 )
-from ..errors import AquaError
 
 
 @app.command()
@@ -49,7 +49,7 @@ def calibrate(
     batch_size: BatchOpt = 4,
     seed: SeedOpt = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Artifact directory. Default: the registry, artifacts/<org>--<name>.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact (only an artifact or an empty folder: other files are never replaced).")] = False,
     json_out: JsonOpt = None,
     device_map: DeviceMapOpt = None,
     push_to: Annotated[Optional[str], typer.Option("--push", help="Also publish the artifact to this Hub repo (org/repo) once saved.")] = None,
@@ -60,7 +60,8 @@ def calibrate(
     --dtype bfloat16 --tokens 1000000`, `aqua calibrate ./model.gguf --data notes.txt --out runs/notes`.
     Data-parallel on several GPUs: `torchrun --nproc_per_node 8 -m aqua_cli calibrate ...` (docs/distributed.md).
     """
-    from ..artifact import TENSOR_FILE, registry_name
+    from ..artifact import check_output, registry_name
+    from ..models import resolve_model
     from ..registry import registry_dir
     from ..calibration import CalibrationConfig
     from ..calibration import calibrate as run_calibration
@@ -69,24 +70,19 @@ def calibrate(
     from ..spectrum import energy_summary
 
     check_positive(tokens=tokens, seq_len=seq_len, batch_size=batch_size)
+    check_outputs(json_out)
     push_token = _push_target(push_to)
+    source = resolve_model(model, revision)  # names the default --out; loads nothing
+    target = out_dir or registry_dir() / registry_name(source.model_id)
     dist = init_from_env(device)
     try:
         main_rank = dist is None or dist.is_main
+
+        def check_target() -> Path:  # every output check before the model loads, not after the long run
+            return check_output(target, force) if main_rank else Path(target)
+
+        target = agree(dist, check_target, "the output check")
         source, loaded, tokenizer = load(model, revision, str(dist.device()) if dist else device, dtype, device_map)
-        target = out_dir or registry_dir() / registry_name(source.model_id)
-
-        def check_target() -> None:  # fail before the long run, not after it
-            if not main_rank:
-                return
-            if (target / TENSOR_FILE).exists() and not force:
-                raise AquaError(f"{target} already exists: pass --force to replace it, or choose another --out")
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise AquaError(f"cannot create the output directory {target.parent}: {exc.strerror or exc}") from exc
-
-        agree(dist, check_target, "the output check")
         config = CalibrationConfig(DataSpec(data, data_config, split, text_column), tokens, seq_len, batch_size, seed)
         world = dist.world_size if dist else 1
         started = time.perf_counter()

@@ -23,6 +23,7 @@ from ..cli import (
     SplitOpt,
     TextColumnOpt,
     app,
+    check_outputs,
     err,
     k_list,
     load,
@@ -30,6 +31,7 @@ from ..cli import (
     preflight,
     progress,
     split_list,
+    status,
     write_json,
 )
 
@@ -76,6 +78,7 @@ def eval_command(
     from ..evaluate import EvalConfig
     from ..lmeval import check_available, parse_tasks
 
+    check_outputs(json_out, plot)
     config = EvalConfig(
         data=DataSpec(data, data_config, split, text_column),
         ks=k_list(k), modes=tuple(split_list(mode)), policies=tuple(split_list(k_policy)),
@@ -170,7 +173,7 @@ def _run_tasks(model, tokenizer, art, config, task_names, limit, batch_size, see
             if budgets is not None:
                 method.set_layer_k(budgets)
             started = time.perf_counter()
-            with err.status(f"lm-eval {','.join(task_names)} at {point.mode} k={point.k} ({point.policy}) ..."):
+            with status(f"lm-eval {','.join(task_names)} at {point.mode} k={point.k} ({point.policy}) ..."):
                 scores = run_tasks(model, tokenizer, task_names, limit, batch_size, seed)
             seconds = round(time.perf_counter() - started, 1)
             for s in scores:

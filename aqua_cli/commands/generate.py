@@ -17,9 +17,12 @@ from ..cli import (
     JsonOpt,
     RevisionOpt,
     app,
+    check_outputs,
+    check_seed,
     err,
     out,
     ratio_list,
+    status,
     write_json,
 )
 from ..errors import AquaError
@@ -36,7 +39,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling (with --temperature > 0).")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.", callback=check_seed)] = 0,
     compare: Annotated[bool, typer.Option("--compare", help="Also run dense attention and show both, first difference marked.")] = False,
     tokens: Annotated[Optional[str], typer.Option("--tokens", help="Dims + top-T: the share T/L of cached tokens (in pages) each decode step attends to, e.g. 1/16 (implies --decode).")] = None,
     decode: Annotated[Optional[bool], typer.Option("--decode/--no-decode", help="Projected KV cache and, on CUDA, the fused kernels in every decode step (default: on for CUDA or with --tokens).")] = None,
@@ -62,6 +65,7 @@ def generate(
 
     from ..methods import load_patched, parse_mode
 
+    check_outputs(json_out)
     model_name, prompt = _split_args(args or [], prompt_file)
     config = SamplingConfig(max_new_tokens, temperature, top_p, seed, chat)
     parse_mode(mode)
@@ -70,7 +74,7 @@ def generate(
     if len(ratios) > 1:
         raise AquaError("--tokens takes one ratio, e.g. 1/16")
     token_ratio = ratios[0] if ratios else None
-    with err.status("loading model and artifact ..."):
+    with status("loading model and artifact ..."):
         model, tokenizer, handle = load_patched(model_name, artifact, k=k_value, mode=mode, revision=revision, device=device, dtype=dtype)
     if decode if decode is not None else (token_ratio is not None or next(model.parameters()).is_cuda):
         from ..methods import AquaDecode

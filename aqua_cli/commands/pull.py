@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..cli import JsonOpt, TokenOpt, app, out, write_json
+from ..cli import JsonOpt, TokenOpt, app, check_outputs, out, write_json
 
 RefArg = Annotated[str, typer.Argument(help="hf://org/repo[@revision] (or org/repo).")]
 RefRevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of the artifact repo. Default: main.")]
@@ -27,6 +27,7 @@ def pull(
     """
     from ..hub import pull_artifact
 
+    check_outputs(json_out)
     pulled = pull_artifact(ref, revision=revision, token=token)
     summary = {"repo_id": pulled.repo_id, "revision": pulled.revision, "commit": pulled.commit, "path": str(pulled.path)}
     table = Table(title="aqua pull", show_header=False)

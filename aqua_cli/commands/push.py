@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import ArtifactArg, JsonOpt, TokenOpt, app, out, write_json
+from ..cli import ArtifactArg, JsonOpt, TokenOpt, app, check_outputs, out, write_json
 
 BranchOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (created from main if missing). Default: main.")]
 RepoArg = Annotated[str, typer.Argument(help="Hub repo id, org/repo (created if missing).")]
@@ -31,6 +31,7 @@ def push(
     from ..hub import push as push_artifact
     from ..registry import resolve_artifact
 
+    check_outputs(json_out)
     check_push_target(repo_id, token)  # a malformed target or no token fails before anything is read
     source = artifact if (artifact or "").startswith(HF_SCHEME) else resolve_artifact(artifact)
     pushed = push_artifact(source, repo_id, revision=revision, private=private, token=token, message=message)
