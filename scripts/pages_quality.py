@@ -49,9 +49,8 @@ def main() -> None:
             return [TopPagesHook(p, dims, ratio, page=64) for p in artifact.projections]
         return [TopTokensHook(p, dims, ratio, "group", 512) for p in artifact.projections]
 
-    settings = [("dense", 1.0, None), ("dims", 0.5, None),
-                ("tokens", 0.5, 1 / 16), ("pages", 0.5, 1 / 16),
-                ("tokens", 0.25, 1 / 32), ("pages", 0.25, 1 / 32)]
+    settings = [("dense", 1.0, None), ("pages", 0.5, 1 / 16), ("tokens", 0.5, 1 / 16),
+                ("pages", 0.25, 1 / 32), ("tokens", 0.25, 1 / 32), ("dims", 0.5, None)]
     rows = []
     for kind, k, ratio in settings:
         began = time.perf_counter()
