@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from aqua_cli.errors import ConfigError
 from aqua_cli.kernels.paged import TopPagesHook
-from aqua_cli.methods import H2O, Aqua, AquaKV, Dense, Method, TopTokens, default_methods
+from aqua_cli.methods import AquaDecode, H2O, Aqua, AquaKV, Dense, Method, TopTokens, default_methods
 
 LENGTHS = (9, 14)  # row 0 is left-padded by 5
 STEPS = 4  # cached decode steps after the prompt
@@ -169,26 +169,21 @@ def test_top_pages_padding_gives_finite_logits(full):
     assert torch.isfinite(logits).all()
 
 
-PREFIX_GAP = pytest.mark.xfail(strict=True, reason=(
-    "known gap (docs/testing.md): TopTokensHook counts a block's visible keys as if the visible keys were a prefix "
-    "(_keep_causal passes their number to select_tokens), so under left padding the padding's blocks take the "
-    "share of the real ones"))
-ALIGN_GAP = pytest.mark.xfail(strict=True, reason=(
-    "known gap (docs/testing.md): blocks and pages are cut from the first cache slot, so left padding that is not a "
-    "whole number of blocks cuts them at other tokens than in the row alone"))
-
-
 @pytest.mark.parametrize("which,lengths", [
     pytest.param("pages", (24, 40), id="pages-whole-block-padding"),
-    pytest.param("tokens", (24, 40), id="tokens-whole-block-padding", marks=PREFIX_GAP),
-    pytest.param("pages", (29, 40), id="pages-partial-block-padding", marks=ALIGN_GAP),
-    pytest.param("tokens", (29, 40), id="tokens-partial-block-padding", marks=PREFIX_GAP),
+    pytest.param("tokens", (24, 40), id="tokens-whole-block-padding"),
+    pytest.param("pages", (29, 40), id="pages-partial-block-padding"),
+    pytest.param("tokens", (29, 40), id="tokens-partial-block-padding"),
+    pytest.param("decode", (29, 40), id="aqua-decode-pages-partial-block-padding"),
 ])
 def test_block_selection_padded_rows_equal_alone(llama, which, lengths):
-    """Top-T over several blocks (16 keys each) in a left-padded batch: each row as alone. Pages do when
-    the padding is a whole number of pages; the xfails are the known gaps (strict: they fail the day the
-    gap closes, to be turned into plain tests). One family (GQA) keeps it fast."""
+    """Top-T over several blocks (16 keys each) in a left-padded batch: each row as alone, with padding that
+    is and is not a whole number of blocks (blocks are cut from each row's first visible key). One family
+    (GQA) keeps it fast."""
     model, art = llama
-    method = (TopTokens(art, k=0.5, token_ratio=0.25, select_block=16) if which == "tokens"
-              else TopPages(art, art.head_dim // 2, 0.25, 16))
+    if which == "decode":  # the projected KV cache's decode path: dims by group, pages with a sink and a recent page
+        method = AquaDecode(art, k=0.5, token_ratio=0.25, page=16, prefill="aqua")
+    else:
+        method = (TopTokens(art, k=0.5, token_ratio=0.25, select_block=16) if which == "tokens"
+                  else TopPages(art, art.head_dim // 2, 0.25, 16))
     check_rows_equal_alone(model, method, lengths=lengths)

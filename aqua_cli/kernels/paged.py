@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .reference import approx_logits, project_queries, select_dims
+from .reference import approx_logits, project_queries, put_back, select_dims, take, visible_order
 
 
 def _visible(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -133,11 +133,12 @@ class TopPagesHook:
         approx = qsparse @ kp[:, :, None].transpose(-1, -2) * scale  # (B, Hkv, G, Q, L)
         visible = _visible(attention_mask, batch, q_len, kv_len, query.device)  # (B, 1, Q, L)
         approx = approx.masked_fill(~visible[:, :, None], float("-inf"))
-        pscores = page_scores(approx.amax(2), self.page)  # (B, Hkv, Q, P)
-        lengths = visible.sum(-1)  # (B, 1, Q): visible keys are a prefix (causal)
+        order = visible_order(visible)  # pages cut from each row's first visible key, as the row alone would
+        pscores = page_scores(take(approx.amax(2), order), self.page)  # (B, Hkv, Q, P)
+        lengths = visible.sum(-1)  # (B, 1, Q): from there the visible keys are a prefix (causal)
         n_keep = torch.clamp(torch.ceil(self.token_ratio * lengths.float()).long(), min=1)
         n_keep = torch.clamp(-(-n_keep // self.page), min=1)
-        keep = expand_pages(select_pages(pscores, n_keep), self.page, kv_len) & visible
+        keep = put_back(expand_pages(select_pages(pscores, n_keep), self.page, kv_len), order) & visible
         exact = (q @ kf[:, :, None].transpose(-1, -2)) * scale
         probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1).nan_to_num(0.0)  # padding rows: zeros, not NaN
         out = probs @ value.float()[:, :, None]

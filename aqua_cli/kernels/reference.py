@@ -154,3 +154,22 @@ def aqua_decode_reference(
         probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
     out = probs @ v.float()  # (B, Hkv, G, L) @ (B, Hkv, L, D)
     return out.reshape(batch, q_heads, dim).to(q.dtype)
+
+
+def visible_order(visible: torch.Tensor) -> torch.Tensor:
+    """Key order ``(..., L)`` that starts each row at its first visible key (a left-padded row then lays out
+    its keys as the same row alone would: selection blocks and pages are cut from its first token, and its
+    visible keys are a prefix whose length is their count). Use with :func:`take` and :func:`put_back`."""
+    length = visible.shape[-1]
+    first = visible.to(torch.int8).argmax(-1, keepdim=True)  # 0 where a row sees nothing
+    return (torch.arange(length, device=visible.device) + first) % length
+
+
+def take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x`` along its last axis in ``order`` (broadcast over the leading axes)."""
+    return x.gather(-1, order.expand(*x.shape[:-1], order.shape[-1]))
+
+
+def put_back(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`take`."""
+    return torch.empty_like(x).scatter_(-1, order.expand(*x.shape[:-1], order.shape[-1]), x)

@@ -182,6 +182,10 @@ def page_keep(scores: torch.Tensor, visible: torch.Tensor, ratio: float, page: i
     """Token keep-mask ``(B, G, Q, L)`` of top-T by pages: per query, the first ``sinks`` and the last
     ``recent`` visible pages, and on top of them the ``ceil(ratio * visible / page)`` visible pages of highest
     max score. ``scores`` ``(B, G, Q, L)`` with ``-inf`` where not visible."""
+    from ..kernels.reference import put_back, take, visible_order
+
+    order = visible_order(visible)  # pages cut from each row's first visible key, as the row alone would
+    scores, visible_rows = take(scores, order), take(visible, order)
     length = scores.shape[-1]
     n_pages = -(-length // page)
     padded = torch.nn.functional.pad(scores, (0, n_pages * page - length), value=float("-inf"))
@@ -195,7 +199,8 @@ def page_keep(scores: torch.Tensor, visible: torch.Tensor, ratio: float, page: i
     budget = budget + (forced & (idx <= last[..., None])).sum(-1)  # the forced pages come on top
     rank = torch.sort(pscores, dim=-1, descending=True, stable=True).indices.argsort(-1)
     keep_pages = rank < budget[..., None]
-    return keep_pages.repeat_interleave(page, dim=-1)[..., :length] & visible
+    keep = keep_pages.repeat_interleave(page, dim=-1)[..., :length] & visible_rows
+    return put_back(keep, order)
 
 
 @dataclass

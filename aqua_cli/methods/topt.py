@@ -83,9 +83,13 @@ def _visible(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, dev
 
 
 def _keep_causal(scores: torch.Tensor, visible: torch.Tensor, ratio: float, block: int) -> torch.Tensor:
-    """Top-T per block for every query row; visible keys are a prefix (causal), so its length is the count."""
+    """Top-T per block for every query row, blocks cut from the row's first visible key (so a left-padded row
+    selects as it would alone); from there its visible keys are a prefix, whose length is their count."""
+    from ..kernels.reference import put_back, take, visible_order
+
+    order = visible_order(visible)  # (B, 1, Q, L)
     lengths = visible.sum(-1)  # (B, 1, Q)
-    return select_tokens(scores, lengths, ratio, block) & visible
+    return put_back(select_tokens(take(scores, order), lengths, ratio, block), order) & visible
 
 
 @dataclass
