@@ -288,21 +288,26 @@ class WindowSet:
         calibration windows): windows of the same token stream whose ranges intersect, plus windows
         whose token ids equal a calibration window's (the same text reached another way). ``None`` when
         the artifact recorded no windows (made before aqua recorded them): the overlap is unknown."""
+        flags = self.overlap_flags(record)
+        return None if flags is None else sum(flags)
+
+    def overlap_flags(self, record: dict[str, Any] | None) -> list[bool] | None:
+        """Per window of this set: does it share tokens with a window of ``record``? (see :meth:`overlap`)"""
         if not record:
             return None
         hashes = set(record.get("window_sha256") or [])
         same_stream = record.get("stream_sha256") == self.stream_sha256
         spans = sorted((int(s), int(s) + int(record["text_len"])) for s in record.get("starts") or []) if same_stream else []
         begins = [lo for lo, _ in spans]
-        count = 0
+        flags = []
         for start, digest in zip(self.starts, self.hashes):
             end = start + self.text_len
             hit = digest in hashes
             if not hit and spans:
                 i = bisect.bisect_right(begins, end - 1)  # spans starting before this window ends
                 hit = any(spans[j][1] > start for j in range(max(0, i - 2), i))
-            count += hit
-        return count
+            flags.append(bool(hit))
+        return flags
 
 
 def cut_windows(stream: torch.Tensor, seq_len: int, tokens: int | None, seed: int, prefix: list[int],

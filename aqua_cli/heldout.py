@@ -24,6 +24,17 @@ def calibration_record(artifact: Any) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def fitted_records(artifact: Any) -> list[dict[str, Any]]:
+    """Every record of text the artifact was fitted on: the calibration windows and, where the
+    sensitivity curves were measured (``aqua sensitivity``), their windows too."""
+    extra = artifact.metadata.get("extra") or {}
+    records = [calibration_record(artifact)]
+    sens = extra.get("sensitivity")
+    if isinstance(sens, dict):
+        records.append(sens.get("windows_record"))
+    return [r for r in records if isinstance(r, dict)]
+
+
 def check_overlap(window_set: WindowSet, artifact: Any, allow_overlap: bool = False) -> dict[str, Any]:
     """Count the evaluation windows shared with calibration; raise unless ``allow_overlap`` when any are.
 
@@ -31,7 +42,8 @@ def check_overlap(window_set: WindowSet, artifact: Any, allow_overlap: bool = Fa
     artifact recorded no windows), the windows scored, the part of the text they came from, and what the
     artifact was calibrated on."""
     record = calibration_record(artifact)
-    overlap = window_set.overlap(record)
+    flags = [window_set.overlap_flags(r) for r in fitted_records(artifact)]
+    overlap = None if record is None else sum(any(f) for f in zip(*flags))
     info = {
         "calibration_overlap": overlap,
         "windows": int(window_set.windows.shape[0]),

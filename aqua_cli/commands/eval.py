@@ -34,7 +34,7 @@ KOpt = Annotated[str, typer.Option("--k", help="Comma list of k: ratios of head_
 ModeOpt = Annotated[str, typer.Option("--mode", help="Comma list of modes: dense, static, dynamic.")]
 DataPartOpt = Annotated[str, typer.Option("--data-part", help="Part of the text to score: evaluation (held out from calibration, the default), calibration, or all.")]
 AllowOverlapOpt = Annotated[bool, typer.Option("--allow-overlap", help="Score windows that the artifact was calibrated on (refused by default).")]
-PolicyOpt = Annotated[str, typer.Option("--k-policy", help="Comma list of per-layer k policies at equal total cost: uniform, energy, equal-energy.")]
+PolicyOpt = Annotated[str, typer.Option("--k-policy", help="Comma list of per-layer k policies at equal total cost: uniform, energy, equal-energy, sensitivity (needs `aqua sensitivity`), auto (the artifact's recorded default, else uniform).")]
 
 
 def _split(text: str) -> list[str]:
@@ -100,6 +100,7 @@ def eval_command(
     art = artifact_for_model(artifact, source.model_id)
     config.validate(art.head_dim)
     art.check_model(load_config(source))
+    config = _resolve_auto_policy(config, art)
     from ..distributed import init_from_env, shutdown
 
     dist = init_from_env(device)  # torchrun / accelerate launch: perplexity data-parallel over ranks
@@ -159,6 +160,17 @@ def _run(config, model, revision, device, dtype, art, source, task_names, limit,
         from ..evaluate import plot_rows
 
         err.print(f"wrote {plot_rows(rows, plot, title=source.model_id.split('/')[-1])}")
+
+
+def _resolve_auto_policy(config: Any, art: Any) -> Any:
+    """``--k-policy auto`` names the artifact's recorded default policy (aqua_cli.policy.resolve_policy)."""
+    import dataclasses
+
+    from ..policy import check_available, resolve_policy
+
+    policies = tuple(dict.fromkeys(resolve_policy(art, p) for p in config.policies))
+    check_available(art, policies)  # before the weights load
+    return dataclasses.replace(config, policies=policies)
 
 
 def _width() -> int:
