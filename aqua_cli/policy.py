@@ -29,8 +29,9 @@ SmolLM2: it does not).
   layer's measured damage ``KL_l(k)`` (:mod:`aqua_cli.sensitivity`: KL of the model's next-token
   distribution, AQUA at that layer only, on calibration text); the budgets minimise
   ``sum_l KL_l(k_l)`` subject to ``sum_l k_l = layers * k`` exactly, by dynamic programming over
-  integer budgets on the piecewise-linear interpolation of the curves (``KL_l(D) = 0``; below the
-  smallest measured k the first segment is extended). Every KV group of a layer gets the layer's k.
+  integer budgets on the piecewise-linear interpolation of the curves (``KL_l(D) = 0``), each layer's k
+  kept within the measured range (never below the smallest measured k: extrapolating the curves there
+  let the optimiser starve a layer to 1 dimension on Gemma 3). Every KV group of a layer gets the layer's k.
 * ``auto``: the artifact's ``extra["default_policy"]`` (set only where held-out evaluation showed the
   policy beating uniform, with the evidence named beside it), else ``uniform``.
 """
@@ -140,7 +141,7 @@ def check_available(artifact: Any, policies: Any) -> None:
 
 
 def layer_costs(record: dict[str, Any], head_dim: int) -> torch.Tensor:
-    """``[layers, D + 1]`` interpolated ``KL_l(k)`` for k = 0..D (index 0 unused, +inf)."""
+    """``[layers, D + 1]`` interpolated ``KL_l(k)`` for k = 0..D; +inf below the smallest measured k."""
     dims = [int(x) for x in record["dims"]] + [head_dim]
     kl = torch.tensor(record["kl"], dtype=torch.float64)
     kl = torch.cat([kl, torch.zeros(kl.shape[0], 1, dtype=torch.float64)], dim=1)
@@ -153,9 +154,10 @@ def layer_costs(record: dict[str, Any], head_dim: int) -> torch.Tensor:
         y = kl[layer]
         seg = torch.searchsorted(x, grid.clamp(min=x[0], max=x[-1]), right=True).clamp(1, len(dims) - 1)
         x0, x1, y0, y1 = x[seg - 1], x[seg], y[seg - 1], y[seg]
-        out[layer] = y0 + (y1 - y0) * (grid - x0) / (x1 - x0)  # below dims[0]: the first segment, extended
-    out[:, 0] = float("inf")
-    return out.clamp_min(0.0)
+        out[layer] = y0 + (y1 - y0) * (grid - x0) / (x1 - x0)
+    out = out.clamp_min(0.0)
+    out[:, : dims[0]] = float("inf")  # not measured: never chosen
+    return out
 
 
 def sensitivity_budgets(artifact: Any, k: int) -> Budgets:
@@ -188,7 +190,11 @@ def sensitivity_budgets(artifact: Any, k: int) -> Budgets:
             arg = torch.where(better, torch.full_like(arg, option), arg)
         best, choice[layer] = new, arg
     if not torch.isfinite(best[total]):
-        raise ConfigError(f"no per-layer budgets in 1..{d} sum to {total}")
+        low = int(record["dims"][0])
+        raise ConfigError(
+            f"k = {k} dims is below the smallest budget the sensitivity was measured at ({low}): "
+            "measure lower ratios with `aqua sensitivity --ratios`, or use --k-policy uniform"
+        )
     budgets, left = [], total
     for layer in reversed(range(layers)):
         option = int(choice[layer, left])
