@@ -118,7 +118,13 @@ def test_cli_sensitivity_then_eval_with_the_policy(capsys, model_dir, tmp_path):
     assert result["calibration_overlap"] == 0
     assert {r["k_dims"] for r in result["rows"]} == {8.0}  # equal cost
     assert result["policy_comparison"][0]["policy"] == "sensitivity"
-    # auto without a recorded default is uniform
+    # auto without a recorded default is uniform; with one, the recorded policy
     code, out, err = run(capsys, *common, "--k-policy", "auto", "--json", str(tmp_path / "a.json"))
     assert code == 0, err
     assert {r["policy"] for r in json.loads((tmp_path / "a.json").read_text())["rows"]} == {"uniform"}
+    code, _, err = run(capsys, "sensitivity", str(model_dir), "--artifact", str(art), "--reuse",
+                       "--set-default-policy", "sensitivity", "--evidence", "e.json")
+    assert code == 0, err
+    code, out, err = run(capsys, *common, "--k-policy", "auto", "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+    assert {r["policy"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]} == {"sensitivity"}

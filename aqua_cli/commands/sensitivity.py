@@ -41,6 +41,7 @@ def sensitivity(
     dtype: DtypeOpt = "auto",
     default_policy: Annotated[Optional[str], typer.Option("--set-default-policy", help="Also record this k-policy as the artifact's default (`--k-policy auto`); do it only with held-out evidence that it wins.")] = None,
     evidence: Annotated[Optional[str], typer.Option("--evidence", help="Where the held-out evidence for --set-default-policy is (a results file), recorded beside it.")] = None,
+    reuse: Annotated[bool, typer.Option("--reuse", help="Keep the curves the artifact already holds (with --set-default-policy: only record the default).")] = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Per-layer loss sensitivity: KL of the model's next-token distribution with AQUA at one layer at a
@@ -62,19 +63,30 @@ def sensitivity(
         raise ConfigError(f"--ratios must be numbers such as 0.25,0.5, got '{ratios}'") from None
     if default_policy is not None:
         parse_policy(default_policy)
-    source, loaded, tokenizer = load(model, revision, device, dtype)
-    art = artifact_for_model(artifact, source.model_id)
-    art.check_model(loaded.config)
-    windows = load_window_set(DataSpec(data, part="calibration"), tokenizer, seq_len, tokens, seed)
+    if reuse:
+        from ..models import resolve_model
+        from ..policy import sensitivity_record
 
-    with err.status(f"measuring {art.num_layers} layers x {len(grid)} budgets on {windows.windows.shape[0]} windows ...") as status:
-        def on_step(done: int, total: int) -> None:
-            status.update(f"measuring: {done}/{total} forward passes")
+        source = resolve_model(model, revision)
+        art = artifact_for_model(artifact, source.model_id)
+        result = sensitivity_record(art)
+        if result is None:
+            raise ConfigError(f"--reuse: artifact '{art.name}' holds no sensitivity curves to keep")
+        extra = dict(art.metadata.get("extra") or {})
+    else:
+        source, loaded, tokenizer = load(model, revision, device, dtype)
+        art = artifact_for_model(artifact, source.model_id)
+        art.check_model(loaded.config)
+        windows = load_window_set(DataSpec(data, part="calibration"), tokenizer, seq_len, tokens, seed)
 
-        result = measure(loaded, art, windows.windows, grid, mode, on_step, stride)
-    result["windows_record"] = windows.record()
-    extra = dict(art.metadata.get("extra") or {})
-    extra["sensitivity"] = result
+        with err.status(f"measuring {art.num_layers} layers x {len(grid)} budgets on {windows.windows.shape[0]} windows ...") as status:
+            def on_step(done: int, total: int) -> None:
+                status.update(f"measuring: {done}/{total} forward passes")
+
+            result = measure(loaded, art, windows.windows, grid, mode, on_step, stride)
+        result["windows_record"] = windows.record()
+        extra = dict(art.metadata.get("extra") or {})
+        extra["sensitivity"] = result
     if default_policy is not None:
         extra["default_policy"] = default_policy
         extra["default_policy_evidence"] = evidence or ""
@@ -88,5 +100,6 @@ def sensitivity(
         table.add_row(str(layer), *(f"{v:.2e}" for v in row))
     out.print(table)
     out.print(f"stored in {path} ({result['seconds']} s)", highlight=False)
-    write_json(json_out, {"artifact": str(path), "model": source.model_id, **{k: v for k, v in result.items() if k != "windows_record"},
-                          "data": windows.data_id, "data_part": windows.part})
+    if not reuse:
+        write_json(json_out, {"artifact": str(path), "model": source.model_id, **{k: v for k, v in result.items() if k != "windows_record"},
+                              "data": windows.data_id, "data_part": windows.part})
