@@ -8,6 +8,7 @@ docs/results/eval-<slug>.md and the plots.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def main(out: Path, slug: str = "smollm2", title: str | None = None) -> None:
                  f"{cal.get('artifact', '?').split('/artifacts/')[-1]}, calibrated on the calibration part of "
                  f"`{cal.get('data', '?')}` ({cal.get('tokens', '?')} tokens). Reproduce: `bash scripts/eval_models.sh {slug}`.")
     lines = [f"# aqua eval: {name} (results)", "", intro, ""]
+    if os.environ.get("RECORDED"):
+        lines += [f"Recorded run: {os.environ['RECORDED']}", ""]
     if machine:
         lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores (torch {machine['torch']}, transformers "
                   f"{machine['transformers']}, {machine['torch_threads']} torch thread(s) per process), shared with other jobs.", ""]

@@ -47,7 +47,7 @@ def eval_command(
     artifact: ArtifactOpt = None,
     k: KOpt = "0.5,0.75,1.0",
     mode: ModeOpt = "dense,static,dynamic",
-    k_policy: PolicyOpt = "uniform",
+    k_policy: PolicyOpt = "auto",
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
