@@ -15,8 +15,9 @@ paper's wording leaves open, and why we made them:
 * **uncentered**: the dot product is not translation invariant, so the mean is signal, not noise;
   the right singular vectors of the raw data matrix ``X`` are the eigenvectors of ``X^T X``.
 
-``X^T X`` is accumulated in float64 while streaming (``D x D`` per group, never the vectors), and
-eigen-decomposed once at the end: ``P`` = eigenvectors by decreasing eigenvalue, singular values
+``X^T X`` is accumulated while streaming (``D x D`` per group, never the vectors): each batch's Gram in
+float32 (the activations' own precision, read in place, no stacked copy), the running sum in float64,
+and eigen-decomposed once at the end: ``P`` = eigenvectors by decreasing eigenvalue, singular values
 ``sqrt(eigenvalues)``. Each eigenvector's sign is fixed (largest entry positive) so runs compare.
 """
 
@@ -31,7 +32,7 @@ import torch
 
 from .artifact import Artifact, build_metadata
 from .attention import HookedModel, attention_modules
-from .data import DataSpec, load_windows
+from .data import DataSpec, load_window_set, window_hash
 from .distributed import DistContext, agree, all_reduce_sum, shard
 from .errors import AquaError
 from .methods.base import AttentionHook
@@ -42,7 +43,7 @@ from .models import ModelSource, attention_shape
 class CalibrationConfig:
     """How much text, cut how, in what order."""
 
-    data: DataSpec = field(default_factory=DataSpec)
+    data: DataSpec = field(default_factory=lambda: DataSpec(part="calibration"))
     tokens: int = 100_000
     seq_len: int = 512
     batch_size: int = 4
@@ -60,19 +61,33 @@ class GramAccumulator:
         self.nonfinite: list[torch.Tensor | None] = [None] * num_layers
 
     def add(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
-        """query ``(B, Hq, S, D)``, key ``(B, Hkv, S, D)``: each group's q heads and its k head, stacked."""
+        """query ``(B, Hq, S, D)``, key ``(B, Hkv, S, D)``: each group's q heads and its k head, stacked.
+
+        ``G_g += sum over the group's q and k vectors of x x^T``: the batch's Gram is formed in float32 by
+        batched matrix products on views of the activations (a group's query heads are adjacent, so
+        ``query[b]`` views as ``[groups, rep * S, D]``), then added to the float64 running sum.
+        """
         batch, q_heads, seq, d = query.shape
         groups = key.shape[1]
-        q = query.reshape(batch, groups, q_heads // groups, seq, d).transpose(0, 1).reshape(groups, -1, d)
-        k = key.transpose(0, 1).reshape(groups, -1, d)
-        x = torch.cat([q, k], dim=1).to(torch.float64)
+        q = query.float()
+        k = key.float()
+        gram = torch.empty(self.shape, dtype=torch.float32, device=q.device)
+        for b in range(batch):
+            qb = q[b].reshape(groups, -1, d)
+            kb = k[b].reshape(groups, -1, d)
+            if b == 0:
+                torch.bmm(qb.transpose(1, 2), qb, out=gram)
+            else:
+                gram.baddbmm_(qb.transpose(1, 2), qb)
+            gram.baddbmm_(kb.transpose(1, 2), kb)
         if self.grams[layer] is None:
-            self.grams[layer] = torch.zeros(self.shape, dtype=torch.float64, device=x.device)
-            self.nonfinite[layer] = torch.zeros((), dtype=torch.long, device=x.device)
-        # counted on the device, checked once per batch by check_finite(): no host sync per layer
-        self.nonfinite[layer] += (~torch.isfinite(x)).sum()
-        self.grams[layer] += x.transpose(1, 2) @ x
-        self.vectors[layer] += x.shape[1]
+            self.grams[layer] = torch.zeros(self.shape, dtype=torch.float64, device=q.device)
+            self.nonfinite[layer] = torch.zeros((), dtype=torch.long, device=q.device)
+        # an inf/NaN activation makes its Gram diagonal inf/NaN: counted on the device from the D x D
+        # result (no pass over the activations), checked once per batch by check_finite()
+        self.nonfinite[layer] += (~torch.isfinite(gram.diagonal(dim1=-2, dim2=-1))).sum()
+        self.grams[layer] += gram
+        self.vectors[layer] += batch * seq * (q_heads + groups) // groups
 
     def check_finite(self) -> None:
         """Raise if any captured query/key was inf or NaN (float16 overflow), naming the first layer."""
@@ -90,18 +105,27 @@ class GramAccumulator:
             raise AquaError(f"no queries/keys were captured for layers {missing[:5]}: does the model use the attention interface?")
         return torch.stack([g.cpu() for g in self.grams])  # type: ignore[union-attr]
 
-    def hook(self, layer: int) -> AttentionHook:
-        """A hook that records the layer's post-RoPE q and k and leaves attention unchanged."""
-        return CaptureHook(self, layer)
+    def hook(self, layer: int, stop: bool = False) -> AttentionHook:
+        """The capture hook of ``layer``: records its post-RoPE q and k and leaves attention unchanged; with
+        ``stop`` it ends the forward pass once it has captured (the last attention layer: nothing after it
+        is needed)."""
+        return CaptureHook(self, layer, stop)
 
 
 class CaptureHook(AttentionHook):
-    def __init__(self, acc: GramAccumulator, layer: int):
-        self.acc, self.layer = acc, layer
+    def __init__(self, acc: GramAccumulator, layer: int, stop: bool = False):
+        self.acc, self.layer, self.stop = acc, layer, stop
 
     def rewrite(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.acc.add(self.layer, query.detach(), key.detach())
+        if self.stop:
+            raise StopForward
         return query, key
+
+
+class StopForward(Exception):
+    """Raised by the last layer's capture hook: the rest of the forward pass (that layer's attention
+    output and MLP, the final norm) computes nothing calibration uses."""
 
 
 def eigenbasis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,10 +170,14 @@ def accumulate(
     modules = attention_modules(model)
     acc = GramAccumulator(len(modules), shape["num_kv_heads"], shape["head_dim"])
     forward = _forward_fn(model)
-    with HookedModel(model, [acc.hook(i) for i in range(len(modules))]), torch.inference_mode():
+    hooks = [acc.hook(i, stop=i == len(modules) - 1) for i in range(len(modules))]
+    with HookedModel(model, hooks), torch.inference_mode():
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(device)
-            forward(batch)
+            try:
+                forward(batch)
+            except StopForward:
+                pass
             acc.check_finite()
             if on_batch is not None:
                 on_batch(batch.numel())
@@ -173,7 +201,8 @@ def calibrate(
     Grams are summed over ranks; every rank returns the same artifact.
     """
     config = config or CalibrationConfig()
-    windows = agree(dist, lambda: load_windows(config.data, tokenizer, config.seq_len, config.tokens, config.seed), "loading the data")
+    window_set = agree(dist, lambda: load_window_set(config.data, tokenizer, config.seq_len, config.tokens, config.seed), "loading the data")
+    windows = window_set.windows
     if on_start is not None:
         on_start(int(windows.numel()))
     return calibrate_windows(
@@ -187,6 +216,7 @@ def calibrate(
         on_batch=on_batch,
         command=command if command is not None else ["aqua", *sys.argv[1:]],
         dist=dist,
+        windows_record=window_set.record(),
     )
 
 
@@ -202,10 +232,13 @@ def calibrate_windows(
     on_batch: Callable[[int], None] | None = None,
     command: list[str] | None = None,
     dist: DistContext | None = None,
+    windows_record: dict[str, Any] | None = None,
 ) -> Artifact:
     """Calibrate on ready token windows ``[n, seq_len]`` (any tokenizer, any source).
 
-    With ``dist``, ``windows`` are all the windows; this rank takes its shard.
+    With ``dist``, ``windows`` are all the windows; this rank takes its shard. ``windows_record``
+    (:meth:`aqua_cli.data.WindowSet.record`) is stored as ``extra["calibration_windows"]``; without it
+    the window hashes alone are stored, so that ``aqua eval`` can still count shared windows.
     """
     started = time.perf_counter()
     acc = agree(dist, lambda: accumulate(model, shard(windows, dist), batch_size, on_batch), "calibration")
@@ -218,6 +251,10 @@ def calibrate_windows(
         "batch_size": batch_size,
         "world_size": dist.world_size if dist else 1,
         "all_reduce_s": round(reduce_s, 4),
+        "calibration_windows": windows_record or {
+            "data_id": data_id, "seed": seed, "seq_len": int(windows.shape[1]),
+            "window_sha256": [window_hash(w) for w in windows],
+        },
     }
     return artifact_from_grams(
         grams.cpu(),

@@ -13,13 +13,29 @@
 Windows are non-overlapping runs of ``seq_len`` tokens from the concatenated documents (an EOS token
 between documents), shuffled with ``seed`` and cut to the token budget, so that a run is
 deterministic for a seed and spread over the whole text rather than its first pages.
+
+**Held out by default.** Every source is split once, the same way for every tokenizer-independent
+reason we could think of: its token stream (all documents, in order) is cut at
+``1 - EVAL_FRACTION`` of its length; the first part is the *calibration* part, the rest the
+*evaluation* part. ``aqua calibrate`` reads only the first and ``aqua eval`` only the second
+(``DataSpec.part``; ``all`` reads the whole stream, as before). A window never crosses the cut, so
+the two parts share no token. For ``datasets`` sources the hold-out is the same deterministic tail of
+the chosen ``--split``; to evaluate on a separate split, name it and use ``--data-part all``.
+
+**How windows start.** Each window is the model's start-of-text token (the tokenizer's BOS, where it
+defines one) followed by ``seq_len - 1`` text tokens; with no BOS it is ``seq_len`` text tokens. Dense
+and AQUA always see the same windows. :class:`WindowSet` keeps where each window came from (its start
+in the stream) and a hash of its token ids, which the artifact records (``extra["calibration_windows"]``)
+so that ``aqua eval`` can count the windows it shares with calibration.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,6 +44,8 @@ import torch
 from .errors import DataError, first_line
 
 DEFAULT_DATA = "pydoc"
+EVAL_FRACTION = 0.1  # the tail of every source's token stream held out for evaluation
+PARTS = ("calibration", "evaluation", "all")
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,11 @@ class DataSpec:
     config: str | None = None
     split: str = "train"
     text_column: str = "text"
+    part: str = "all"  # calibration | evaluation | all (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.part not in PARTS:
+            raise DataError(f"unknown data part '{self.part}': use one of {', '.join(PARTS)}")
 
     def describe(self) -> str:
         if self.name in BUILTIN_SOURCES:
@@ -211,4 +234,134 @@ def token_windows(stream: torch.Tensor, seq_len: int, tokens: int | None, seed: 
 def load_windows(
     spec: DataSpec, tokenizer: Any, seq_len: int, tokens: int | None, seed: int
 ) -> torch.Tensor:
-    return token_windows(tokenize(tokenizer, load_texts(spec)), seq_len, tokens, seed)
+    """``[n, seq_len]`` windows of ``spec.part`` (each starting with the model's BOS): see :func:`load_window_set`."""
+    return load_window_set(spec, tokenizer, seq_len, tokens, seed).windows
+
+
+# -- held-out windows ----------------------------------------------------------------------------
+def window_prefix(tokenizer: Any) -> list[int]:
+    """The token(s) every window starts with: the tokenizer's BOS where it defines one, else none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [int(bos)] if bos is not None else []
+
+
+def part_bounds(stream_len: int, part: str) -> tuple[int, int]:
+    """``[lo, hi)`` token offsets of a part of a stream of ``stream_len`` tokens."""
+    cut = int(stream_len * (1.0 - EVAL_FRACTION))
+    return {"calibration": (0, cut), "evaluation": (cut, stream_len), "all": (0, stream_len)}[part]
+
+
+def window_hash(window: torch.Tensor) -> str:
+    """16 hex digits of the sha256 of a window's token ids (int64): equal windows, equal hashes."""
+    return hashlib.sha256(window.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def stream_hash(stream: torch.Tensor) -> str:
+    return hashlib.sha256(stream.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class WindowSet:
+    """Windows ``[n, seq_len]`` and where they come from.
+
+    ``starts[i]`` is the offset in the source's token stream of window ``i``'s first *text* token; the
+    window covers stream tokens ``[starts[i], starts[i] + text_len)`` after its ``prefix``.
+    """
+
+    windows: torch.Tensor
+    starts: list[int]
+    text_len: int
+    prefix: list[int]
+    data_id: str
+    part: str
+    seed: int
+    stream_tokens: int
+    stream_sha256: str
+    hashes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.hashes:
+            self.hashes = [window_hash(w) for w in self.windows]
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.windows.shape[1])
+
+    def record(self) -> dict[str, Any]:
+        """What an artifact stores about its calibration windows (JSON)."""
+        return {
+            "data_id": self.data_id,
+            "part": self.part,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "text_len": self.text_len,
+            "prefix": self.prefix,
+            "eval_fraction": EVAL_FRACTION,
+            "stream_tokens": self.stream_tokens,
+            "stream_sha256": self.stream_sha256,
+            "starts": self.starts,
+            "window_sha256": self.hashes,
+        }
+
+    def overlap(self, record: dict[str, Any] | None) -> int | None:
+        """How many of these windows share tokens with the windows of ``record`` (an artifact's
+        calibration windows): windows of the same token stream whose ranges intersect, plus windows
+        whose token ids equal a calibration window's (the same text reached another way). ``None`` when
+        the artifact recorded no windows (made before aqua recorded them): the overlap is unknown."""
+        flags = self.overlap_flags(record)
+        return None if flags is None else sum(flags)
+
+    def overlap_flags(self, record: dict[str, Any] | None) -> list[bool] | None:
+        """Per window of this set: does it share tokens with a window of ``record``? (see :meth:`overlap`)"""
+        if not record:
+            return None
+        hashes = set(record.get("window_sha256") or [])
+        same_stream = record.get("stream_sha256") == self.stream_sha256
+        spans = sorted((int(s), int(s) + int(record["text_len"])) for s in record.get("starts") or []) if same_stream else []
+        begins = [lo for lo, _ in spans]
+        flags = []
+        for start, digest in zip(self.starts, self.hashes):
+            end = start + self.text_len
+            hit = digest in hashes
+            if not hit and spans:
+                i = bisect.bisect_right(begins, end - 1)  # spans starting before this window ends
+                hit = any(spans[j][1] > start for j in range(max(0, i - 2), i))
+            flags.append(bool(hit))
+        return flags
+
+
+def cut_windows(stream: torch.Tensor, seq_len: int, tokens: int | None, seed: int, prefix: list[int],
+                lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Non-overlapping windows from ``stream[lo:hi]``: ``prefix`` + ``seq_len - len(prefix)`` text tokens
+    each, shuffled by ``seed``, ``n * seq_len <= tokens``. Returns (windows, start offsets in ``stream``)."""
+    if seq_len < 2 + len(prefix):
+        raise DataError(f"--seq-len must be at least {2 + len(prefix)}, got {seq_len}")
+    hi = stream.numel() if hi is None else hi
+    text_len = seq_len - len(prefix)
+    count = (hi - lo) // text_len
+    if count == 0:
+        raise DataError(
+            f"the data part has {hi - lo} tokens, fewer than one window of --seq-len {seq_len}: "
+            "give more text or a smaller --seq-len"
+        )
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    if tokens is not None:
+        if tokens < seq_len:
+            raise DataError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}")
+        order = order[: max(1, tokens // seq_len)]
+    starts = [lo + int(i) * text_len for i in order]
+    body = torch.stack([stream[s : s + text_len] for s in starts])
+    if prefix:
+        head = torch.tensor(prefix, dtype=stream.dtype).expand(len(starts), len(prefix))
+        body = torch.cat([head, body], dim=1)
+    return body.contiguous(), starts
+
+
+def load_window_set(spec: DataSpec, tokenizer: Any, seq_len: int, tokens: int | None, seed: int) -> WindowSet:
+    """The windows of ``spec.part`` of a source, with their provenance (see the module docstring)."""
+    stream = tokenize(tokenizer, load_texts(spec))
+    lo, hi = part_bounds(stream.numel(), spec.part)
+    prefix = window_prefix(tokenizer)
+    windows, starts = cut_windows(stream, seq_len, tokens, seed, prefix, lo, hi)
+    return WindowSet(windows, starts, seq_len - len(prefix), prefix, spec.describe(), spec.part, seed,
+                     int(stream.numel()), stream_hash(stream))

@@ -39,7 +39,7 @@ from .policy import allocate, kept_energy, parse_policy
 class EvalConfig:
     """One ``aqua eval`` run over one text: every (mode, k, policy) point shares the same windows."""
 
-    data: DataSpec = field(default_factory=DataSpec)
+    data: DataSpec = field(default_factory=lambda: DataSpec(part="evaluation"))  # held out from calibration
     ks: tuple[float | int, ...] = (0.5, 0.75, 1.0)
     modes: tuple[str, ...] = ("dense", "static", "dynamic")
     policies: tuple[str, ...] = ("uniform",)

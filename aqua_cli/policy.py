@@ -23,7 +23,17 @@ Policies:
 
 Both use the static energy as a proxy for what dynamic selection keeps; whether that proxy helps on
 real text is what ``aqua eval --k-policy uniform,energy`` measures (docs/eval.md has the answer for
-SmolLM2).
+SmolLM2: it does not).
+
+* ``sensitivity``: from what the loss depends on. ``aqua sensitivity`` stores in the artifact each
+  layer's measured damage ``KL_l(k)`` (:mod:`aqua_cli.sensitivity`: KL of the model's next-token
+  distribution, AQUA at that layer only, on calibration text); the budgets minimise
+  ``sum_l KL_l(k_l)`` subject to ``sum_l k_l = layers * k`` exactly, by dynamic programming over
+  integer budgets on the piecewise-linear interpolation of the curves (``KL_l(D) = 0``), each layer's k
+  kept within the measured range (never below the smallest measured k: extrapolating the curves there
+  let the optimiser starve a layer to 1 dimension on Gemma 3). Every KV group of a layer gets the layer's k.
+* ``auto``: the artifact's ``extra["default_policy"]`` (set only where held-out evaluation showed the
+  policy beating uniform, with the evidence named beside it), else ``uniform``.
 """
 
 from __future__ import annotations
@@ -98,19 +108,112 @@ POLICIES: dict[str, Callable[[torch.Tensor, int], Budgets]] = {
 }
 
 
+ARTIFACT_POLICIES = ("sensitivity", "auto")  # policies that read more than the spectrum from the artifact
+
+
 def parse_policy(name: str) -> str:
-    if name not in POLICIES:
-        raise ConfigError(f"unknown k-policy '{name}': use one of {', '.join(POLICIES)}")
+    if name not in POLICIES and name not in ARTIFACT_POLICIES:
+        raise ConfigError(f"unknown k-policy '{name}': use one of {', '.join([*POLICIES, *ARTIFACT_POLICIES])}")
     return name
+
+
+def sensitivity_record(artifact: Any) -> dict[str, Any] | None:
+    record = (artifact.metadata.get("extra") or {}).get("sensitivity")
+    return record if isinstance(record, dict) and record.get("kl") else None
+
+
+def resolve_policy(artifact: Any, policy: str) -> str:
+    """``auto`` -> the artifact's recorded default policy (or ``uniform``); other names unchanged."""
+    parse_policy(policy)
+    if policy != "auto":
+        return policy
+    chosen = (artifact.metadata.get("extra") or {}).get("default_policy") or "uniform"
+    return chosen if (chosen != "sensitivity" or sensitivity_record(artifact)) else "uniform"
+
+
+def check_available(artifact: Any, policies: Any) -> None:
+    """Fail early when a policy needs what the artifact does not hold."""
+    if "sensitivity" in policies and sensitivity_record(artifact) is None:
+        raise ConfigError(
+            f"artifact '{artifact.name}' holds no sensitivity curves: run `aqua sensitivity` on it first "
+            "(or use --k-policy uniform)"
+        )
+
+
+def layer_costs(record: dict[str, Any], head_dim: int) -> torch.Tensor:
+    """``[layers, D + 1]`` interpolated ``KL_l(k)`` for k = 0..D; +inf below the smallest measured k."""
+    dims = [int(x) for x in record["dims"]] + [head_dim]
+    kl = torch.tensor(record["kl"], dtype=torch.float64)
+    kl = torch.cat([kl, torch.zeros(kl.shape[0], 1, dtype=torch.float64)], dim=1)
+    # more dims never hurt in expectation: make each measured curve non-increasing (noise)
+    kl = torch.flip(torch.cummax(torch.flip(kl, [1]), dim=1).values, [1])
+    grid = torch.arange(head_dim + 1, dtype=torch.float64)
+    x = torch.tensor(dims, dtype=torch.float64)
+    out = torch.empty(kl.shape[0], head_dim + 1, dtype=torch.float64)
+    for layer in range(kl.shape[0]):
+        y = kl[layer]
+        seg = torch.searchsorted(x, grid.clamp(min=x[0], max=x[-1]), right=True).clamp(1, len(dims) - 1)
+        x0, x1, y0, y1 = x[seg - 1], x[seg], y[seg - 1], y[seg]
+        out[layer] = y0 + (y1 - y0) * (grid - x0) / (x1 - x0)
+    out = out.clamp_min(0.0)
+    out[:, : dims[0]] = float("inf")  # not measured: never chosen
+    return out
+
+
+def sensitivity_budgets(artifact: Any, k: int) -> Budgets:
+    """Per-layer budgets minimising the summed measured KL at total ``layers * k`` (exact DP)."""
+    record = sensitivity_record(artifact)
+    if record is None:
+        raise ConfigError(
+            f"artifact '{artifact.name}' holds no sensitivity curves: run `aqua sensitivity` on it first "
+            "(or use --k-policy uniform)"
+        )
+    d, layers, groups = artifact.head_dim, artifact.num_layers, artifact.num_groups
+    cost = layer_costs(record, d)
+    if cost.shape[0] != layers:
+        raise ConfigError(f"sensitivity curves for {cost.shape[0]} layers, artifact has {layers}")
+    total = layers * k
+    inf = float("inf")
+    best = torch.full((total + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    choice = torch.zeros(layers, total + 1, dtype=torch.long)
+    for layer in range(layers):
+        new = torch.full_like(best, inf)
+        arg = torch.zeros(total + 1, dtype=torch.long)
+        for option in range(1, d + 1):
+            if option > total:
+                break
+            cand = torch.full_like(best, inf)
+            cand[option:] = best[: total + 1 - option] + cost[layer, option]
+            better = cand < new
+            new = torch.where(better, cand, new)
+            arg = torch.where(better, torch.full_like(arg, option), arg)
+        best, choice[layer] = new, arg
+    if not torch.isfinite(best[total]):
+        low = int(record["dims"][0])
+        raise ConfigError(
+            f"k = {k} dims is below the smallest budget the sensitivity was measured at ({low}): "
+            "measure lower ratios with `aqua sensitivity --ratios`, or use --k-policy uniform"
+        )
+    budgets, left = [], total
+    for layer in reversed(range(layers)):
+        option = int(choice[layer, left])
+        budgets.append(option)
+        left -= option
+    budgets.reverse()
+    return [[b] * groups for b in budgets]
 
 
 def allocate(artifact: Any, k: int, policy: str = "uniform") -> Budgets:
     """Integer budgets ``[layers][groups]`` summing to ``layers * groups * k`` (``k`` in dims)."""
-    parse_policy(policy)
+    policy = resolve_policy(artifact, policy)
     d = artifact.head_dim
     if not 1 <= k <= d:
         raise ConfigError(f"k = {k} dimensions is outside 1..{d}")
-    budgets = POLICIES[policy](energy_curves(artifact), k)
+    if policy == "sensitivity":
+        budgets = sensitivity_budgets(artifact, k)
+    else:
+        budgets = POLICIES[policy](energy_curves(artifact), k)
     assert sum(map(sum, budgets)) == artifact.num_layers * artifact.num_groups * k, "budget not conserved"
     return budgets
 

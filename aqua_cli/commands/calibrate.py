@@ -53,6 +53,7 @@ def calibrate(
     json_out: JsonOpt = None,
     device_map: DeviceMapOpt = None,
     push_to: Annotated[Optional[str], typer.Option("--push", help="Also publish the artifact to this Hub repo (org/repo) once saved.")] = None,
+    data_part: Annotated[str, typer.Option("--data-part", help="Part of the text to calibrate on: calibration (the default; aqua eval scores the held-out evaluation part), evaluation, or all.")] = "calibration",
 ) -> None:
     """Calibrate AQUA projections: SVD of the model's post-RoPE queries and keys, per layer and KV group.
 
@@ -83,7 +84,7 @@ def calibrate(
 
         target = agree(dist, check_target, "the output check")
         source, loaded, tokenizer = load(model, revision, str(dist.device()) if dist else device, dtype, device_map)
-        config = CalibrationConfig(DataSpec(data, data_config, split, text_column), tokens, seq_len, batch_size, seed)
+        config = CalibrationConfig(DataSpec(data, data_config, split, text_column, data_part), tokens, seq_len, batch_size, seed)
         world = dist.world_size if dist else 1
         started = time.perf_counter()
         with progress("calibrating", enabled=main_rank) as bar:

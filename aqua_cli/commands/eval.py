@@ -37,7 +37,9 @@ from ..cli import (
 
 KOpt = Annotated[str, typer.Option("--k", help="Comma list of k: ratios of head_dim (0.5) or numbers of dims (32).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="Comma list of modes: dense, static, dynamic.")]
-PolicyOpt = Annotated[str, typer.Option("--k-policy", help="Comma list of per-layer k policies at equal total cost: uniform, energy, equal-energy.")]
+DataPartOpt = Annotated[str, typer.Option("--data-part", help="Part of the text to score: evaluation (held out from calibration, the default), calibration, or all.")]
+AllowOverlapOpt = Annotated[bool, typer.Option("--allow-overlap", help="Score windows that the artifact was calibrated on (refused by default).")]
+PolicyOpt = Annotated[str, typer.Option("--k-policy", help="Comma list of per-layer k policies at equal total cost: uniform, energy, equal-energy, sensitivity (needs `aqua sensitivity`), auto (the artifact's recorded default, else uniform).")]
 
 
 @app.command("eval")
@@ -46,7 +48,7 @@ def eval_command(
     artifact: ArtifactOpt = None,
     k: KOpt = "0.5,0.75,1.0",
     mode: ModeOpt = "dense,static,dynamic",
-    k_policy: PolicyOpt = "uniform",
+    k_policy: PolicyOpt = "auto",
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -65,6 +67,8 @@ def eval_command(
     no_ppl: Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity (with --tasks: benchmarks only).")] = False,
     json_out: JsonOpt = None,
     plot: PlotOpt = None,
+    data_part: DataPartOpt = "evaluation",
+    allow_overlap: AllowOverlapOpt = False,
 ) -> None:
     """Perplexity (per token and per byte) and attention retention at each k and mode, against dense in the
     same run; optionally lm-eval-harness accuracy.
@@ -80,7 +84,7 @@ def eval_command(
 
     check_outputs(json_out, plot)
     config = EvalConfig(
-        data=DataSpec(data, data_config, split, text_column),
+        data=DataSpec(data, data_config, split, text_column, data_part),
         ks=k_list(k), modes=tuple(split_list(mode)), policies=tuple(split_list(k_policy)),
         tokens=tokens, seq_len=seq_len, batch_size=batch_size, seed=seed, retention_windows=retention_windows,
     )
@@ -92,23 +96,26 @@ def eval_command(
         raise ConfigError("--no-ppl leaves nothing to do: add --tasks")
     check_available(task_names)
     source, _, art = preflight(model, revision, artifact, ks=config.ks)  # before the weights load
+    config = _resolve_auto_policy(config, art)
     from ..distributed import init_from_env, shutdown
 
     dist = init_from_env(device)  # torchrun / accelerate launch: perplexity data-parallel over ranks
     try:
         _run(config, model, revision, str(dist.device()) if dist else device, dtype, art, source, task_names, limit,
-             task_batch_size, seed, no_ppl, json_out, plot, dist)
+             task_batch_size, seed, no_ppl, json_out, plot, dist, allow_overlap)
     finally:
         shutdown(dist)
 
 
 def _run(config, model, revision, device, dtype, art, source, task_names, limit, task_batch_size, seed, no_ppl,
-         json_out, plot, dist) -> None:
-    from ..evaluate import evaluate, prepare_windows
+         json_out, plot, dist, allow_overlap=False) -> None:
+    from ..evaluate import evaluate
 
     main_rank = dist is None or dist.is_main
     source, loaded, tokenizer = load(model, revision, device, dtype)
-    windows = None if no_ppl else prepare_windows(tokenizer, config)
+    from ..heldout import evaluation_windows, overlap_caption
+
+    windows, held_out = (None, None) if no_ppl else evaluation_windows(tokenizer, config, art, allow_overlap)
 
     rows: list[dict[str, Any]] = []
     if not no_ppl:
@@ -125,7 +132,9 @@ def _run(config, model, revision, device, dtype, art, source, task_names, limit,
             result = evaluate(loaded, tokenizer, art, config, source.model_id, windows=windows, on_batch=on_batch, dist=dist)
         rows = [r.as_dict() for r in result]
         if main_rank:
-            out.print(ppl_table(rows), width=_width())
+            table = ppl_table(rows)
+            table.caption = overlap_caption(held_out)
+            out.print(table, width=_width())
     if not main_rank:
         return
     task_rows = _run_tasks(loaded, tokenizer, art, config, task_names, limit, task_batch_size, seed, source.model_id)
@@ -134,6 +143,8 @@ def _run(config, model, revision, device, dtype, art, source, task_names, limit,
     from ..machine import machine_info
 
     payload: dict[str, Any] = {"rows": rows, "machine": machine_info(), "config": config.describe(), "limit": limit}
+    if held_out is not None:
+        payload.update(held_out)
     if task_rows:
         payload["tasks"] = task_rows
     if len(config.policies) > 1 and rows:
@@ -145,6 +156,17 @@ def _run(config, model, revision, device, dtype, art, source, task_names, limit,
         from ..evaluate import plot_rows
 
         err.print(f"wrote {plot_rows(rows, plot, title=source.model_id.split('/')[-1])}")
+
+
+def _resolve_auto_policy(config: Any, art: Any) -> Any:
+    """``--k-policy auto`` names the artifact's recorded default policy (aqua_cli.policy.resolve_policy)."""
+    import dataclasses
+
+    from ..policy import check_available, resolve_policy
+
+    policies = tuple(dict.fromkeys(resolve_policy(art, p) for p in config.policies))
+    check_available(art, policies)  # before the weights load
+    return dataclasses.replace(config, policies=policies)
 
 
 def _width() -> int:
