@@ -358,13 +358,19 @@ def test_top_tokens_hook_decode_step_equals_the_kernels_reference(token_ratio):
     assert torch.allclose(got[:, 0], want, atol=1e-5)
 
 
-def test_gram_is_accumulated_in_float64():
-    """float32 products would lose the low bits of these sums (1 + 2^-20 squared); float64 keeps them."""
-    x = torch.full((1, 1, 64, 2), 1 + 2**-20)
+def test_gram_running_sum_is_float64():
+    """Each batch's Gram is a float32 product (issue 20: the speed), the running sum over batches is float64:
+    after 2^12 batches of a value whose float32 sum would stall (2^24 + small), the total is exact to float64."""
+    x = torch.full((1, 1, 1, 2), 1.0)
     acc = GramAccumulator(1, 1, 2)
-    acc.add(0, x, x)
-    exact = 128 * (1 + 2**-20) ** 2
-    assert float(acc.grams[0][0, 0, 0]) == exact
+    for _ in range(8):
+        acc.add(0, x, x)
+    assert acc.grams[0].dtype == torch.float64
+    big = torch.full((1, 1, 1, 2), 2.0**12)  # 2^24 per entry: float32 sums of 1s past it are lost
+    acc.add(0, big, big)
+    for _ in range(64):
+        acc.add(0, x, x)
+    assert float(acc.grams[0][0, 0, 0]) == 2 * (8 + 2.0**24 + 64)  # q and k rows both count
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])

@@ -20,17 +20,16 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .reference import approx_logits, project_queries, put_back, select_dims, take, visible_order
-
-
-def _visible(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``(B, 1, Q, L)``: which keys each query sees (causal when transformers passes no mask)."""
-    if mask is None:
-        rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-        return (torch.arange(kv_len, device=device)[None] <= rows)[None, None].expand(batch, 1, q_len, kv_len)
-    if mask.dtype == torch.bool:
-        return mask[:, :1, :, -kv_len:].expand(batch, 1, q_len, kv_len)
-    return (mask[:, :1, :, -kv_len:] > float("-inf")).expand(batch, 1, q_len, kv_len)
+from .reference import (
+    approx_logits,
+    dims_scores,
+    project_queries,
+    put_back,
+    select_dims,
+    take,
+    visible_keys,
+    visible_order,
+)
 
 
 def pages_for(ratio: float, length: int, page: int) -> int:
@@ -116,23 +115,13 @@ class TopPagesHook:
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         batch, q_heads, q_len, dim = query.shape
-        groups, kv_len = key.shape[1], key.shape[2]
-        rep = q_heads // groups
+        kv_len = key.shape[2]
         scale = scaling if scaling is not None else dim ** -0.5
         if query.device not in self._cache:
             self._cache = {query.device: self.projection.to(query.device, torch.float32)}
-        proj = self._cache[query.device]
-        q = query.float().view(batch, groups, rep, q_len, dim)
+        visible = visible_keys(attention_mask, batch, q_len, kv_len, query.device)  # (B, 1, Q, L)
+        q, approx = dims_scores(query, key, self._cache[query.device], self.dims, self.gqa, scale, visible)
         kf = key.float()
-        qp, kp = q @ proj[:, None], kf @ proj
-        flat = qp.permute(0, 3, 1, 2, 4).reshape(batch * q_len, groups, rep, dim)
-        idx, count, qsel = select_dims(flat, self.dims, self.gqa)
-        valid = torch.arange(idx.shape[-1], device=idx.device) < count[..., None]
-        qsparse = torch.zeros_like(flat).scatter_(-1, idx.long()[:, :, None].expand_as(qsel), qsel * valid[:, :, None])
-        qsparse = qsparse.view(batch, q_len, groups, rep, dim).permute(0, 2, 3, 1, 4)
-        approx = qsparse @ kp[:, :, None].transpose(-1, -2) * scale  # (B, Hkv, G, Q, L)
-        visible = _visible(attention_mask, batch, q_len, kv_len, query.device)  # (B, 1, Q, L)
-        approx = approx.masked_fill(~visible[:, :, None], float("-inf"))
         order = visible_order(visible)  # pages cut from each row's first visible key, as the row alone would
         pscores = page_scores(take(approx.amax(2), order), self.page)  # (B, Hkv, Q, P)
         lengths = visible.sum(-1)  # (B, 1, Q): from there the visible keys are a prefix (causal)

@@ -173,3 +173,33 @@ def take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 def put_back(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`take`."""
     return torch.empty_like(x).scatter_(-1, order.expand(*x.shape[:-1], order.shape[-1]), x)
+
+
+def visible_keys(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``(B, 1, Q, L)``: which keys each query sees, from transformers' attention mask (bool, or
+    additive float with the dtype's minimum where masked); causal when it passes none."""
+    if mask is None:
+        rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+        return (torch.arange(kv_len, device=device)[None] <= rows)[None, None].expand(batch, 1, q_len, kv_len)
+    mask = mask[:, :1, :, -kv_len:]
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return allowed.expand(batch, 1, q_len, kv_len)
+
+
+def dims_scores(query: torch.Tensor, key: torch.Tensor, proj: torch.Tensor, dims: int, gqa: str, scale: float,
+                visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query position's scores on its selected projected dims (the approximate logits top-T ranks):
+    ``query`` ``(B, Hq, Q, D)``, ``key`` ``(B, Hkv, L, D)``, ``visible`` ``(B, 1, Q, L)``. Returns the float32
+    queries grouped ``(B, Hkv, G, Q, D)`` and the scores ``(B, Hkv, G, Q, L)``, ``-inf`` where not visible."""
+    batch, q_heads, q_len, dim = query.shape
+    groups = key.shape[1]
+    rep = q_heads // groups
+    q = query.float().view(batch, groups, rep, q_len, dim)
+    qp, kp = q @ proj[:, None], key.float() @ proj  # (B, Hkv, G, Q, D), (B, Hkv, L, D)
+    flat = qp.permute(0, 3, 1, 2, 4).reshape(batch * q_len, groups, rep, dim)  # dims per query position
+    idx, count, qsel = select_dims(flat, dims, gqa)
+    valid = torch.arange(idx.shape[-1], device=idx.device) < count[..., None]
+    qsparse = torch.zeros_like(flat).scatter_(-1, idx.long()[:, :, None].expand_as(qsel), qsel * valid[:, :, None])
+    qsparse = qsparse.view(batch, q_len, groups, rep, dim).permute(0, 2, 3, 1, 4)
+    approx = qsparse @ kp[:, :, None].transpose(-1, -2) * scale
+    return q, approx.masked_fill(~visible[:, :, None], float("-inf"))

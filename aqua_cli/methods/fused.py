@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..attention import full_attention_only
 from ..budgets import parse_kv_dims
 from ..errors import ConfigError
+from ..kernels.reference import visible_keys
 from .aqua import Aqua, ProjectionHook
 from .base import AttentionHook
 
@@ -158,16 +159,6 @@ class ProjectedKVCache(Cache):
 
 
 # -- the reference decode on the projected cache (any device) ------------------------------------------
-def _visible(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``(B, 1, Q, L)``: which keys each query sees (causal when transformers passes no mask)."""
-    if mask is None:
-        rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-        return (torch.arange(kv_len, device=device)[None] <= rows)[None, None].expand(batch, 1, q_len, kv_len)
-    mask = mask[:, :1, :, -kv_len:]
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    return allowed.expand(batch, 1, q_len, kv_len)
-
-
 def group_dims(qp: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean ``(B, G, 1, Q, m)`` dims kept per KV group and query: the ``k`` largest ``sum_g |qP|``
     (float32 sums, as the kernels rank them); ``qp`` ``(B, G, rep, Q, m)``."""
@@ -279,7 +270,7 @@ class DecodeHook(ProjectionHook):
         proj = self._projection_on(query.device)[..., :m]
         qp = query.float().view(batch, groups, q_heads // groups, q_len, dim) @ proj[:, None]  # (B, G, rep, Q, m)
         kd, v = key.float()[:, :, None], value.float()[:, :, None]  # (B, G, 1, m, L), (B, G, 1, L, D)
-        visible = _visible(mask, batch, q_len, length, query.device)[:, :, None]  # (B, 1, 1, Q, L)
+        visible = visible_keys(mask, batch, q_len, length, query.device)[:, :, None]  # (B, 1, 1, Q, L)
         outs = [self._attend_chunk(qp[:, :, :, i : i + self.query_chunk], kd, v, visible[:, :, :, i : i + self.query_chunk], m, scale)
                 for i in range(0, q_len, self.query_chunk)]
         out = torch.cat(outs, dim=3)  # (B, G, rep, Q, D)

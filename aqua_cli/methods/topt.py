@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..budgets import k_dims
-from ..kernels.reference import select_dims, select_tokens
+from ..kernels.reference import dims_scores, select_tokens, visible_keys
 from .base import AttentionHook, Method
 
 
@@ -44,22 +44,11 @@ class TopTokensHook(AttentionHook):
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         batch, q_heads, q_len, dim = query.shape
-        groups, kv_len = key.shape[1], key.shape[2]
-        rep = q_heads // groups
+        kv_len = key.shape[2]
         scale = scaling if scaling is not None else dim ** -0.5
-        proj = self._proj(query.device)
-        q = query.float().view(batch, groups, rep, q_len, dim)
+        visible = visible_keys(attention_mask, batch, q_len, kv_len, query.device)  # (B, 1, Q, L) bool
+        q, approx = dims_scores(query, key, self._proj(query.device), self.dims, self.gqa, scale, visible)
         kf = key.float()
-        qp, kp = q @ proj[:, None], kf @ proj  # (B, Hkv, G, Q, D), (B, Hkv, L, D)
-        # dims per query position: move Q next to B so select_dims sees (B*, Hkv, G, D)
-        flat = qp.permute(0, 3, 1, 2, 4).reshape(batch * q_len, groups, rep, dim)
-        idx, count, qsel = select_dims(flat, self.dims, self.gqa)
-        valid = (torch.arange(idx.shape[-1], device=idx.device) < count[..., None])
-        qsparse = torch.zeros_like(flat).scatter_(-1, idx.long()[:, :, None].expand_as(qsel), qsel * valid[:, :, None])
-        qsparse = qsparse.view(batch, q_len, groups, rep, dim).permute(0, 2, 3, 1, 4)
-        approx = qsparse @ kp[:, :, None].transpose(-1, -2) * scale  # (B, Hkv, G, Q, L)
-        visible = _visible(attention_mask, batch, q_len, kv_len, query.device)  # (B, 1, Q, L) bool
-        approx = approx.masked_fill(~visible[:, :, None], float("-inf"))
         if self.token_ratio is None:
             probs = approx.softmax(-1).nan_to_num(0.0)  # a fully masked row (left padding) gives zeros, not NaN
         else:
@@ -69,17 +58,6 @@ class TopTokensHook(AttentionHook):
         out = probs @ value.float()[:, :, None]  # (B, Hkv, G, Q, D)
         out = out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).to(query.dtype)
         return out, None
-
-
-def _visible(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``(B, 1, Q, L)``: which keys each query sees (causal when transformers passes no mask)."""
-    if mask is None:
-        offset = kv_len - q_len
-        rows = torch.arange(q_len, device=device)[:, None] + offset
-        return (torch.arange(kv_len, device=device)[None] <= rows)[None, None].expand(batch, 1, q_len, kv_len)
-    if mask.dtype == torch.bool:
-        return mask[:, :1, :, -kv_len:].expand(batch, 1, q_len, kv_len)
-    return (mask[:, :1, :, -kv_len:] > float("-inf")).expand(batch, 1, q_len, kv_len)
 
 
 def _keep_causal(scores: torch.Tensor, visible: torch.Tensor, ratio: float, block: int) -> torch.Tensor:
