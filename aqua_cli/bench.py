@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .cost import cost_model, paper_break_even
+from .cost import cost_model, pages_bytes, paper_break_even
 from .errors import ConfigError
 from .models import AttnShape
 
@@ -257,6 +257,10 @@ def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torc
             if name == "dense":
                 dense_us = latency
             model = cost_model(shape, config.batch, seq, "decode", dims if name != "dense" else shape.head_dim, ratio, elem)
+            if extra.get("granularity") == "pages":  # whole pages are read: the bytes of the pages chosen
+                model["aqua_bytes"] = float(pages_bytes(config.batch, shape.num_kv_heads, seq, dims, shape.head_dim, ratio,
+                                                        extra["page"], elem))
+                model["byte_bound_speedup"] = model["dense_bytes"] / model["aqua_bytes"]
             moved = model["dense_bytes"] if name == "dense" else model["aqua_bytes"]
             row = {
                 "seq": seq, "batch": config.batch, "phase": "decode", "impl": name,

@@ -33,6 +33,7 @@ def main() -> int:
     from types import SimpleNamespace
 
     from aqua_cli.bench import _decode_inputs, _rotating, random_projection, time_us
+    from aqua_cli import cost
     from aqua_cli.kernels import decode as dk
     from aqua_cli.kernels.paged import aqua_decode_pages_reference
     from aqua_cli.kernels.reference import aqua_decode_reference, dense_decode
@@ -77,10 +78,10 @@ def main() -> int:
 
     def nbytes(batch, seq, dims, ratio, cfg):
         if ratio is None:
-            return dk.dims_bytes(batch, hkv, seq, dims, d)
+            return cost.dims_bytes(batch, hkv, seq, dims, d)
         if cfg.granularity == "pages":
-            return dk.pages_bytes(batch, hkv, seq, dims, d, ratio, cfg.page)
-        return dk.topt_bytes(batch, hkv, seq, dims, d, ratio)
+            return cost.pages_bytes(batch, hkv, seq, dims, d, ratio, cfg.page)
+        return cost.topt_bytes(batch, hkv, seq, dims, d, ratio)
 
     for batch in [int(b) for b in args.batches.split(",")]:
         for seq in [int(s) for s in args.seqs.split(",")]:

@@ -30,6 +30,7 @@ def main() -> int:
 
     from aqua_cli.bench import _decode_inputs, _rotating, random_projection, time_us
     from aqua_cli.models import PRESETS
+    from aqua_cli import cost
     from aqua_cli.kernels import decode as dk
     from aqua_cli.kernels.reference import aqua_decode_reference, dense_decode, project_queries, select_dims
 
@@ -84,7 +85,7 @@ def main() -> int:
         x0 = sets[0]
         for dims in dims_list:
             ref = aqua_decode_reference(x0.q, x0.k, x0.v, x0.kd, proj, dims) if seq <= 32768 else None
-            nbytes = dk.dims_bytes(batch, shape.num_kv_heads, seq, dims, shape.head_dim)
+            nbytes = cost.dims_bytes(batch, shape.num_kv_heads, seq, dims, shape.head_dim)
             # selection alone: torch ops vs the one-launch kernel
             for fused in (False, True):
                 cfg = dk.DecodeConfig(dims, fused_select=fused)
@@ -109,7 +110,7 @@ def main() -> int:
         dense = timed(lambda x: dense_decode(x.q, x.k, x.v), sets)
         x0 = sets[0]
         ref = aqua_decode_reference(x0.q, x0.k, x0.v, x0.kd, proj, dims, "group", ratio, 512) if seq <= 32768 else None
-        nbytes = dk.topt_bytes(batch, shape.num_kv_heads, seq, dims, shape.head_dim, ratio)
+        nbytes = cost.topt_bytes(batch, shape.num_kv_heads, seq, dims, shape.head_dim, ratio)
         for sw, tbn, tw, ts, waves in grid:
             cfg = dk.DecodeConfig(dims, "group", ratio, 512, select_warps=sw, tokens_block_n=tbn, tokens_warps=tw,
                                   tokens_stages=ts, waves=waves)

@@ -14,16 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from aqua_cli.cost import dims_bytes, pages_bytes, topt_bytes
 from aqua_cli.kernels import decode
 from aqua_cli.kernels.decode import (
     DecodeConfig,
-    dims_bytes,
     fused_selection_supported,
     kd_layout,
     pad_selection,
-    pages_bytes,
     select_for_kernels,
-    topt_bytes,
 )
 from aqua_cli.kernels.reference import project_queries, select_dims
 

@@ -46,7 +46,6 @@ Importing this module does not need Triton (the glue runs anywhere); launching a
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -1056,22 +1055,3 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     chosen, keep = launch_select(sel, kd, config.token_ratio, config.select_block, config.select_warps, full_rows)
     return launch_tokens(q, chosen, keep, config.select_block, k, v, scale, config.tokens_block_n, config.tokens_warps,
                          config.tokens_stages, config.waves)
-
-
-def pages_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, page: int, elem: int = 2) -> int:
-    """Bytes dims + top-T pages must read: ``dims`` rows of ``kd``, then the chosen pages of ``kd`` and ``v``."""
-    from .paged import pages_for
-
-    tokens = min(length, pages_for(ratio, length, page) * page)
-    return batch * kv_heads * (length * dims + 2 * tokens * dim) * elem
-
-
-def dims_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, elem: int = 2) -> int:
-    """Bytes the dims-only kernel must read: ``dims`` rows of ``kd`` and all of ``v``."""
-    return batch * kv_heads * length * (dims + dim) * elem
-
-
-def topt_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, elem: int = 2) -> int:
-    """Bytes dims + top-T must read: ``dims`` rows of ``kd``, then ``T`` rows of ``k`` and of ``v``."""
-    tokens = math.ceil(ratio * length)
-    return batch * kv_heads * (length * dims + 2 * tokens * dim) * elem
