@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from .errors import ConfigError
+from .methods.fused import InPlaceLayer
 
 E2E_PRESETS: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -42,14 +43,14 @@ E2E_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class StaticKVLayer(DynamicLayer):
+class StaticKVLayer(InPlaceLayer):
     """The dense baseline's cache layer: preallocated ``(B, Hkv, capacity, D)`` keys and values written in
     place; ``update`` returns views of the first ``length`` tokens (what :class:`ProjectedKVLayer` does for
     AQUA), so SDPA reads exactly the tokens seen and no step concatenates."""
 
     def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
+        super().__init__(capacity)
+        self.capacity = capacity
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.is_initialized = key_states.device, True
@@ -66,16 +67,6 @@ class StaticKVLayer(DynamicLayer):
         self.values[:, :, start : start + new] = value_states
         self.length = start + new
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query: Any) -> tuple[int, int]:
-        query_length = query if isinstance(query, int) else int(query.shape[0])
-        return self.length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return self.capacity
 
 
 class StaticKVCache(Cache):

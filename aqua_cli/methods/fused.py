@@ -49,19 +49,43 @@ class DecodeState:
     pending: "ProjectedKVLayer | None" = field(default=None, repr=False)
 
 
-class ProjectedKVLayer(DynamicLayer):
-    """One layer's projected KV cache (see module docstring). ``update`` returns the dimension-major
-    projected keys ``(B, Hkv, m, L)`` and the values ``(B, Hkv, L, D)`` as views of the buffers."""
+class InPlaceLayer(DynamicLayer):
+    """A cache layer whose buffers are written in place and read as views of their first ``length`` tokens
+    (no concatenation per step); ``max_tokens`` fixes the capacity (None: the subclass may grow it)."""
 
     is_croppable = True
 
+    def __init__(self, max_tokens: int | None = None):
+        super().__init__()
+        self.max_tokens, self.length = max_tokens, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query: Any) -> tuple[int, int]:
+        """``query``: the query length (transformers >= 5.20) or the cache positions (earlier)."""
+        query_length = query if isinstance(query, int) else int(query.shape[0])
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # transformers' legacy form: the length to keep
+            self.length = min(self.length, tokens_to_remove)
+        else:
+            self.length = max(0, self.length + tokens_to_remove)
+
+
+class ProjectedKVLayer(InPlaceLayer):
+    """One layer's projected KV cache (see module docstring). ``update`` returns the dimension-major
+    projected keys ``(B, Hkv, m, L)`` and the values ``(B, Hkv, L, D)`` as views of the buffers."""
+
     def __init__(self, projection: torch.Tensor, kv_dims: int, state: DecodeState, layer_idx: int = 0,
                  max_tokens: int | None = None, page: int = 64):
-        super().__init__()
+        super().__init__(max_tokens)
         self.projection = projection.float()
-        self.kv_dims, self.state, self.layer_idx = kv_dims, state, layer_idx
-        self.max_tokens, self.page = max_tokens, page
-        self.length = 0
+        self.kv_dims, self.state, self.layer_idx, self.page = kv_dims, state, layer_idx, page
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._basis: torch.Tensor | None = None
 
@@ -109,27 +133,10 @@ class ProjectedKVLayer(DynamicLayer):
         self.state.pending = self
         return self.keys[..., : self.length], self.values[:, :, : self.length]
 
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query: Any) -> tuple[int, int]:
-        """``query``: the query length (transformers >= 5.20) or the cache positions (earlier)."""
-        query_length = query if isinstance(query, int) else int(query.shape[0])
-        return self.length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return self.max_tokens if self.max_tokens is not None else -1
-
     def reset(self) -> None:
         self.length, self.fresh = 0, None
         if self.state.pending is self:
             self.state.pending = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:  # transformers' legacy form: the length to keep
-            self.length = min(self.length, tokens_to_remove)
-        else:
-            self.length = max(0, self.length + tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
