@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..attention import full_attention_only
 from ..budgets import parse_kv_dims
 from ..errors import ConfigError
+from ..kernels.hybrid import DEFAULT_MIN_SEQ_DIMS, DEFAULT_MIN_SEQ_TOPT
 from ..kernels.reference import visible_keys
 from .aqua import Aqua, ProjectionHook
 from .base import AttentionHook
@@ -215,6 +216,7 @@ class DecodeHook(ProjectionHook):
     prefill: str = "dense"
     query_chunk: int = 512  # queries per score block in the PyTorch path: bounds memory at long prefill
     calls: dict[str, int] = field(default_factory=lambda: {"kernel": 0, "reference": 0, "prefill": 0}, repr=False)
+    _configs: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -256,14 +258,15 @@ class DecodeHook(ProjectionHook):
             dims, ratio = dim, None  # below the break-even: the dims kernel over every dim is dense attention
         else:
             ratio = self.token_ratio
-        config = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page)
+        config = self._configs.get((dims, ratio))
+        if config is None:  # built once per setting: this runs in every layer of every decode step
+            config = self._configs[(dims, ratio)] = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page)
         out = aqua_decode(query[:, :, 0], None, value, key, self._projection_on(query.device), config,
                           scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages)
         return out[:, None]  # (B, 1, Hq, D)
 
     def uses_aqua(self, batch: int, length: int, head_dim: int) -> bool:
-        from ..kernels.hybrid import DEFAULT_MIN_SEQ_DIMS, DEFAULT_MIN_SEQ_TOPT
-
+        """The hybrid switch: AQUA from the break-even measured for this batch size (kernels/hybrid.py)."""
         table = DEFAULT_MIN_SEQ_DIMS if self.token_ratio is None else DEFAULT_MIN_SEQ_TOPT
         keys = [b for b in sorted(table) if b <= batch] or [min(table)]
         return length >= table[keys[-1]]
