@@ -19,17 +19,24 @@ def ratio_or_count(text: str) -> Budget:
     return int(text) if text.lstrip("+-").isdigit() else float(text)
 
 
-def parse_k(value: str | Budget) -> Budget:
-    """``k`` as the user gives it: a ratio of head_dim (has a decimal point, ``0 < k <= 1``) or a count
-    of dimensions (an integer, ``1 <= k <= head_dim``). ``"1"`` is one dimension, ``"1.0"`` all of them."""
+def _number(value: str | Budget, not_bool: str, not_text: str) -> Budget:
+    """A budget as a number: text through :func:`ratio_or_count`; a bool is refused (it is an int to Python).
+    The messages take the value (``not_bool``, its repr) or the stripped text (``not_text``)."""
     if isinstance(value, bool):
-        raise ConfigError(f"invalid k {value!r}")
+        raise ConfigError(not_bool.format(repr(value)))
     if isinstance(value, str):
         text = value.strip()
         try:
-            value = ratio_or_count(text)
+            return ratio_or_count(text)
         except ValueError:
-            raise ConfigError(f"invalid k '{text}': give a ratio such as 0.75 or a number of dimensions such as 48") from None
+            raise ConfigError(not_text.format(text)) from None
+    return value
+
+
+def parse_k(value: str | Budget) -> Budget:
+    """``k`` as the user gives it: a ratio of head_dim (has a decimal point, ``0 < k <= 1``) or a count
+    of dimensions (an integer, ``1 <= k <= head_dim``). ``"1"`` is one dimension, ``"1.0"`` all of them."""
+    value = _number(value, "invalid k {}", "invalid k '{}': give a ratio such as 0.75 or a number of dimensions such as 48")
     if isinstance(value, float):
         if not (0.0 < value <= 1.0) or value != value:
             raise ConfigError(f"k ratio {value} is outside (0, 1]: give e.g. 0.75, or an integer number of dimensions")
@@ -64,14 +71,8 @@ def parse_kv_dims(value: str | Budget, head_dim: int) -> int:
 def parse_budget(value: str | Budget) -> Budget:
     """``--h2o-budget``: a ratio of the prompt (has a decimal point, ``0 < b <= 1``) or a token count
     (an integer ``>= 2``: one recent token and one heavy hitter at the least)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"invalid H2O budget {value!r}")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = ratio_or_count(text)
-        except ValueError:
-            raise ConfigError(f"invalid --h2o-budget '{text}': give a ratio of the prompt such as 0.5 or a number of tokens such as 256") from None
+    value = _number(value, "invalid H2O budget {}",
+                    "invalid --h2o-budget '{}': give a ratio of the prompt such as 0.5 or a number of tokens such as 256")
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:  # also refuses NaN
             raise ConfigError(f"--h2o-budget ratio {value} is outside (0, 1]: give e.g. 0.5, or an integer number of tokens")

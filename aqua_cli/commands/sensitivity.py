@@ -16,11 +16,13 @@ from ..cli import (
     ModelArg,
     RevisionOpt,
     SeedOpt,
+    SeqLenOpt,
     app,
     check_positive,
     err,
     load,
     out,
+    ratio_list,
     write_json,
 )
 
@@ -31,7 +33,7 @@ def sensitivity(
     artifact: ArtifactOpt = None,
     data: DataOpt = "pydoc",
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens of calibration text to measure on (whole windows of --seq-len).")] = 1024,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    seq_len: SeqLenOpt = 512,
     seed: SeedOpt = 0,
     mode: Annotated[str, typer.Option("--mode", help="AQUA mode the curves are measured for: dynamic or static.")] = "dynamic",
     ratios: Annotated[str, typer.Option("--ratios", help="Comma list of k/head_dim at which each layer is measured.")] = "0.25,0.375,0.5,0.625,0.75,0.875",
@@ -57,10 +59,7 @@ def sensitivity(
     from ..sensitivity import measure
 
     check_positive(tokens=tokens, seq_len=seq_len)
-    try:
-        grid = tuple(float(r) for r in ratios.split(",") if r.strip())
-    except ValueError:
-        raise ConfigError(f"--ratios must be numbers such as 0.25,0.5, got '{ratios}'") from None
+    grid = tuple(ratio_list(ratios, "--ratios"))
     if default_policy is not None:
         parse_policy(default_policy)
     if reuse:

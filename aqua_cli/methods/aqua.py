@@ -84,6 +84,13 @@ class ProjectionHook(AttentionHook):
             self._cache[device] = self.projection.to(device=device, dtype=torch.float32)
         return self._cache[device]
 
+    def budget(self, groups: int, m: int) -> int | torch.Tensor:
+        """Dims kept among the first ``m``: ``k`` capped at ``m`` (per-group budgets shaped ``(G, 1, 1)`` to
+        broadcast over ``(B, G, rep, Q, m)`` queries)."""
+        if isinstance(self.k, torch.Tensor):
+            return self.k.view(groups, 1, 1).clamp(max=m)
+        return min(self.k, m)
+
     def rewrite(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "dense":
             return query, key
@@ -100,9 +107,7 @@ class ProjectionHook(AttentionHook):
             proj = proj[..., :m]
         q = query.float().view(batch, groups, q_heads // groups, q_len, head_dim) @ proj[:, None]
         k = key.float() @ proj
-        budget = self.k.view(groups, 1, 1) if isinstance(self.k, torch.Tensor) else self.k
-        budget = budget.clamp(max=m) if isinstance(budget, torch.Tensor) else min(budget, m)
-        q = select_dims(q, budget, self.mode)
+        q = select_dims(q, self.budget(groups, m), self.mode)
         if m < head_dim:  # the dot product needs only the kept dims; pad back so SDPA sees the usual shapes
             q, k = torch.nn.functional.pad(q, (0, head_dim - m)), torch.nn.functional.pad(k, (0, head_dim - m))
         return q.reshape(batch, q_heads, q_len, head_dim).to(query.dtype), k.to(key.dtype)

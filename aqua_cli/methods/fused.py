@@ -39,7 +39,7 @@ from ..budgets import parse_kv_dims
 from ..errors import ConfigError
 from ..kernels.hybrid import DEFAULT_MIN_SEQ_DIMS, DEFAULT_MIN_SEQ_TOPT
 from ..kernels.reference import visible_keys
-from .aqua import Aqua, ProjectionHook
+from .aqua import Aqua, ProjectionHook, select_dims
 from .base import AttentionHook
 
 
@@ -292,8 +292,7 @@ class DecodeHook(ProjectionHook):
         if self.mode == "dense":
             kept = qp
         elif isinstance(self.k, torch.Tensor) or self.mode == "static":
-            budget = self.k.view(groups, 1, 1) if isinstance(self.k, torch.Tensor) else self.k
-            kept = _select(qp, budget, m, self.mode)
+            kept = select_dims(qp, self.budget(groups, m), self.mode)
         else:
             kept = qp * group_dims(qp, min(int(self.k), m))
         approx = (kept @ kd) * scale  # (B, G, rep, Q, L)
@@ -317,13 +316,6 @@ def _triton_ready() -> bool:
 
         _TRITON.append(triton_available())
     return _TRITON[0]
-
-
-def _select(qp: torch.Tensor, budget: Any, m: int, mode: str) -> torch.Tensor:
-    from .aqua import select_dims
-
-    budget = budget.clamp(max=m) if isinstance(budget, torch.Tensor) else min(budget, m)
-    return select_dims(qp, budget, mode)
 
 
 @dataclass
