@@ -42,13 +42,36 @@ def aqua_attention_forward(
     return hook.attend(module, query, key, value, attention_mask, **kwargs)
 
 
+def aqua_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask``, made explicit for one case: a one-token step, causal, with no padding
+    mask and no window, gets no mask (every key is visible). ``sdpa_mask`` decides the same in eager mode,
+    but some transformers versions (5.17) treat CUDA-graph capture as tracing and build a full mask there:
+    SDPA then leaves flash for a masked kernel with the KV heads repeated, and AQUA's decode step leaves the
+    fused kernels for its reference path, so a captured step would compute differently from the eager one."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    if (not args and kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip", True)
+            and kwargs.get("local_size") is None and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+            and _query_length(kwargs) == 1):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def _query_length(kwargs: dict[str, Any]) -> int | None:
+    """``q_length`` (transformers >= 5.20) or the length of ``cache_position`` (earlier)."""
+    if isinstance(kwargs.get("q_length"), int):
+        return kwargs["q_length"]
+    positions = kwargs.get("cache_position")
+    return int(positions.shape[0]) if isinstance(positions, torch.Tensor) else None
+
+
 def register() -> None:
     """Register the ``aqua`` attention and mask functions with transformers (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, aqua_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, aqua_mask)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -7,14 +7,19 @@ same kind of cache (preallocated, written in place, read as views: no concatenat
 ``seq`` random tokens (the values do not change the work, and no prefill is timed), and times ``steps``
 single-token decode steps through ``model(...)``:
 
-* ``dense``: :class:`StaticKVCache` and transformers' SDPA, pinned to the flash and memory-efficient
-  backends on CUDA (cuDNN re-plans for every new key length);
+* ``dense``: :class:`StaticKVCache` and transformers' SDPA through :class:`aqua_cli.methods.Dense` (the same
+  attention and mask functions as AQUA), pinned to the flash and memory-efficient backends on CUDA (cuDNN
+  re-plans for every new key length);
 * ``aqua-dims`` / ``aqua-topt``: :class:`aqua_cli.methods.AquaDecode` and its projected KV cache, whose
   decode steps run the fused kernels on CUDA (dims only, or dims + top-T pages).
 
-Neither path is captured in a CUDA graph: the kernels take the cache length as a launch argument, so a
-graph would be re-captured every step; both run eagerly, in the same way (docs/bench.md says what that
-costs at batch 1).
+On CUDA both paths are timed as CUDA-graph replays of one decode step (``graphs=True``, the default): an
+eager transformers step is bound by Python and launches (a 32-layer 8B step at batch 1 takes ~40 ms of CPU
+for ~6 ms of GPU work), which hides what attention costs. The kernels take the cache length as a launch
+argument, so a graph is captured *per length*: the step that writes token ``seq`` and attends over
+``seq + 1`` tokens, replayed ``steps`` times (the cache is cropped back to ``seq`` before capture, so every
+replay does the same work). Dense gets the same: its static cache, the same capture, the same replays.
+``graphs=False`` times eager steps (the cache growing by one token a step), as a plain ``generate()`` runs.
 """
 
 from __future__ import annotations
@@ -127,6 +132,7 @@ class E2EConfig:
     steps: int = 16
     warmup: int = 16  # Triton specialises integer arguments: the first steps at a new length may compile
     hybrid: bool = True
+    graphs: bool = True  # CUDA only: time CUDA-graph replays of one step (see the module docstring)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -173,9 +179,12 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def time_decode(model: torch.nn.Module, cache: Any, batch: int, seq: int, steps: int, warmup: int,
-                device: torch.device, context: Callable[[], Any]) -> float:
-    """Seconds per decode step (median-free: the mean over ``steps`` consecutive steps, after ``warmup``)."""
+                device: torch.device, context: Callable[[], Any], graphs: bool = False) -> float:
+    """Seconds per decode step: the mean over ``steps`` steps after ``warmup`` (eager: consecutive steps,
+    the cache growing; ``graphs``: replays of one captured step at ``seq`` tokens)."""
     tok = torch.randint(3, 1000, (batch, 1), device=device)
+    if graphs:
+        return _time_graph(model, cache, tok, seq, steps, max(warmup, 2), device, context)
     pos = seq
     with context():
         for _ in range(warmup):
@@ -188,6 +197,46 @@ def time_decode(model: torch.nn.Module, cache: Any, batch: int, seq: int, steps:
             pos += 1
         _sync(device)
     return (time.perf_counter() - started) / steps
+
+
+def capture_step(model: torch.nn.Module, cache: Any, tok: torch.Tensor, seq: int, warmup: int,
+                 context: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A CUDA graph of the decode step at ``seq`` tokens and the logits tensor each replay writes.
+
+    Eager warm-up steps at the same length run first on a side stream, so that Triton compiles and the
+    allocator settles outside the capture; the cache is cropped back to ``seq`` before every step, so
+    every replay writes token ``seq`` and attends over ``seq + 1`` tokens."""
+    device = tok.device
+    pos = torch.full_like(tok, seq)
+
+    def step() -> torch.Tensor:
+        cache.crop(seq)
+        return model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with context(), torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with context(), torch.cuda.graph(graph):
+        logits = step()
+    return graph, logits
+
+
+def _time_graph(model: torch.nn.Module, cache: Any, tok: torch.Tensor, seq: int, steps: int, warmup: int,
+                device: torch.device, context: Callable[[], Any]) -> float:
+    graph, _ = capture_step(model, cache, tok, seq, warmup, context)
+    graph.replay()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    _sync(device)
+    seconds = (time.perf_counter() - started) / steps
+    del graph
+    return seconds
 
 
 def _sdpa_context(device: torch.device) -> Callable[[], Any]:
@@ -225,7 +274,7 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
     """Rows ``batch, seq, impl, k, tokens, tokens_per_s, speedup_vs_dense, kv_cache_bytes,
     peak_memory_bytes`` (and the shape and GPU in the second value)."""
     from .cost import cache_bytes
-    from .methods import AquaDecode
+    from .methods import AquaDecode, Dense
     from .models import attention_shape, parse_device, parse_dtype
 
     device = parse_device(config.device)
@@ -244,11 +293,12 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
         for seq in config.seqs:
             if not fits(model_config, batch, seq, elem, device):
                 continue
-            capacity = seq + config.warmup + config.steps
+            capacity = config.page * -(-(seq + config.warmup + config.steps) // config.page)  # whole pages, both paths
             dense_rate = None
             for impl, k, ratio in impls:
-                method = None
-                if impl != "dense":
+                if impl == "dense":
+                    method = Dense()(model)
+                else:
                     method = AquaDecode(art, k=k, token_ratio=ratio, kv_dims=config.kv_dims, page=config.page,
                                         max_tokens=capacity, hybrid=config.hybrid)(model)
                 try:
@@ -256,13 +306,14 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
-                    cache = method.new_cache() if method else StaticKVCache(shape["num_layers"], capacity)
+                    cache = StaticKVCache(shape["num_layers"], capacity) if impl == "dense" else method.new_cache()
                     _fill(cache, shape["num_layers"], batch, shape["num_kv_heads"], shape["head_dim"], seq, dtype, device, gen)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)  # peak of the decode steps, not of the fill
-                    step = time_decode(model, cache, batch, seq, config.steps, config.warmup, device, _sdpa_context(device))
+                    step = time_decode(model, cache, batch, seq, config.steps, config.warmup, device, _sdpa_context(device),
+                                       graphs=config.graphs and device.type == "cuda")
                     calls = {"kernel": 0, "reference": 0}
-                    for hook in method.hooks if method else []:
+                    for hook in method.hooks if impl != "dense" else []:
                         calls = {n: calls[n] + hook.calls[n] for n in calls}
                     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                     held = cache_bytes(cache)["total"]
@@ -270,8 +321,7 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
                     rows.append({"batch": batch, "seq": seq, "impl": impl, "k": k, "token_ratio": ratio, "error": "out of memory"})
                     continue
                 finally:
-                    if method is not None:
-                        method.remove()
+                    method.remove()
                     cache = None
                 rate = batch / step
                 dense_rate = dense_rate or rate
@@ -279,14 +329,14 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
                        "tokens": None if ratio is None else max(1, round(ratio * seq)), "token_ratio": ratio,
                        "tokens_per_s": rate, "step_ms": step * 1e3, "speedup_vs_dense": rate / dense_rate,
                        "kv_cache_bytes": held, "peak_memory_bytes": peak,
-                       "kernel_share": None if method is None else calls["kernel"] / max(1, sum(calls.values()))}
+                       "kernel_share": None if impl == "dense" else calls["kernel"] / max(1, sum(calls.values()))}
                 rows.append(row)
                 if on_row:
                     on_row(row)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "model": getattr(model_config, "_name_or_path", None) or config.model, "shape": shape,
             "dtype": str(dtype), "sdpa_backend": "flash or efficient (pinned)" if device.type == "cuda" else "default",
-            "cuda_graphs": False, "steps": config.steps, "warmup": config.warmup, "hybrid": config.hybrid,
+            "cuda_graphs": config.graphs and device.type == "cuda", "steps": config.steps, "warmup": config.warmup, "hybrid": config.hybrid,
             "page": config.page, "kv_dims": config.kv_dims}
     return rows, info
 

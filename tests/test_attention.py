@@ -183,3 +183,23 @@ def test_set_layer_k(tiny):
                 handle.set_layer_k([d + 1] * artifact.num_layers)
     assert rel_err(full, ref) <= 1e-4
     assert rel_err(quarter, ref) > 1e-4
+
+
+def test_mask_function_skips_only_the_one_token_unpadded_causal_step():
+    """``aqua_mask`` returns no mask for a one-token step without padding (where ``sdpa_mask`` skips it in
+    eager mode too; some transformers versions build a full one under CUDA-graph capture), and is
+    ``sdpa_mask`` everywhere else: padding, several queries, a sliding window, no causal skip."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    from aqua_cli.attention import aqua_mask
+
+    base = dict(batch_size=2, q_length=1, kv_length=9, q_offset=8, kv_offset=0, mask_function=causal_mask_function,
+                attention_mask=None, allow_is_causal_skip=True, device="cpu")
+    assert aqua_mask(**base) is None and sdpa_mask(**base) is None
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[0, :3] = False
+    for change in (dict(attention_mask=padding), dict(q_length=4, q_offset=5), dict(local_size=4, q_length=4, q_offset=5),
+                   dict(allow_is_causal_skip=False)):
+        got, want = aqua_mask(**{**base, **change}), sdpa_mask(**{**base, **change})
+        assert (got is None and want is None) or torch.equal(got, want)
+    assert aqua_mask(**{**base, "attention_mask": padding}) is not None  # the padded row keeps its mask

@@ -37,13 +37,16 @@ def test_cache_holds_projected_keys_dim_major_once(full):
     with torch.no_grad():
         model(x, past_key_values=dense, use_cache=True)
     layer, ref = cache.layers[0], dense.layers[0]
-    assert layer.keys.shape == (2, art.num_groups, m, 12)
+    assert layer.keys.shape == (2, art.num_groups, m, 64)  # max_tokens rounded up to a whole page
     expected = (ref.keys.float() @ art.projections[0][:, :, :m]).transpose(-1, -2)
-    assert torch.allclose(layer.keys.float(), expected, atol=1e-5)
-    assert torch.equal(layer.values, ref.values)
-    got, full_bytes = cache_bytes(cache), cache_bytes(dense)
-    assert got["keys"] * art.head_dim == full_bytes["keys"] * m  # keys shrink to m/D: no second copy
-    assert got["total"] * 2 * art.head_dim == full_bytes["total"] * (art.head_dim + m)  # (1 + m/D) / 2 of dense
+    assert torch.allclose(layer.keys[..., :12].float(), expected, atol=1e-5)
+    assert torch.equal(layer.values[:, :, :12], ref.values)
+    got, full_bytes = cache_bytes(cache), cache_bytes(dense)  # per token held: 64 here, 12 there
+    assert got["keys"] * 12 * art.head_dim == full_bytes["keys"] * 64 * m  # keys shrink to m/D: no second copy
+    assert got["total"] * 12 * 2 * art.head_dim == full_bytes["total"] * 64 * (art.head_dim + m)  # (1 + m/D) / 2 of dense
+    with pytest.raises(ConfigError, match="holds 12 tokens"):  # the page's spare slots are not a larger limit
+        with torch.no_grad():
+            model(x[:, :1], past_key_values=cache, use_cache=True)
 
 
 def test_full_dims_generate_same_tokens(full):

@@ -44,6 +44,7 @@ def bench(
     no_hybrid: Annotated[bool, typer.Option("--no-hybrid", help="Skip the hybrid (dense below break-even) rows; e2e: AQUA at every length.")] = False,
     layers: Annotated[Optional[int], typer.Option("--layers", help="e2e: cut the model to this many layers (default: all).")] = None,
     kv_dims: Annotated[float, typer.Option("--kv-dims", help="e2e: projected key dims stored, a ratio of head_dim (1.0 = all).")] = 1.0,
+    no_graphs: Annotated[bool, typer.Option("--no-graphs", help="e2e: time eager steps instead of CUDA-graph replays of one step (both paths alike).")] = False,
     json_out: JsonOpt = None,
     plot: PlotOpt = None,
 ) -> None:
@@ -71,7 +72,7 @@ def bench(
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if phase == "e2e":
         _e2e(seqs, list(batches), ks, ratio_list(tokens, "--tokens"), kv_dims, model, layers, str(dev), dtype, repeats,
-             not no_hybrid, json_out, plot)
+             not no_hybrid, json_out, plot, graphs=not no_graphs)
         return
     if len(batches) > 1:
         raise ConfigError("--batch takes one value for --phase decode and prefill (a list only with --phase e2e)")
@@ -102,14 +103,15 @@ def bench(
         err.print(f"wrote {plot_rows(rows, plot, f'{shape.name} {phase} B{batch} on {name}')}")
 
 
-def _e2e(seqs, batches, ks, ratios, kv_dims, model, layers, device, dtype, steps, hybrid, json_out, plot) -> None:
+def _e2e(seqs, batches, ks, ratios, kv_dims, model, layers, device, dtype, steps, hybrid, json_out, plot, graphs=True) -> None:
     from ..e2e import E2EConfig, plot_rows, run_e2e
     from ..machine import machine_info
 
     config = E2EConfig(seqs=seqs, batches=batches, ks=ks, token_ratios=ratios, kv_dims=kv_dims, model=model, layers=layers,
-                       device=device, dtype=dtype, steps=steps, hybrid=hybrid)
+                       device=device, dtype=dtype, steps=steps, hybrid=hybrid, graphs=graphs)
     err.print(f"e2e decode: {model or 'llama-3.1-8b'}{f' cut to {layers} layers' if layers else ''}, random weights, "
-              f"batch {','.join(map(str, batches))}, seq {seqs[0]}..{seqs[-1]}, {steps} timed steps")
+              f"batch {','.join(map(str, batches))}, seq {seqs[0]}..{seqs[-1]}, {steps} timed steps"
+              f"{', CUDA graphs' if graphs and device.startswith('cuda') else ', eager'}")
 
     def show(r: dict) -> None:
         err.print(f"  B{r['batch']} x {r['seq']:>6} {r['impl']:<9} {r['tokens_per_s']:9.1f} tok/s  x{r['speedup_vs_dense']:.2f}  "

@@ -89,6 +89,7 @@ class ProjectedKVLayer(InPlaceLayer):
         self.kv_dims, self.state, self.layer_idx, self.page = kv_dims, state, layer_idx, page
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._basis: torch.Tensor | None = None
+        self._basis_half: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         groups, head_dim = self.projection.shape[0], self.projection.shape[-1]
@@ -100,17 +101,19 @@ class ProjectedKVLayer(InPlaceLayer):
         self.device, self.is_initialized = key_states.device, True
         self._basis = self.projection[:, :, : self.kv_dims].to(self.device)
         batch = key_states.shape[0]
-        cap = self.max_tokens or 0
+        # whole pages: a dimension-major row of keys then starts 16-byte aligned (a capacity that is not a
+        # multiple of 16 tokens made Triton drop its vector loads: the kernels ran ~25% slower in a model)
+        cap = self.page * -(-self.max_tokens // self.page) if self.max_tokens else 0
         self.keys = key_states.new_zeros((batch, groups, self.kv_dims, cap))
         self.values = value_states.new_zeros((batch, groups, cap, head_dim))
 
     def _reserve(self, needed: int) -> None:
+        if self.max_tokens is not None and needed > self.max_tokens:
+            raise ConfigError(f"this projected KV cache holds {self.max_tokens} tokens; {needed} were written: "
+                              "build it with a larger max_tokens")
         cap = self.keys.shape[-1]
         if needed <= cap:
             return
-        if self.max_tokens is not None:
-            raise ConfigError(f"this projected KV cache holds {self.max_tokens} tokens; {needed} were written: "
-                              "build it with a larger max_tokens")
         new_cap = self.page * -(-max(needed, cap + cap // 2) // self.page)
         keys = self.keys.new_zeros((*self.keys.shape[:3], new_cap))
         values = self.values.new_zeros((*self.values.shape[:2], new_cap, self.values.shape[-1]))
@@ -126,13 +129,23 @@ class ProjectedKVLayer(InPlaceLayer):
             raise ConfigError(f"layer {self.layer_idx}: keys of shape {tuple(key_states.shape)} do not fit this projected KV cache")
         start, new = self.length, key_states.shape[-2]
         self._reserve(start + new)
-        projected = (key_states.float() @ self._basis).to(self.keys.dtype)  # (B, G, n, m)
+        projected = self._project(key_states)  # (B, G, n, m)
         self.keys[..., start : start + new] = projected.transpose(-1, -2)
         self.values[:, :, start : start + new] = value_states
         self.length = start + new
         self.fresh = (key_states, value_states) if start == 0 else None
         self.state.pending = self
         return self.keys[..., : self.length], self.values[:, :, : self.length]
+
+    def _project(self, key_states: torch.Tensor) -> torch.Tensor:
+        """``kP`` in the cache's dtype. On CUDA in half precision one matmul in that dtype (float32
+        accumulation): a decode step writes one token per layer, and the float32 round trip was three
+        extra launches a layer; elsewhere float32, so the CPU path stays exact at ``m = D``."""
+        if key_states.is_cuda and key_states.dtype in (torch.bfloat16, torch.float16):
+            if self._basis_half is None or self._basis_half.dtype != key_states.dtype:
+                self._basis_half = self._basis.to(key_states.dtype)
+            return key_states @ self._basis_half
+        return (key_states.float() @ self._basis).to(self.keys.dtype)
 
     def reset(self) -> None:
         self.length, self.fresh = 0, None
