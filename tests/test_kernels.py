@@ -414,6 +414,18 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
             out2 = dk.aqua_decode(q, None, v, kd, proj, dk.DecodeConfig(dims, token_ratio=1 / 8, granularity="pages", page=16,
                                   score_block=32, fold_select=fold), sink_pages=1, recent_pages=1)
             assert rel(out2, ref2) < 3e-2
+from aqua_cli.kernels.paged import n_forced, select_pages_forced
+for n_pages, keep, sinks, recent in [(1, 1, 1, 1), (7, 2, 0, 0), (50, 5, 1, 2), (300, 19, 4, 4), (64, 60, 1, 1), (33, 1, 0, 33)]:
+    scores = torch.randn(3, n_pages).mul(20).float()  # distinct scores: the selection is unique
+    n_sel = min(n_pages, keep + n_forced(n_pages, sinks, recent))
+    chosen = torch.full((3, n_sel), -1, dtype=torch.int32)
+    nfull = torch.empty(3, dtype=torch.int32)
+    npp = max(16, dk._pow2(n_pages))
+    dk._page_select_kernel[(3,)](scores, chosen, nfull, n_pages, n_sel, n_pages * 16 - 5, sinks, recent, PAGE=16, NPP=npp)
+    want = select_pages_forced(scores, keep, sinks, recent)
+    got = torch.zeros_like(want).scatter_(1, chosen.long(), True)
+    assert torch.equal(got, want) and bool((chosen.diff(dim=1) > 0).all()), (n_pages, keep, chosen, want.nonzero())
+    assert torch.equal(nfull, got[:, : n_pages - 1].sum(1).int())  # the last page holds 11 of 16 tokens
 print("INTERPRETER OK")
 """
 
