@@ -16,7 +16,7 @@ when ``max_tokens`` is given (a static shape) and grows by whole pages otherwise
 * run exact attention (SDPA) on the fresh queries and keys of a prefill into an empty cache, and write
   ``kP`` into the cache;
 * send single-token decode steps on CUDA to the fused Triton kernels (:mod:`aqua_cli.kernels.decode`):
-  dims only, or dims + top-T pages, dense below the measured break-even (the hybrid switch);
+  dims only, or dims + top-T pages (dims only below top-T's measured break-even: the hybrid switch);
 * run the same math in PyTorch everywhere else (CPU, padded batches, multi-token steps, ``m < D``), on the
   same cache: the scores are ``(qP)_sel · kP`` read straight from the dimension-major keys;
 * without a projected cache (``use_cache=False``, e.g. ``aqua eval``'s perplexity) behave as :class:`Aqua`.
@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..attention import full_attention_only
 from ..budgets import parse_kv_dims
 from ..errors import ConfigError
-from ..kernels.hybrid import DEFAULT_MIN_SEQ_DIMS, DEFAULT_MIN_SEQ_TOPT
+from ..kernels.hybrid import DEFAULT_MIN_SEQ_TOPT
 from ..kernels.reference import visible_keys
 from .aqua import Aqua, ProjectionHook, select_dims
 from .base import AttentionHook
@@ -266,11 +266,9 @@ class DecodeHook(ProjectionHook):
 
         batch, q_heads, _, dim = query.shape
         length = key.shape[-1]
-        dims = min(int(self.k), dim)
-        if self.hybrid and not self.uses_aqua(batch, length, dim):
-            dims, ratio = dim, None  # below the break-even: the dims kernel over every dim is dense attention
-        else:
-            ratio = self.token_ratio
+        dims, ratio = min(int(self.k), dim), self.token_ratio
+        if ratio is not None and self.hybrid and not self.uses_topt(batch, length):
+            ratio = None  # below top-T's break-even: dims only
         config = self._configs.get((dims, ratio))
         if config is None:  # built once per setting: this runs in every layer of every decode step
             config = self._configs[(dims, ratio)] = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page)
@@ -278,11 +276,14 @@ class DecodeHook(ProjectionHook):
                           scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages)
         return out[:, None]  # (B, 1, Hq, D)
 
-    def uses_aqua(self, batch: int, length: int, head_dim: int) -> bool:
-        """The hybrid switch: AQUA from the break-even measured for this batch size (kernels/hybrid.py)."""
-        table = DEFAULT_MIN_SEQ_DIMS if self.token_ratio is None else DEFAULT_MIN_SEQ_TOPT
-        keys = [b for b in sorted(table) if b <= batch] or [min(table)]
-        return length >= table[keys[-1]]
+    @staticmethod
+    def uses_topt(batch: int, length: int) -> bool:
+        """The hybrid switch inside a model: top-T pages from the break-even measured for this batch size
+        (kernels/hybrid.py), dims only below it. Dims only run at every length: with the keys stored projected,
+        "dense" is the same kernel over every dim, which the whole-model bench measured slower than k = D/2 at
+        every length from 4K (docs/results/e2e-nohybrid-h100.json), so switching to it would only cost."""
+        keys = [b for b in sorted(DEFAULT_MIN_SEQ_TOPT) if b <= batch] or [min(DEFAULT_MIN_SEQ_TOPT)]
+        return length >= DEFAULT_MIN_SEQ_TOPT[keys[-1]]
 
     # -- the same math in PyTorch -----------------------------------------------------------------------
     def _reference(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -338,9 +339,9 @@ class AquaDecode(Aqua):
     ``k``: dims kept (ratio or count); ``token_ratio``: T/L for dims + top-T pages (None: dims only);
     ``kv_dims``: projected key dims stored (ratio or count; 1.0 = all, exact at ``k = D``); ``page``: tokens
     per page; ``sink_pages``/``recent_pages``: pages always kept by top-T; ``max_tokens``: a fixed cache
-    capacity (None: grows); ``kernels``: use the fused kernels where they apply; ``hybrid``: dense below
-    the measured break-even; ``prefill``: "dense" (exact attention on the prompt, as a server would) or
-    "aqua" (every prompt position attends as a decode step at that position would: what a quality run
+    capacity (None: grows); ``kernels``: use the fused kernels where they apply; ``hybrid``: top-T only
+    from its measured break-even, dims only below it (:meth:`DecodeHook.uses_topt`); ``prefill``: "dense"
+    (exact attention on the prompt, as a server would) or "aqua" (every prompt position attends as a decode step at that position would: what a quality run
     of the decode path measures in one forward). Pass ``new_cache()`` as ``past_key_values``.
     """
 
