@@ -99,25 +99,8 @@ def _dot_acc(a, b, acc):
 
 
 @_jit
-def _kth_key(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
-    """The K-th largest of the int64 ``key`` (1 <= K <= len): a FAN-ary search on the value, FAN - 1
-    candidates per reduction, ITERS rounds (9 rounds of 16 cover a 2^32 range exactly). No sort."""
-    lo = tl.min(key, 0)  # count(key >= lo) >= K
-    hi = tl.max(key, 0) + 1  # count(key >= hi) == 0 < K
-    frac = (tl.arange(0, FAN) + 1).to(tl.int64)
-    for _ in tl.static_range(ITERS):
-        cand = lo + ((hi - lo) * frac) // FAN  # the last candidate is hi
-        cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
-        ok = cnt >= K
-        new_lo = tl.max(tl.where(ok, cand, lo), 0)
-        hi = tl.min(tl.where(ok, hi, cand), 0)
-        lo = new_lo
-    return lo
-
-
-@_jit
 def _kth_key_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
-    """``_kth_key`` for int32 keys in [0, 0x7f800000] (the bits of non-negative floats): int32 arithmetic,
+    """The K-th largest of int32 keys in [0, 0x7f800000] (the bits of non-negative floats): int32 arithmetic,
     candidates ``lo + j * ceil(width / FAN)``; 7 rounds of 32 cover the range exactly."""
     lo = tl.min(key, 0)
     hi = tl.max(key, 0) + 1
@@ -135,21 +118,9 @@ def _kth_key_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
 
 @_jit
 def _top_mask_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
-    """``_top_mask`` for non-negative int32 keys (``_kth_key_pos``)."""
+    """Keep-mask of the K largest non-negative int32 ``key`` (``_kth_key_pos``; exact ties to the lower index)
+    and each kept entry's slot."""
     kth = _kth_key_pos(key, K, FAN, ITERS)
-    gt = key > kth
-    n_gt = tl.sum(gt.to(tl.int32), 0)
-    eq = key == kth
-    eq_pos = tl.cumsum(eq.to(tl.int32), 0) - 1
-    keep = gt | (eq & (eq_pos < K - n_gt))
-    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
-    return keep, pos
-
-
-@_jit
-def _top_mask(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
-    """Keep-mask of the K largest ``key`` (exact ties to the lower index) and each kept entry's slot."""
-    kth = _kth_key(key, K, FAN, ITERS)
     gt = key > kth
     n_gt = tl.sum(gt.to(tl.int32), 0)
     eq = key == kth
@@ -166,7 +137,7 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
 
     qP on the tensor cores with ``P`` split in three bf16 terms (hi + mid + lo: float32 accuracy, the
     bf16 ``q`` is exact), rounded to q's dtype as the reference does; score ``sum_g |qP|`` in float32;
-    the top K dims by ``_top_mask`` (ties to the lower index), compacted by one-hot: ``idx`` ``(KP,)``
+    the top K dims by ``_top_mask_pos`` (ties to the lower index), compacted by one-hot: ``idx`` ``(KP,)``
     ascending (0 past K) and ``qsel = qP @ onehot`` ``(GP, KP)`` (exact: one non-zero term).
     Returns (qP ``(GP, D)``, qsel, idx)."""
     offs_g = tl.arange(0, GP)
