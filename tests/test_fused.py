@@ -169,12 +169,11 @@ def test_sliding_window_models_are_refused(arch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("ratio", [None, pytest.param(1 / 8, marks=pytest.mark.xfail(reason=(
-    "measured 3.9e-2 on the H100 (2026-11-25): above the 2e-2 bound; the page kernels' exact pass uses bf16 projected "
-    "queries where the PyTorch path uses float32, and near-tied pages may be chosen differently; open (issue 17)")))])
+@pytest.mark.parametrize("ratio", [None, 1 / 8])
 def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio):
     """bf16 on the GPU, a model with real head_dim (128) and GQA 4: decode steps through the fused kernels
-    give the logits of the PyTorch path on the same cache, to bf16 tolerance."""
+    give the logits of the PyTorch path on the same cache, to bf16 tolerance. (With 1 recent page instead of
+    the default 8 the page path measured 3.9e-2 here: near-tied pages of a random model chosen differently.)"""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from aqua_cli.kernels import triton_available
@@ -195,3 +194,35 @@ def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio):
             logits[kernels] = stepwise(model, x, method.new_cache(), prefill=690).float()
     err = rel_err(logits[True], logits[False])
     assert err <= 2e-2, f"fused vs PyTorch path: rel err {err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
+def test_fused_kernels_generate_dense_tokens_at_full_budget():
+    """k = D on the GPU: ``generate()`` through the fused kernels (every decode step on the projected cache)
+    gives dense's greedy tokens, bf16, head_dim 128, GQA 4. The LM head is scaled so that the greedy choice
+    does not hang on a near-tie of a random model's logits (bf16 rounding of kP differs from k's)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from aqua_cli.kernels import triton_available
+    from conftest import tiny_artifact
+
+    if not triton_available():
+        pytest.skip("needs Triton")
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=128, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    art = tiny_artifact(model, "llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model = model.to("cuda", torch.bfloat16)
+    x = torch.randint(3, 256, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
+    kw = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ref = model.generate(x, **kw)
+        for ratio in (None, 1.0):
+            with AquaDecode(art, k=1.0, token_ratio=ratio, hybrid=False)(model) as method:
+                got = model.generate(x, past_key_values=method.new_cache(), **kw)
+                assert sum(h.calls["kernel"] for h in method.hooks) > 0
+            assert torch.equal(got, ref), (ratio, (got != ref).sum().item())

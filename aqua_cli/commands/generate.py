@@ -42,6 +42,8 @@ def generate(
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.", callback=check_seed)] = 0,
     compare: Annotated[bool, typer.Option("--compare", help="Also run dense attention and show both, first difference marked.")] = False,
     tokens: Annotated[Optional[str], typer.Option("--tokens", help="Dims + top-T: the share T/L of cached tokens (in pages) each decode step attends to, e.g. 1/16 (implies --decode).")] = None,
+    sink_pages: Annotated[int, typer.Option("--sink-pages", help="With --tokens: first pages (64 tokens each) always kept (attention sinks).")] = 1,
+    recent_pages: Annotated[int, typer.Option("--recent-pages", help="With --tokens: last pages always kept (the recent window; 8 = 512 tokens, measured on SmolLM2: docs/decode.md).")] = 8,
     decode: Annotated[Optional[bool], typer.Option("--decode/--no-decode", help="Projected KV cache and, on CUDA, the fused kernels in every decode step (default: on for CUDA or with --tokens).")] = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -80,7 +82,8 @@ def generate(
         from ..methods import AquaDecode
 
         handle.remove()
-        handle = AquaDecode(handle.artifact, k_value, mode, token_ratio=token_ratio)(model)
+        handle = AquaDecode(handle.artifact, k_value, mode, token_ratio=token_ratio, sink_pages=sink_pages,
+                            recent_pages=recent_pages)(model)
     elif token_ratio is not None:
         raise AquaError("--tokens needs the decode path: drop --no-decode")
     dims = handle.dims
