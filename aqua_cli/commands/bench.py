@@ -41,7 +41,7 @@ def bench(
     select_block: Annotated[int, typer.Option("--select-block", help="Tokens per top-T selection block (power of two).")] = 512,
     artifact: Annotated[Optional[str], typer.Option("--artifact", help="Use this artifact's layer-0 projection instead of a random orthogonal one.")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats (median reported).")] = 20,
-    no_hybrid: Annotated[bool, typer.Option("--no-hybrid", help="Skip the hybrid (dense below break-even) rows; e2e: top-T at every length (no switch to dims only below its break-even).")] = False,
+    no_hybrid: Annotated[bool, typer.Option("--no-hybrid", help="Skip the hybrid (dense below break-even) rows; e2e: top-T at every length (no switch to exact attention below its break-even).")] = False,
     layers: Annotated[Optional[int], typer.Option("--layers", help="e2e: cut the model to this many layers (default: all).")] = None,
     kv_dims: Annotated[float, typer.Option("--kv-dims", help="e2e: projected key dims stored, a ratio of head_dim (1.0 = all).")] = 1.0,
     no_graphs: Annotated[bool, typer.Option("--no-graphs", help="e2e: time eager steps instead of CUDA-graph replays of one step (both paths alike).")] = False,

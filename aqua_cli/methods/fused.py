@@ -16,7 +16,7 @@ when ``max_tokens`` is given (a static shape) and grows by whole pages otherwise
 * run exact attention (SDPA) on the fresh queries and keys of a prefill into an empty cache, and write
   ``kP`` into the cache;
 * send single-token decode steps on CUDA to the fused Triton kernels (:mod:`aqua_cli.kernels.decode`):
-  dims only, or dims + top-T pages (dims only below top-T's measured break-even: the hybrid switch);
+  dims only, or dims + top-T pages (exact attention below top-T's measured break-even: the hybrid switch);
 * run the same math in PyTorch everywhere else (CPU, padded batches, multi-token steps, ``m < D``), on the
   same cache: the scores are ``(qP)_sel · kP`` read straight from the dimension-major keys;
 * without a projected cache (``use_cache=False``, e.g. ``aqua eval``'s perplexity) behave as :class:`Aqua`.
@@ -268,7 +268,7 @@ class DecodeHook(ProjectionHook):
         length = key.shape[-1]
         dims, ratio = min(int(self.k), dim), self.token_ratio
         if ratio is not None and self.hybrid and not self.uses_topt(batch, length):
-            ratio = None  # below top-T's break-even: dims only
+            dims, ratio = dim, None  # below top-T's break-even: exact attention (every dim) over the same cache
         config = self._configs.get((dims, ratio))
         if config is None:  # built once per setting: this runs in every layer of every decode step
             config = self._configs[(dims, ratio)] = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page)
@@ -279,9 +279,11 @@ class DecodeHook(ProjectionHook):
     @staticmethod
     def uses_topt(batch: int, length: int) -> bool:
         """The hybrid switch inside a model: top-T pages from the break-even measured for this batch size
-        (kernels/hybrid.py), dims only below it. Dims only run at every length: with the keys stored projected,
-        "dense" is the same kernel over every dim, which the whole-model bench measured slower than k = D/2 at
-        every length from 4K (docs/results/e2e-nohybrid-h100.json), so switching to it would only cost."""
+        (kernels/hybrid.py), exact attention below it (the dims kernel over every dim of the projected cache:
+        dense's quality where top-T would save nothing; dims only with top-T's k cost +26% ppl on SmolLM2 at
+        4K, top-T +1.9%). Dims only runs at every length: with the keys stored projected, "dense" is that same
+        full-dim kernel, which the whole model measured slower than k = D/2 at every length from 4K
+        (docs/results/e2e-nohybrid-h100.json)."""
         keys = [b for b in sorted(DEFAULT_MIN_SEQ_TOPT) if b <= batch] or [min(DEFAULT_MIN_SEQ_TOPT)]
         return length >= DEFAULT_MIN_SEQ_TOPT[keys[-1]]
 
@@ -341,7 +343,7 @@ class AquaDecode(Aqua):
     per page; ``sink_pages``/``recent_pages``: pages always kept by top-T (1 and 8 by default: on SmolLM2 at
     4K, k=0.5, T=L/16, 1 recent page cost +8.3% ppl, 4 +2.9%, 8 +1.9%; docs/decode.md); ``max_tokens``: a fixed cache
     capacity (None: grows); ``kernels``: use the fused kernels where they apply; ``hybrid``: top-T only
-    from its measured break-even, dims only below it (:meth:`DecodeHook.uses_topt`); ``prefill``: "dense"
+    from its measured break-even, exact attention below it (:meth:`DecodeHook.uses_topt`); ``prefill``: "dense"
     (exact attention on the prompt, as a server would) or "aqua" (every prompt position attends as a decode
     step at that position would: what a quality run of the decode path measures in one forward). Pass ``new_cache()`` as ``past_key_values``.
     """
