@@ -195,14 +195,17 @@ def part_report(args) -> None:
     lines = ["# AQUA's decode path inside SmolLM2-135M at long context (CPU)", "",
              f"Model: {q['model']}; artifact `{q['artifact']}` (as shipped now). Data: {q['data']}; windows: "
              + ", ".join(f"{'/'.join(map(str, sorted(c)))} of {s} tokens" for s, c in counts.items())
-             + f" (the same windows for every setting of a context). Machine: {q['machine']['cpu']} "
+             + f" (each window count is its own draw, `load_windows(seed=0)`; every setting of a context and window count sees"
+             f" the same windows and is compared with dense on them). Machine: {q['machine']['cpu']} "
              f"({q['machine']['cores']} cores, shared), torch threads {q['machine']['torch_threads']}.", "",
              "Every position attends as a decode step would (`AquaDecode(prefill=\"aqua\")`, equal to token-by-token",
              "decoding: tests/test_fused.py), so a window's perplexity averages positions 1..L-1, each attending over",
              "its own prefix. Dims: the k largest `sum_g |qP|` per KV group; top-T: the `ceil(T/L * prefix / page)`",
              "pages of highest max approximate score, plus the sink pages (the first) and the recent pages (the last,",
-             "the query's own included) on top, then exact scores over the kept tokens. `seconds`: wall time of the",
-             "setting's forward(s) on the shared CPU (other jobs ran beside it, so only a rough guide).", "",
+             "the query's own included) on top, then exact scores over the kept tokens. `kept at L`: the tokens the",
+             "window's last query attends to (earlier queries keep the same number of forced pages over a shorter",
+             "prefix). `seconds`: wall time of the setting's forward(s) on the shared CPU (other jobs ran beside it,",
+             "so only a rough guide); the PyTorch reference path, not the fused kernels, so no speed claim.", "",
              "Commands: " + "; ".join(f"`{c}`" for c in q["commands"]), "",
              "| context | setting | k | T/L | page | sink pages | recent pages | kept at L | windows | ppl | vs dense | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -212,6 +215,11 @@ def part_report(args) -> None:
         k = "-" if r["k"] is None else f"{r['k']:g}"
         lines.append(f"| {r['seq_len']} | {r['setting']} | {k} | " + " | ".join(map(str, cells))
                      + f" | {kept_at_end(r)} | {r['windows']} | {r['ppl']:.3f} | {100 * r['ppl_rel_change']:+.2f}% | {r.get('seconds', '-')} |")
+    lines.append("")
+    for (seq, count) in dict.fromkeys((r["seq_len"], r["windows"]) for r in q["rows"]):
+        mine = [r for r in q["rows"] if (r["seq_len"], r["windows"]) == (seq, count) and r["method"] != "dense"]
+        meets = [f"`{r['setting']}` ({100 * r['ppl_rel_change']:+.2f}%)" for r in mine if r["ppl_rel_change"] <= 0.02]
+        lines.append(f"- Within 2% of dense at {seq} tokens, {count} window(s): {', '.join(meets) or 'none'} (of {len(mine)} measured).")
     n = load_json(NEEDLE_JSON)
     if n and "settings" in n:  # (an older format, without named settings, is not reported)
         lines += ["", f"Needle in a haystack (`{n['command']}`; {n['note']}; depths {', '.join(map(str, n['config']['depths']))};"
