@@ -67,7 +67,11 @@ def build(name: str, art, prefill: str):
     from aqua_cli.methods import AquaDecode, Dense
 
     kwargs = SETTINGS[name]
-    return Dense() if kwargs is None else AquaDecode(art, prefill=prefill, **kwargs)
+    if kwargs is None:
+        return Dense()
+    if kwargs.get("token_ratio") is not None:  # pinned: AquaDecode's own default is now 8 recent pages ("target-recent8")
+        kwargs = {"sink_pages": 1, "recent_pages": 1, **kwargs}
+    return AquaDecode(art, prefill=prefill, **kwargs)
 
 
 def timed(measure):
