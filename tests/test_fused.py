@@ -167,13 +167,9 @@ def test_sliding_window_models_are_refused(arch):
         AquaDecode(tiny_artifact(model, arch))(model)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("ratio", [None, 1 / 8])
-def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio):
-    """bf16 on the GPU, a model with real head_dim (128) and GQA 4: decode steps through the fused kernels
-    give the logits of the PyTorch path on the same cache, to bf16 tolerance. (With 1 recent page instead of
-    the default 8 the page path measured 3.9e-2 here: near-tied pages of a random model chosen differently.)"""
+def real_shape_gpu_model(head_scale: float = 1.0):
+    """A 2-layer Llama with a real head_dim (128) and GQA 4, bf16 on the GPU, and its artifact (calibrated in
+    float32 first); ``head_scale`` sharpens the LM head's logits. Skips without Triton."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from aqua_cli.kernels import triton_available
@@ -186,7 +182,19 @@ def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
     art = tiny_artifact(model, "llama")
-    model = model.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model.to("cuda", torch.bfloat16), art
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("ratio", [None, 1 / 8])
+def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio):
+    """bf16 on the GPU, a model with real head_dim (128) and GQA 4: decode steps through the fused kernels
+    give the logits of the PyTorch path on the same cache, to bf16 tolerance. (With 1 recent page instead of
+    the default 8 the page path measured 3.9e-2 here: near-tied pages of a random model chosen differently.)"""
+    model, art = real_shape_gpu_model()
     x = torch.randint(3, 256, (2, 700), generator=torch.Generator().manual_seed(1)).cuda()
     logits = {}
     for kernels in (False, True):
@@ -202,21 +210,7 @@ def test_fused_kernels_generate_dense_tokens_at_full_budget():
     """k = D on the GPU: ``generate()`` through the fused kernels (every decode step on the projected cache)
     gives dense's greedy tokens, bf16, head_dim 128, GQA 4. The LM head is scaled so that the greedy choice
     does not hang on a near-tie of a random model's logits (bf16 rounding of kP differs from k's)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from aqua_cli.kernels import triton_available
-    from conftest import tiny_artifact
-
-    if not triton_available():
-        pytest.skip("needs Triton")
-    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=1, head_dim=128, max_position_embeddings=8192)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
-    art = tiny_artifact(model, "llama")
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    model = model.to("cuda", torch.bfloat16)
+    model, art = real_shape_gpu_model(head_scale=20.0)
     x = torch.randint(3, 256, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
     kw = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
