@@ -32,7 +32,7 @@ def bench(
     seq: Annotated[str, typer.Option("--seq", help="Sequence lengths: 64..4096 (doubling), 64..4096:x4, 1024,4096, ..131072, 32k.")] = "64..4096",
     batch: Annotated[str, typer.Option("--batch", help="Sequences per step (with --phase e2e a comma list, e.g. 1,8).")] = "1",
     k: Annotated[str, typer.Option("--k", help="Kept ratio(s) of head_dim, comma-separated, e.g. 0.5,0.75.")] = "0.5",
-    phase: Annotated[str, typer.Option("--phase", help="decode (one query per sequence), prefill (causal, whole prompt) or e2e (whole-model decode tokens/s, random weights).")] = "decode",
+    phase: Annotated[str, typer.Option("--phase", help="decode (one query per sequence), prefill (causal, whole prompt) or e2e (whole-model decode tokens/s, random weights, CUDA-graph replays on cuda for dense and AQUA alike).")] = "decode",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda (cuda runs the fused Triton kernels).")] = "cpu",
     model: Annotated[Optional[str], typer.Option("--model", help="Preset (llama-3.1-8b, qwen2.5-7b, smollm2-135m...), Hub id or local model: its attention shape.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32.")] = "auto",
