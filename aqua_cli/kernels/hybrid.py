@@ -24,6 +24,13 @@ DEFAULT_MIN_SEQ_TOPT = {1: 32768, 8: 4096}
 MAX_DEFAULT_RATIO = 0.5  # with the defaults, k/d above this never beat dense on the H100: stay dense
 
 
+def min_seq_for(table: dict[int, int], batch: int) -> int:
+    """The break-even of ``table`` for ``batch``: the entry of the nearest smaller batch size (the smallest
+    one for batches below every key)."""
+    keys = [b for b in sorted(table) if b <= batch] or [min(table)]
+    return table[keys[-1]]
+
+
 @dataclass
 class HybridDecode:
     """Callable decode step that is never slower than dense by construction of its threshold."""
@@ -35,8 +42,7 @@ class HybridDecode:
         table = self.min_seq
         if table is None:
             table = DEFAULT_MIN_SEQ_DIMS if getattr(self.config, "token_ratio", None) is None else DEFAULT_MIN_SEQ_TOPT
-        keys = [b for b in sorted(table) if b <= batch] or [min(table)]
-        return table[keys[-1]]
+        return min_seq_for(table, batch)
 
     def uses_aqua(self, batch: int, length: int, head_dim: int) -> bool:
         if self.min_seq is None and getattr(self.config, "dims") > MAX_DEFAULT_RATIO * head_dim:

@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..attention import full_attention_only
 from ..budgets import parse_kv_dims
 from ..errors import ConfigError
-from ..kernels.hybrid import DEFAULT_MIN_SEQ_TOPT
+from ..kernels.hybrid import DEFAULT_MIN_SEQ_TOPT, min_seq_for
 from ..kernels.reference import visible_keys
 from .aqua import Aqua, ProjectionHook, select_dims
 from .base import AttentionHook
@@ -284,8 +284,7 @@ class DecodeHook(ProjectionHook):
         4K, top-T +1.9%). Dims only runs at every length: with the keys stored projected, "dense" is that same
         full-dim kernel, which the whole model measured slower than k = D/2 at every length from 4K
         (docs/results/e2e-nohybrid-h100.json)."""
-        keys = [b for b in sorted(DEFAULT_MIN_SEQ_TOPT) if b <= batch] or [min(DEFAULT_MIN_SEQ_TOPT)]
-        return length >= DEFAULT_MIN_SEQ_TOPT[keys[-1]]
+        return length >= min_seq_for(DEFAULT_MIN_SEQ_TOPT, batch)
 
     # -- the same math in PyTorch -----------------------------------------------------------------------
     def _reference(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
