@@ -9,7 +9,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 before=$(cut -d' ' -f1-3 /proc/loadavg)
 $AQUA calibrate --tokens 100000 --seq-len 512 --batch-size "${BATCH:-4}" --dtype "${DTYPE:-auto}" --out "$tmp/art" --json "$tmp/run.json"
-cp -r "$tmp/art" "${KEEP_ARTIFACT:-$tmp/kept}"
+if [ -n "${KEEP_ARTIFACT:-}" ]; then cp -r "$tmp/art" "$KEEP_ARTIFACT"; fi
 after=$(cut -d' ' -f1-3 /proc/loadavg)
 python - "$tmp/run.json" "$out/calibrate-speed-cpu.json" "$before" "$after" <<'PY'
 import json, os, sys
