@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Calibration speed of SmolLM2-135M (float32, CPU) on 100k tokens of the bundled text (its calibration
-# part): the issue's target is at most 120 s on a 2-core CPU. Writes docs/results/calibrate-speed-cpu.json
-# with the load average before and after the run (the CPU may be shared: say so when it was).
+# Calibration speed of SmolLM2-135M (CPU; float32 unless DTYPE=bfloat16) on 100k tokens of the bundled text
+# (its calibration part): the issue's target is at most 120 s on a 2-core CPU. Writes
+# docs/results/calibrate-speed-cpu.json (calibrate-speed-cpu-bfloat16.json with DTYPE=bfloat16) with the load
+# average before and after the run (the CPU may be shared: say so when it was). KEEP_ARTIFACT=DIR keeps the
+# artifact (scripts/calibration_precision.py compares two).
 set -euo pipefail
 out=${OUT_DIR:-docs/results}
 AQUA=${AQUA:-aqua}
@@ -11,7 +13,7 @@ before=$(cut -d' ' -f1-3 /proc/loadavg)
 $AQUA calibrate --tokens 100000 --seq-len 512 --batch-size "${BATCH:-4}" --dtype "${DTYPE:-auto}" --out "$tmp/art" --json "$tmp/run.json"
 if [ -n "${KEEP_ARTIFACT:-}" ]; then cp -r "$tmp/art" "$KEEP_ARTIFACT"; fi
 after=$(cut -d' ' -f1-3 /proc/loadavg)
-python - "$tmp/run.json" "$out/calibrate-speed-cpu.json" "$before" "$after" <<'PY'
+python - "$tmp/run.json" "$out/calibrate-speed-cpu${DTYPE:+-$DTYPE}.json" "$before" "$after" <<'PY'
 import json, os, sys
 run = json.load(open(sys.argv[1]))
 run.pop("artifact", None)
