@@ -138,3 +138,18 @@ def test_sliding_window_models_are_refused(arch):
     art = tiny_artifact(model, arch)
     with pytest.raises(ConfigError, match="full-attention layers only"):
         projected_cache(model, art, 0.5)
+
+
+def test_caches_refuse_a_layer_they_were_not_built_for(full):
+    """Both projected caches (keys only, and AquaDecode's keys + values) name what they are and the fix when
+    a model updates a layer beyond the artifact's, instead of an IndexError inside transformers."""
+    from aqua_cli.methods import AquaDecode
+
+    _, model, art = full
+    k = torch.randn(1, art.num_groups, 3, art.head_dim)
+    layers = len(art.projections)
+    with pytest.raises(ConfigError, match=f"projected cache has {layers} layers .* updates layer {layers}: build the cache for this model"):
+        projected_cache(model, art, 1.0).update(k, k, layers)
+    with AquaDecode(art)(model) as method:
+        with pytest.raises(ConfigError, match=f"projected KV cache has {layers} layers .* own AquaDecode"):
+            method.new_cache().update(k, k, layers)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
 from ..attention import full_attention_only
 from ..budgets import parse_kv_dims
@@ -41,6 +41,7 @@ from ..kernels.hybrid import DEFAULT_MIN_SEQ_TOPT, min_seq_for
 from ..kernels.reference import visible_keys
 from .aqua import Aqua, ProjectionHook, select_dims
 from .base import AttentionHook
+from .kv import ModelBoundCache
 
 
 @dataclass
@@ -162,21 +163,16 @@ class ProjectedKVLayer(InPlaceLayer):
             self.keys, self.values = self.keys[indices], self.values[indices]
 
 
-class ProjectedKVCache(Cache):
+class ProjectedKVCache(ModelBoundCache):
     """A :class:`ProjectedKVLayer` per layer, tied to the states of the :class:`AquaDecode` that built it."""
+
+    what = "projected KV cache"
+    fix = "build the cache with the model's own AquaDecode"
 
     def __init__(self, artifact: Any, kv_dims: int, states: list[DecodeState], max_tokens: int | None = None, page: int = 64):
         super().__init__(layers=[ProjectedKVLayer(p, kv_dims, s, i, max_tokens, page)
                                  for i, (p, s) in enumerate(zip(artifact.projections, states))])
         self.kv_dims, self.model_id = kv_dims, artifact.model_id
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        if layer_idx >= len(self.layers):
-            raise ConfigError(
-                f"this projected KV cache has {len(self.layers)} layers (built for {self.model_id}) but the model "
-                f"updates layer {layer_idx}: build the cache with the model's own AquaDecode"
-            )
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 # -- the reference decode on the projected cache (any device) ------------------------------------------

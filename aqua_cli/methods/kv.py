@@ -70,7 +70,24 @@ class ProjectedKeyLayer(DynamicLayer):
         return (self.keys.float() @ self._basis.transpose(-1, -2)).to(self.values.dtype)
 
 
-class ProjectedKeyCache(Cache):
+class ModelBoundCache(Cache):
+    """A cache built for one model's layers (``model_id``): an update of a layer it does not have is refused
+    with ``what`` it is and ``fix``, instead of an IndexError deep in transformers."""
+
+    what = "projected cache"
+    fix = "build the cache for this model"
+    model_id: str = ""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if layer_idx >= len(self.layers):
+            raise ConfigError(
+                f"this {self.what} has {len(self.layers)} layers (built for {self.model_id}) but the model "
+                f"updates layer {layer_idx}: {self.fix}"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+class ProjectedKeyCache(ModelBoundCache):
     """A cache of :class:`ProjectedKeyLayer`, one per layer of the model it was built for.
 
     Build it with :func:`projected_cache` or :meth:`AquaKV.new_cache`; pass it as ``past_key_values=`` to
@@ -81,14 +98,6 @@ class ProjectedKeyCache(Cache):
         self.kv_dims = kv_dims
         self.fingerprint_hash = artifact.metadata.get("fingerprint_hash")
         self.model_id = artifact.model_id
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        if layer_idx >= len(self.layers):
-            raise ConfigError(
-                f"this projected cache has {len(self.layers)} layers (built for {self.model_id}) but the model "
-                f"updates layer {layer_idx}: build the cache for this model"
-            )
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def check_model(self, config: Any) -> None:
         """Refuse a model other than the one the cache was built for (same test as the artifact's)."""
