@@ -142,7 +142,8 @@ def test_sliding_window_models_are_refused(arch):
 
 def test_caches_refuse_a_layer_they_were_not_built_for(full):
     """Both projected caches (keys only, and AquaDecode's keys + values) name what they are and the fix when
-    a model updates a layer beyond the artifact's, instead of an IndexError inside transformers."""
+    a model updates a layer beyond the artifact's (instead of an IndexError inside transformers) or gives keys
+    of another shape."""
     from aqua_cli.methods import AquaDecode
 
     _, model, art = full
@@ -153,3 +154,8 @@ def test_caches_refuse_a_layer_they_were_not_built_for(full):
     with AquaDecode(art)(model) as method:
         with pytest.raises(ConfigError, match=f"projected KV cache has {layers} layers .* own AquaDecode"):
             method.new_cache().update(k, k, layers)
+        wrong = torch.randn(1, art.num_groups, 3, art.head_dim * 2)  # another model's head dim
+        with pytest.raises(ConfigError, match=f"this projected KV cache was built for {art.num_groups} KV heads of dim {art.head_dim}"):
+            method.new_cache().update(wrong, wrong, 0)
+    with pytest.raises(ConfigError, match=f"this projected cache was built for {art.num_groups} KV heads of dim {art.head_dim}"):
+        projected_cache(model, art, 1.0).update(wrong, wrong, 0)

@@ -41,7 +41,7 @@ from ..kernels.hybrid import DEFAULT_MIN_SEQ_TOPT, min_seq_for
 from ..kernels.reference import visible_keys
 from .aqua import Aqua, ProjectionHook, select_dims
 from .base import AttentionHook
-from .kv import ModelBoundCache
+from .kv import ModelBoundCache, check_key_shape
 
 
 @dataclass
@@ -93,12 +93,8 @@ class ProjectedKVLayer(InPlaceLayer):
         self._basis_half: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        check_key_shape(key_states, self.projection, self.layer_idx, "projected KV cache")
         groups, head_dim = self.projection.shape[0], self.projection.shape[-1]
-        if key_states.shape[1] != groups or key_states.shape[-1] != head_dim:
-            raise ConfigError(
-                f"layer {self.layer_idx}: this projected KV cache was built for {groups} KV heads of dim {head_dim}, "
-                f"the model gives {key_states.shape[1]} of dim {key_states.shape[-1]}: build the cache for this model"
-            )
         self.device, self.is_initialized = key_states.device, True
         self._basis = self.projection[:, :, : self.kv_dims].to(self.device)
         batch = key_states.shape[0]

@@ -32,6 +32,17 @@ from ..errors import ConfigError
 from .aqua import Aqua, ProjectionHook
 
 
+def check_key_shape(key_states: torch.Tensor, projection: torch.Tensor, layer_idx: int, what: str) -> None:
+    """Refuse keys whose KV heads or head dim are not those the layer's projection ``[groups, D, D]`` was
+    calibrated for (a cache built for another model)."""
+    groups, head_dim = projection.shape[0], projection.shape[-1]
+    if key_states.shape[1] != groups or key_states.shape[-1] != head_dim:
+        raise ConfigError(
+            f"layer {layer_idx}: this {what} was built for {groups} KV heads of dim {head_dim}, "
+            f"the model gives {key_states.shape[1]} of dim {key_states.shape[-1]}: build the cache for this model"
+        )
+
+
 class ProjectedKeyLayer(DynamicLayer):
     """One layer's cache: keys stored as ``(k P)[..., :m]``, values as is; ``update`` returns the keys
     reconstructed in the original basis (rank ``m``), so attention code needs no change."""
@@ -44,12 +55,7 @@ class ProjectedKeyLayer(DynamicLayer):
         self._basis: torch.Tensor | None = None  # [groups, D, m] on the cache's device, float32
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        groups, head_dim = self.projection.shape[0], self.projection.shape[-1]
-        if key_states.shape[1] != groups or key_states.shape[-1] != head_dim:
-            raise ConfigError(
-                f"layer {self.layer_idx}: this projected cache was built for {groups} KV heads of dim {head_dim}, "
-                f"the model gives {key_states.shape[1]} of dim {key_states.shape[-1]}: build the cache for this model"
-            )
+        check_key_shape(key_states, self.projection, self.layer_idx, "projected cache")
         super().lazy_initialization(key_states, value_states)
         self._basis = self.projection[:, :, : self.kv_dims].to(self.device)
         self.keys = key_states.new_zeros((*key_states.shape[:2], 0, self.kv_dims))
