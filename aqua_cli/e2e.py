@@ -16,9 +16,9 @@ single-token decode steps through ``model(...)``:
 On CUDA both paths are timed as CUDA-graph replays of one decode step (``graphs=True``, the default): an
 eager transformers step is bound by Python and launches (a 32-layer 8B step at batch 1 takes ~40 ms of CPU
 for ~9 ms of GPU work, measured replayed), which hides what attention costs. The kernels take the cache
-length as a launch argument, so a graph is captured *per length*: the step that writes token ``seq`` and attends over
-``seq + 1`` tokens, replayed ``steps`` times (the cache is cropped back to ``seq`` before capture, so every
-replay does the same work). Dense gets the same: its static cache, the same capture, the same replays.
+length as a launch argument, so a graph is captured *per length*: the step that writes token ``seq`` and
+attends over ``seq + 1`` tokens, replayed ``steps`` times (the cache is cropped back to ``seq`` before
+capture, so every replay does the same work). Dense gets the same: its static cache, the same capture, the same replays.
 ``graphs=False`` times eager steps (the cache growing by one token a step), as a plain ``generate()`` runs.
 """
 

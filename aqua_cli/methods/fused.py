@@ -97,6 +97,8 @@ class ProjectedKVLayer(InPlaceLayer):
         groups, head_dim = self.projection.shape[0], self.projection.shape[-1]
         self.device, self.is_initialized = key_states.device, True
         self._basis = self.projection[:, :, : self.kv_dims].to(self.device)
+        if key_states.is_cuda and key_states.dtype in (torch.bfloat16, torch.float16):
+            self._basis_half = self._basis.to(key_states.dtype)
         batch = key_states.shape[0]
         # whole pages: a dimension-major row of keys then starts 16-byte aligned (a capacity that is not a
         # multiple of 16 tokens made Triton drop its vector loads: the kernels ran ~25% slower in a model)
@@ -138,9 +140,7 @@ class ProjectedKVLayer(InPlaceLayer):
         """``kP`` in the cache's dtype. On CUDA in half precision one matmul in that dtype (float32
         accumulation): a decode step writes one token per layer, and the float32 round trip was three
         extra launches a layer; elsewhere float32, so the CPU path stays exact at ``m = D``."""
-        if key_states.is_cuda and key_states.dtype in (torch.bfloat16, torch.float16):
-            if self._basis_half is None or self._basis_half.dtype != key_states.dtype:
-                self._basis_half = self._basis.to(key_states.dtype)
+        if self._basis_half is not None:
             return key_states @ self._basis_half
         return (key_states.float() @ self._basis).to(self.keys.dtype)
 
@@ -332,18 +332,19 @@ class AquaDecode(Aqua):
     ``k``: dims kept (ratio or count); ``token_ratio``: T/L for dims + top-T pages (None: dims only);
     ``kv_dims``: projected key dims stored (ratio or count; 1.0 = all, exact at ``k = D``); ``page``: tokens
     per page; ``sink_pages``/``recent_pages``: pages always kept by top-T (1 and 8 by default: on SmolLM2 at
-    4K, k=0.5, T=L/16, 1 recent page cost +8.3% ppl, 4 +2.9%, 8 +1.9%; docs/decode.md); ``max_tokens``: a fixed cache
-    capacity (None: grows); ``kernels``: use the fused kernels where they apply; ``hybrid``: top-T only
-    from its measured break-even, exact attention below it (:meth:`DecodeHook.uses_topt`); ``prefill``: "dense"
-    (exact attention on the prompt, as a server would) or "aqua" (every prompt position attends as a decode
-    step at that position would: what a quality run of the decode path measures in one forward). Pass ``new_cache()`` as ``past_key_values``.
+    4K, k=0.5, T=L/16, 1 recent page cost +8.3% ppl, 4 +2.9%, 8 +1.9%; docs/decode.md); ``max_tokens``: a
+    fixed cache capacity (None: grows); ``kernels``: use the fused kernels where they apply; ``hybrid``: top-T
+    only from its measured break-even, exact attention below it (:meth:`DecodeHook.uses_topt`); ``prefill``:
+    "dense" (exact attention on the prompt, as a server would) or "aqua" (every prompt position attends as a
+    decode step at that position would: what a quality run of the decode path measures in one forward). Pass
+    ``new_cache()`` as ``past_key_values``.
     """
 
     token_ratio: float | None = None
     kv_dims: float | int = 1.0
     page: int = 64
     sink_pages: int = 1
-    recent_pages: int = 8  # measured: SmolLM2 4K, k=0.5, T=L/16: +8.3% ppl with 1 recent page, +2.9% with 4, +1.9% with 8
+    recent_pages: int = 8
     max_tokens: int | None = None
     kernels: bool = True
     hybrid: bool = True
