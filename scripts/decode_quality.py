@@ -137,11 +137,14 @@ def label(r) -> str:
 
 def kept_at_end(r) -> str:
     """Tokens top-T keeps for the window's last query (of ``seq_len`` visible): the budget's pages plus the
-    sink and recent pages, as ``page_keep`` counts them."""
+    sink and recent pages (``kernels.paged``'s counts, the ones the kernels launch with)."""
+    from aqua_cli.kernels.paged import n_forced, pages_for
+
     if not r.get("token_ratio"):
         return "all"
     seq, page = r["seq_len"], r["page"]
-    pages = max(1, -(-round(r["token_ratio"] * seq) // page)) + r["sink_pages"] + r["recent_pages"]
+    n_pages = -(-seq // page)
+    pages = min(n_pages, pages_for(r["token_ratio"], seq, page) + n_forced(n_pages, r["sink_pages"], r["recent_pages"]))
     kept = min(seq, pages * page)
     return f"{kept} ({kept / seq:.1%})"
 
