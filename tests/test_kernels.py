@@ -415,12 +415,13 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
                                   score_block=32, fold_select=fold), sink_pages=1, recent_pages=1)
             assert rel(out2, ref2) < 3e-2
 from aqua_cli.kernels.paged import n_forced, select_pages_forced
-for n_pages, keep, sinks, recent in [(1, 1, 1, 1), (7, 2, 0, 0), (50, 5, 1, 2), (300, 19, 4, 4), (64, 60, 1, 1), (33, 1, 0, 33)]:
+for n_pages, keep, sinks, recent in [(1, 1, 1, 1), (7, 2, 0, 0), (50, 5, 1, 2), (300, 19, 4, 4), (64, 60, 1, 1), (33, 1, 0, 33), (33, 3, 40, 2),
+                                      (20, 2, 3, 30), (18, 5, 1, 1), (40, 40, 2, 3)]:
     scores = torch.randn(3, n_pages).mul(20).float()  # distinct scores: the selection is unique
     n_sel = min(n_pages, keep + n_forced(n_pages, sinks, recent))
     chosen = torch.full((3, n_sel), -1, dtype=torch.int32)
     nfull = torch.empty(3, dtype=torch.int32)
-    npp = max(16, dk._pow2(n_pages))
+    npp = dk.select_width(n_pages, sinks, recent)
     dk._page_select_kernel[(3,)](scores, chosen, nfull, n_pages, n_sel, n_pages * 16 - 5, sinks, recent, PAGE=16, NPP=npp)
     want = select_pages_forced(scores, keep, sinks, recent)
     got = torch.zeros_like(want).scatter_(1, chosen.long(), True)

@@ -77,6 +77,9 @@ from .reference import block_keep_for, project_queries, select_dims
 
 LOG2E = 1.4426950408889634
 GROUP_PAD = 16  # tl.dot needs at least 16 rows
+# the dim search: candidates a round, rounds (FAN**ITERS >= 2**31 covers the int32 keys); 16 x 8 measured
+# 0.4-0.7 us faster than 32 x 7 on an H100, and a bitonic sort (tl.sort of packed int64 keys) no faster
+DIM_FAN, DIM_ITERS = 16, 8
 
 
 # -- kernels ------------------------------------------------------------------------------------------
@@ -132,13 +135,14 @@ def _top_mask_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
 
 @_jit
 def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr,
-                  CK: tl.constexpr):
+                  CK: tl.constexpr, FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr):
     """Per-KV-group dim selection, in registers (the prologue of the fused kernels).
 
     qP on the tensor cores with ``P`` split in three bf16 terms (hi + mid + lo: float32 accuracy, the
     bf16 ``q`` is exact), rounded to q's dtype as the reference does; score ``sum_g |qP|`` in float32;
     the top K dims by ``_top_mask_pos`` (ties to the lower index), compacted by one-hot: ``idx`` ``(KP,)``
     ascending (0 past K) and ``qsel = qP @ onehot`` ``(GP, KP)`` (exact: one non-zero term).
+    ``ALL`` (K == D == KP): every dim, no search (exact attention over the projected cache needs only qP).
     Returns (qP ``(GP, D)``, qsel, idx)."""
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
@@ -152,14 +156,18 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
         qp = _dot_acc(qc, tl.load(PS + HKV * D * D + poff), qp)
         qp = _dot_acc(qc, tl.load(PS + 2 * HKV * D * D + poff), qp)
     qpq = qp.to(Q.dtype.element_ty)
-    score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
-    # the K-th value by search (an exact rank by one (D, D) comparison was measured slower: 15-20 us vs 11-14)
-    keep, pos = _top_mask_pos(score.to(tl.int32, bitcast=True), K, 32, 7)
-    offs_j = tl.arange(0, KP)
-    hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
-    idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
-    onehot = tl.trans(tl.where(hit, 1.0, 0.0).to(Q.dtype.element_ty))  # (D, KP)
-    qsel = _dot(qpq, onehot).to(Q.dtype.element_ty)
+    if ALL:
+        qsel = qpq
+        idx = offs_d
+    else:
+        score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
+        # the K-th value by search (an exact rank by one (D, D) comparison was measured slower: 15-20 us vs 11-14)
+        keep, pos = _top_mask_pos(score.to(tl.int32, bitcast=True), K, FAN, ITERS)
+        offs_j = tl.arange(0, KP)
+        hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
+        idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
+        onehot = tl.trans(tl.where(hit, 1.0, 0.0).to(Q.dtype.element_ty))  # (D, KP)
+        qsel = _dot(qpq, onehot).to(Q.dtype.element_ty)
     return qpq, qsel, idx
 
 
@@ -173,12 +181,13 @@ def _select_dims_kernel(
     QF,  # (B*Hkv, G, D) out if WRITE_QF: all projected queries (for the page exact pass)
     HKV, K,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, WRITE_QF: tl.constexpr,
+    FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr,
 ):
     """Standalone dim selection (one program per KV group): measured faster than repeating it in the
     prologue of every program of the main pass (see docs/bench.md)."""
     bh = tl.program_id(0)
     h = bh % HKV
-    qpq, qsel, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
+    qpq, qsel, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL)
     offs_g = tl.arange(0, GP)
     offs_j = tl.arange(0, KP)
     if WRITE_QF:
@@ -293,7 +302,7 @@ def _dims_fused_kernel(
     nsplit = tl.num_programs(1)
     b = bh // HKV
     h = bh % HKV
-    _, q, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK)
+    _, q, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, 16, 8, False)
     offs_j = tl.arange(0, KP)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
@@ -433,19 +442,36 @@ def _top_band(x, valid, K, FAN: tl.constexpr, ITERS: tl.constexpr):
 
 @_jit
 def _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE: tl.constexpr, NPP: tl.constexpr):
-    """The NSEL chosen pages, ascending: the first SINKS and the last RECENT pages (forced), and the best of
-    the others by score (``_top_band``: ties to the lower page)."""
+    """The NSEL chosen pages, ascending: the first SINKS and the last RECENT pages (forced, written directly),
+    and the best of the pages between them by score (``_top_band``: ties to the lower page). Only those free
+    pages enter the search (``NPP`` = ``select_width``): at 128K + 1 tokens, 2041 free of 2049 pages fit a
+    2048-wide tile where all pages needed 4096, and a search round costs in proportion to the tile."""
+    s = tl.minimum(SINKS, NP)  # free pages are [s, r0)
+    r0 = tl.maximum(s, NP - RECENT)
     offs_p = tl.arange(0, NPP)
-    pmask = offs_p < NP
-    sc = tl.load(PSC + bh * NP + offs_p, mask=pmask, other=float("-inf"), cache_modifier=".cg")
-    forced = pmask & ((offs_p < SINKS) | (offs_p >= NP - RECENT))
-    free = pmask & (offs_p >= SINKS) & (offs_p < NP - RECENT)
-    k_free = NSEL - tl.sum(forced.to(tl.int32), 0)
-    keep = forced | _top_band(sc, free, k_free, 8, 8)  # 8 x 8 rounds: the fastest measured (``_top_band``)
-    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(LIST + bh * NSEL + pos, offs_p, mask=keep)
-    n_full = L // PAGE
-    tl.store(NFULL + bh, tl.sum((keep & (offs_p < n_full)).to(tl.int32), 0))
+    free = offs_p < r0 - s
+    sc = tl.load(PSC + bh * NP + s + offs_p, mask=free, other=float("-inf"), cache_modifier=".cg")
+    n_recent = NP - r0
+    keep = _top_band(sc, free, NSEL - s - n_recent, 8, 8)  # 8 x 8 rounds: the fastest measured (``_top_band``)
+    pos = s + tl.cumsum(keep.to(tl.int32), 0) - 1
+    out = LIST + bh * NSEL
+    tl.store(out + pos, s + offs_p, mask=keep)
+    offs_f = tl.arange(0, 16)
+    for c in range(0, s, 16):  # sinks: slots [0, s)
+        tl.store(out + c + offs_f, c + offs_f, mask=c + offs_f < s)
+    for c in range(0, n_recent, 16):  # recent pages: the last n_recent slots
+        tl.store(out + NSEL - n_recent + c + offs_f, r0 + c + offs_f, mask=c + offs_f < n_recent)
+    n_full = L // PAGE  # pages before n_full are full; only the last page can be partial
+    n_kept_full = (tl.sum((keep & (s + offs_p < n_full)).to(tl.int32), 0) + tl.minimum(s, n_full)
+                   + tl.maximum(tl.minimum(n_full, NP) - r0, 0))
+    tl.store(NFULL + bh, n_kept_full)
+
+
+def select_width(n_pages: int, sinks: int, recent: int) -> int:
+    """The tile width of ``_select_pages``: the free pages (neither sink nor recent), to a power of two >= 16."""
+    s = min(sinks, n_pages)
+    free = max(s, n_pages - recent) - s
+    return max(16, _pow2(free))
 
 
 @_jit
@@ -730,7 +756,7 @@ def _gp(rep: int) -> int:
 
 
 def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch.Tensor | None = None,
-                       num_warps: int = 4) -> Selection:
+                       num_warps: int = 4, fan: int | None = None, iters: int | None = None) -> Selection:
     """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
     up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
     ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there."""
@@ -746,7 +772,8 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
     count = torch.empty(batch * groups, device=q.device, dtype=torch.int32)
     _select_dims_kernel[(batch * groups,)](
         qc, _proj_split(proj), qsel, idx, count, qf if qf is not None else qsel, groups, dims,
-        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None, num_warps=num_warps,
+        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
+        FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, num_warps=num_warps,
     )
     return qsel, idx, count
 
@@ -845,14 +872,14 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
         qsel, idx, kd, pscores, counters, chosen, nfull, length, dims, n_pages, per_split, groups, n_sel, sinks, recent,
         s_kb, s_kh, s_kp, s_kd,
         G=rep, GP=_gp(rep), KP=KP, PAGE=page, PPI=ppi, FULL_ROWS=dims == KP, CONTIG=contig,
-        FOLD=fold is not None, NPP=max(16, _pow2(n_pages)), num_warps=num_warps, num_stages=num_stages,
+        FOLD=fold is not None, NPP=select_width(n_pages, sinks, recent), num_warps=num_warps, num_stages=num_stages,
     )
     return pscores, qf
 
 
 def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, token_ratio: float,
                  scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
-                 score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 2, waves: float = 4.0,
+                 score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 3, waves: float = 4.0,
                  attend_waves: float = 2.0, fold_select: bool = False, sink_pages: int = 0,
                  recent_pages: int = 0) -> torch.Tensor:
     """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine;
@@ -884,7 +911,7 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, waves,
                                      (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None)
     if not fold_select:
-        npp = max(16, _pow2(n_pages))
+        npp = select_width(n_pages, sink_pages, recent_pages)
         _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, sink_pages, recent_pages, PAGE=page, NPP=npp,
                                    num_warps=8 if npp >= 1024 else 4)
     splits2 = max(1, min(n_sel, -(-int(attend_waves * _sms(q.device)) // bh)))
@@ -993,7 +1020,7 @@ class DecodeConfig:
     score_warps: int = 4
     score_stages: int = 3
     attend_warps: int = 4
-    attend_stages: int = 2
+    attend_stages: int = 3  # 3 vs 2: batch 8 x 32K 153 vs 159 us, batch 1 the same within 1 us (H100)
     attend_waves: float = 2.0
     fold_select: bool = False  # pages: the scoring pass's last program per KV group selects the pages (measured no faster)
 

@@ -261,9 +261,12 @@ class DecodeHook(ProjectionHook):
         dims, ratio = min(int(self.k), dim), self.token_ratio
         if ratio is not None and self.hybrid and not self.uses_topt(batch, length):
             dims, ratio = dim, None  # below top-T's break-even: exact attention (every dim) over the same cache
-        config = self._configs.get((dims, ratio))
+        launch = launch_for(dims, dim, ratio, batch * length)
+        setting = (dims, ratio, tuple(launch.items()))  # not ``key``: that is the projected keys
+        config = self._configs.get(setting)
         if config is None:  # built once per setting: this runs in every layer of every decode step
-            config = self._configs[(dims, ratio)] = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page)
+            config = self._configs[setting] = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page,
+                                                       **launch)
         out = aqua_decode(query[:, :, 0], None, value, key, self._projection_on(query.device), config,
                           scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages)
         return out[:, None]  # (B, 1, Hq, D)
@@ -311,6 +314,18 @@ class DecodeHook(ProjectionHook):
             exact = (qp @ kd) * scale
             probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
         return probs.nan_to_num(0.0) @ v  # a fully masked row (left padding) gives zeros, not NaN
+
+
+def launch_for(dims: int, dim: int, ratio: float | None, tokens: int) -> dict[str, Any]:
+    """Launch parameters of the dims kernel where the defaults were measured slower (H100, docs/bench.md):
+    over every dim (exact attention over the projected cache, the hybrid's short side) blocks of 64 tokens and
+    2 programs per SM (batch 1 x 4K / 8K / 16K: 13.3 / 16.7 / 37.3 us against 15.5 / 24.0 / 40.3); dims only
+    with up to 32K tokens in the batch, blocks of 64 (batch 1 x 4K / 8K: 16.4 / 18.3 us against 16.8 / 20.7)."""
+    if ratio is not None:
+        return {}
+    if dims >= dim:
+        return {"block_n": 64, "waves": 2.0}
+    return {"block_n": 64} if tokens <= 32768 else {}
 
 
 _TRITON: list[bool] = []
