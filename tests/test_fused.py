@@ -220,3 +220,19 @@ def test_fused_kernels_generate_dense_tokens_at_full_budget():
                 got = model.generate(x, past_key_values=method.new_cache(), **kw)
                 assert sum(h.calls["kernel"] for h in method.hooks) > 0
             assert torch.equal(got, ref), (ratio, (got != ref).sum().item())
+
+
+def test_launch_parameters_follow_the_measured_cases():
+    """The full-dim kernel (exact fallback) and short dims steps get their measured launch parameters; top-T
+    and long dims steps keep the defaults (docs/bench.md, 'What was tried')."""
+    from aqua_cli.kernels.decode import DecodeConfig, select_width
+    from aqua_cli.methods.fused import launch_for
+
+    assert launch_for(128, 128, None, 1 << 20) == {"block_n": 64, "waves": 2.0}
+    assert launch_for(64, 128, None, 4096) == {"block_n": 64}
+    assert launch_for(64, 128, None, 65536) == {}
+    assert launch_for(64, 128, 1 / 16, 4096) == {} and launch_for(128, 128, 1 / 16, 4096) == {}
+    DecodeConfig(dims=128, **launch_for(128, 128, None, 4096))  # a valid config
+    # the page-selection tile holds the free pages only: 2049 pages, 1 sink, 8 recent -> 2040 free -> 2048 wide
+    assert select_width(2049, 1, 8) == 2048 and select_width(2049, 0, 0) == 4096
+    assert select_width(10, 4, 8) == 16 and select_width(513, 1, 8) == 512
