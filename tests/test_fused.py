@@ -236,3 +236,40 @@ def test_launch_parameters_follow_the_measured_cases():
     # the page-selection tile holds the free pages only: 2049 pages, 1 sink, 8 recent -> 2040 free -> 2048 wide
     assert select_width(2049, 1, 8) == 2048 and select_width(2049, 0, 0) == 4096
     assert select_width(10, 4, 8) == 16 and select_width(513, 1, 8) == 512
+
+
+def test_a_deferred_token_write_lands_before_any_other_use():
+    """On a GPU in half precision a decode step's token is left for the hook's first kernel to write; whatever
+    else comes first (the PyTorch path, the next update, a crop, a batch reorder) writes it the ordinary way.
+    Simulated on the CPU by giving the layer its half-precision basis."""
+    from aqua_cli.methods.fused import DecodeState, ProjectedKVLayer
+
+    gen = torch.Generator().manual_seed(0)
+    proj = torch.linalg.qr(torch.randn(2, 16, 16, generator=gen))[0]
+    layer = ProjectedKVLayer(proj, 16, DecodeState(defer_writes=True), max_tokens=64, page=16)
+    rnd = lambda n: torch.randn(1, 2, n, 16, generator=gen).to(torch.bfloat16)  # noqa: E731
+    layer.update(rnd(5), rnd(5))  # a prefill: written at once
+    assert layer.deferred is None
+    layer._basis_half = layer._basis.to(torch.bfloat16)  # what lazy_initialization builds on a GPU
+
+    def written(pos, key, value):
+        want = torch.einsum("bgd,gde->bge", key[:, :, 0].float(), proj).to(torch.bfloat16)
+        return torch.allclose(layer.keys[..., pos].float(), want.float(), atol=3e-2) and torch.equal(layer.values[:, :, pos], value[:, :, 0])
+
+    k1, v1 = rnd(1), rnd(1)
+    keys, values = layer.update(k1, v1)
+    assert layer.deferred is not None and keys.shape[-1] == 6 and not written(5, k1, v1)
+    layer.flush()
+    assert layer.deferred is None and written(5, k1, v1)
+    k2, v2 = rnd(1), rnd(1)
+    layer.update(k2, v2)
+    layer.update(rnd(1), rnd(1))  # no hook took token 6: this update writes it first
+    assert written(6, k2, v2) and layer.deferred is not None
+    k4, v4 = rnd(1), rnd(1)
+    layer.crop(-1)  # drops token 7 (deferred, written first), keeps 0..6
+    assert layer.length == 7 and layer.deferred is None
+    layer.update(k4, v4)
+    layer.batch_select_indices(torch.tensor([0]))
+    assert written(7, k4, v4)
+    taken = (layer.update(rnd(1), rnd(1)), layer.take_deferred())[1]
+    assert taken is not None and taken[2] == 8 and layer.deferred is None  # the hook now owns the write

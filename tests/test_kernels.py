@@ -414,6 +414,20 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
             out2 = dk.aqua_decode(q, None, v, kd, proj, dk.DecodeConfig(dims, token_ratio=1 / 8, granularity="pages", page=16,
                                   score_block=32, fold_select=fold), sink_pages=1, recent_pages=1)
             assert rel(out2, ref2) < 3e-2
+# the step's new token written by the dim-selection launch (new_kv): the same cache and output as writing it first
+for b, hq, hk, L, D in [(2, 4, 2, 70, 64), (1, 8, 1, 50, 32)]:
+    q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L + 1)
+    for cfg in (dk.DecodeConfig(D // 2, block_n=32), dk.DecodeConfig(D, block_n=32),
+                dk.DecodeConfig(D // 2, token_ratio=1 / 4, granularity="pages", page=16, score_block=32)):
+        want_kd, want_v = kd.clone(), v.clone()
+        dk.write_new_kv((k[:, :, -1], v[:, :, -1], want_kd, want_v, L - 1), proj)
+        ref = dk.aqua_decode(q, None, want_v, want_kd, proj, cfg)
+        got_kd, got_v = kd.clone(), v.clone()
+        got_kd[..., -1] = 0
+        got_v[:, :, -1] = 0
+        out = dk.aqua_decode(q, None, got_v, got_kd, proj, cfg, new_kv=(k[:, :, -1], v[:, :, -1], got_kd, got_v, L - 1))
+        assert torch.equal(got_v, want_v) and (got_kd.float() - want_kd.float()).abs().max() <= 2e-2, cfg
+        assert rel(out, ref) < 1e-2, (cfg, rel(out, ref))
 from aqua_cli.kernels.paged import n_forced, select_pages_forced
 for n_pages, keep, sinks, recent in [(1, 1, 1, 1), (7, 2, 0, 0), (50, 5, 1, 2), (300, 19, 4, 4), (64, 60, 1, 1), (33, 1, 0, 33), (33, 3, 40, 2),
                                       (20, 2, 3, 30), (18, 5, 1, 1), (40, 40, 2, 3)]:

@@ -135,7 +135,8 @@ def _top_mask_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
 
 @_jit
 def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr,
-                  CK: tl.constexpr, FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr):
+                  CK: tl.constexpr, FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr,
+                  KN, kn_off, WRITE_KV: tl.constexpr):
     """Per-KV-group dim selection, in registers (the prologue of the fused kernels).
 
     qP on the tensor cores with ``P`` split in three bf16 terms (hi + mid + lo: float32 accuracy, the
@@ -143,7 +144,8 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
     the top K dims by ``_top_mask_pos`` (ties to the lower index), compacted by one-hot: ``idx`` ``(KP,)``
     ascending (0 past K) and ``qsel = qP @ onehot`` ``(GP, KP)`` (exact: one non-zero term).
     ``ALL`` (K == D == KP): every dim, no search (exact attention over the projected cache needs only qP).
-    Returns (qP ``(GP, D)``, qsel, idx)."""
+    ``WRITE_KV``: the step's new key (``KN + kn_off``, D contiguous) rides in row G of the same products (GP > G),
+    so its projection ``kP`` costs no extra dot. Returns (qP ``(GP, D)``, qsel, idx, kP ``(D,)`` float32)."""
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, CK)
@@ -151,11 +153,17 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
     qp = tl.zeros([GP, D], tl.float32)
     for c0 in tl.static_range(0, D, CK):
         qc = tl.load(Q + (bh * G + offs_g[:, None]) * D + (c0 + offs_c)[None, :], mask=gmask[:, None], other=0.0)
+        if WRITE_KV:  # rows are disjoint: the sum is exact
+            qc += tl.load(KN + kn_off + (c0 + offs_c)[None, :] + 0 * offs_g[:, None], mask=(offs_g == G)[:, None], other=0.0)
         poff = h * D * D + (c0 + offs_c)[:, None] * D + offs_d[None, :]
         qp = _dot_acc(qc, tl.load(PS + poff), qp)
         qp = _dot_acc(qc, tl.load(PS + HKV * D * D + poff), qp)
         qp = _dot_acc(qc, tl.load(PS + 2 * HKV * D * D + poff), qp)
     qpq = qp.to(Q.dtype.element_ty)
+    kp = tl.zeros([D], tl.float32)
+    if WRITE_KV:
+        kp = tl.sum(tl.where((offs_g == G)[:, None], qp, 0.0), 0)
+        qpq = tl.where(gmask[:, None], qpq, tl.zeros_like(qpq))
     if ALL:
         qsel = qpq
         idx = offs_d
@@ -168,7 +176,7 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
         idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
         onehot = tl.trans(tl.where(hit, 1.0, 0.0).to(Q.dtype.element_ty))  # (D, KP)
         qsel = _dot(qpq, onehot).to(Q.dtype.element_ty)
-    return qpq, qsel, idx
+    return qpq, qsel, idx, kp
 
 
 @_jit
@@ -179,17 +187,26 @@ def _select_dims_kernel(
     IDX,  # (B*Hkv, KP) int32 out: selected dims, ascending
     CNT,  # (B*Hkv,) int32 out: K
     QF,  # (B*Hkv, G, D) out if WRITE_QF: all projected queries (for the page exact pass)
+    KN, VN, KDC, VC,  # WRITE_KV: the step's new key and value (B, Hkv, D) and the cache's projected keys and values
+    pos, s_knb, s_knh, s_vnb, s_vnh, s_kdb, s_kdh, s_kdd, s_vcb, s_vch, s_vcl,
     HKV, K,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, WRITE_QF: tl.constexpr,
-    FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr,
+    FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr, WRITE_KV: tl.constexpr,
 ):
     """Standalone dim selection (one program per KV group): measured faster than repeating it in the
     prologue of every program of the main pass (see docs/bench.md)."""
     bh = tl.program_id(0)
     h = bh % HKV
-    qpq, qsel, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL)
+    b = (bh // HKV).to(tl.int64)
+    qpq, qsel, idx, kp = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL,
+                                       KN, b * s_knb + h * s_knh, WRITE_KV)
     offs_g = tl.arange(0, GP)
     offs_j = tl.arange(0, KP)
+    if WRITE_KV:  # the cache write of this step's token: kP at column pos of the dim-major keys, v at row pos
+        offs_dk = tl.arange(0, D).to(tl.int64)
+        tl.store(KDC + b * s_kdb + h * s_kdh + offs_dk * s_kdd + pos, kp.to(KDC.dtype.element_ty))
+        vn = tl.load(VN + b * s_vnb + h * s_vnh + offs_dk)
+        tl.store(VC + b * s_vcb + h * s_vch + pos.to(tl.int64) * s_vcl + offs_dk, vn)
     if WRITE_QF:
         offs_d = tl.arange(0, D)
         tl.store(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], qpq, mask=offs_g[:, None] < G)
@@ -302,7 +319,7 @@ def _dims_fused_kernel(
     nsplit = tl.num_programs(1)
     b = bh // HKV
     h = bh % HKV
-    _, q, idx = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, 16, 8, False)
+    _, q, idx, _ = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, 16, 8, False, Q, 0, False)
     offs_j = tl.arange(0, KP)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
@@ -755,11 +772,24 @@ def _gp(rep: int) -> int:
     return max(GROUP_PAD, _pow2(rep))
 
 
+NewKV = tuple  # (k_new (B, Hkv, D), v_new (B, Hkv, D), kd (B, Hkv, D, L), v (B, Hkv, L, D), pos): a write into the cache
+
+
+def write_new_kv(new_kv: NewKV, proj: torch.Tensor) -> None:
+    """The cache write that the dim-selection kernel does in its launch, in PyTorch (for the other paths)."""
+    k_new, v_new, kd, v, pos = new_kv
+    kd[..., pos] = torch.einsum("bhd,hde->bhe", k_new.float(), proj.float()).to(kd.dtype)
+    v[:, :, pos] = v_new
+
+
 def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch.Tensor | None = None,
-                       num_warps: int = 4, fan: int | None = None, iters: int | None = None) -> Selection:
+                       num_warps: int = 4, fan: int | None = None, iters: int | None = None,
+                       new_kv: NewKV | None = None) -> Selection:
     """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
     up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
-    ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there."""
+    ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there.
+    ``new_kv``: also write this step's token into the cache (``write_new_kv``; ``kP`` at float32 accuracy,
+    rounded once): one launch instead of a projection and two copies."""
     _need_triton()
     batch, q_heads, dim = q.shape
     groups = proj.shape[0]
@@ -770,10 +800,19 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
     qsel = torch.empty(batch * groups, rep, KP, device=q.device, dtype=q.dtype)
     idx = torch.empty(batch * groups, KP, device=q.device, dtype=torch.int32)
     count = torch.empty(batch * groups, device=q.device, dtype=torch.int32)
+    if new_kv is None:
+        kn = vn = kdc = vc = qc
+        pos, strides = 0, (0,) * 10
+    else:
+        kn, vn, kdc, vc, pos = new_kv
+        assert kn.stride(-1) == 1 and vn.stride(-1) == 1 and kdc.stride(-1) == 1 and vc.stride(-1) == 1
+        strides = (kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), kdc.stride(0), kdc.stride(1), kdc.stride(2),
+                   vc.stride(0), vc.stride(1), vc.stride(2))
     _select_dims_kernel[(batch * groups,)](
-        qc, _proj_split(proj), qsel, idx, count, qf if qf is not None else qsel, groups, dims,
-        G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
-        FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, num_warps=num_warps,
+        qc, _proj_split(proj), qsel, idx, count, qf if qf is not None else qsel, kn, vn, kdc, vc, pos, *strides,
+        groups, dims,
+        G=rep, GP=_gp(rep + (new_kv is not None)), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
+        FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, WRITE_KV=new_kv is not None, num_warps=num_warps,
     )
     return qsel, idx, count
 
@@ -838,8 +877,8 @@ def _v_rows(v: torch.Tensor, page: int) -> tuple[int, int, int]:
 
 def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, dims: int, page: int, length: int,
                        score_block: int = 256, num_warps: int = 4, num_stages: int = 3,
-                       waves: float = 4.0, fold: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       waves: float = 4.0, fold: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None,
+                       new_kv: NewKV | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dim selection and pass 1 of page top-T (2 launches): ``(B*Hkv, NP)`` float32 page scores (unscaled
     approximate logits, max over the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries.
     ``fold`` = (list, nfull, n_sel, sinks, recent): the last program of each KV group also selects the pages (as
@@ -854,7 +893,7 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     n_pages = -(-length // page)
     bh = batch * groups
     qf = torch.empty(bh, rep, dim, device=q.device, dtype=q.dtype)
-    qsel, idx, _ = launch_select_dims(q, proj, dims, qf)
+    qsel, idx, _ = launch_select_dims(q, proj, dims, qf, new_kv=new_kv)
     contig = s_kp == page
     ppi = max(1, score_block // page) if contig else 1
     steps = -(-n_pages // ppi)
@@ -881,7 +920,7 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
                  scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
                  score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 3, waves: float = 4.0,
                  attend_waves: float = 2.0, fold_select: bool = False, sink_pages: int = 0,
-                 recent_pages: int = 0, score_waves: float | None = None) -> torch.Tensor:
+                 recent_pages: int = 0, score_waves: float | None = None, new_kv: NewKV | None = None) -> torch.Tensor:
     """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine;
     4 with ``fold_select``: the scoring pass's last program per KV group selects the pages).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
@@ -911,7 +950,7 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     if score_waves is None:
         score_waves = 2.0 if bh <= 16 else waves
     pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, score_waves,
-                                     (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None)
+                                     (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None, new_kv)
     if not fold_select:
         npp = select_width(n_pages, sink_pages, recent_pages)
         _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, sink_pages, recent_pages, PAGE=page, NPP=npp,
@@ -1039,19 +1078,24 @@ class DecodeConfig:
             block_keep_for(self.token_ratio, self.select_block)
 
 
-def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig) -> tuple[Selection, bool]:
-    """The padded selection the kernels read, and whether all its KP slots are valid."""
+def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig,
+                       new_kv: NewKV | None = None) -> tuple[Selection, bool]:
+    """The padded selection the kernels read, and whether all its KP slots are valid (``new_kv``: see
+    ``launch_select_dims``; written in PyTorch where the selection is not fused)."""
     dim = q.shape[-1]
     dims = min(config.dims, dim)
     if config.fused_select and fused_selection_supported(q, proj, config.gqa):
-        return launch_select_dims(q, proj, dims), dims == _kp(dims)
+        return launch_select_dims(q, proj, dims, new_kv=new_kv), dims == _kp(dims)
+    if new_kv is not None:
+        write_new_kv(new_kv, proj)
     qp = project_queries(q, proj).to(q.dtype)
     idx, count, qsel = select_dims(qp, dims, config.gqa)
     return pad_selection(qsel, idx, count), config.gqa == "group" and dims == _kp(dims)
 
 
 def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
-                config: DecodeConfig, scale: float | None = None, sink_pages: int = 0, recent_pages: int = 0) -> torch.Tensor:
+                config: DecodeConfig, scale: float | None = None, sink_pages: int = 0, recent_pages: int = 0,
+                new_kv: NewKV | None = None) -> torch.Tensor:
     """One AQUA decode step with the fused kernels; same result as ``aqua_decode_reference`` (dims, token
     top-T) or ``paged.aqua_decode_pages_reference`` (page top-T).
 
@@ -1059,7 +1103,9 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     None otherwise); ``kd`` ``(B, Hkv, D, L)`` projected keys (``project_keys``), or paged for pages;
     ``proj`` ``(Hkv, D, D)`` float32 (orthogonal for pages: their exact pass computes ``(qP).(kP)``).
     ``scale``: softmax scale (default ``D**-0.5``); ``sink_pages``/``recent_pages`` (pages only): the first and
-    last pages are always kept, on top of the best ``pages_for`` pages.
+    last pages are always kept, on top of the best ``pages_for`` pages. ``new_kv``: this step's token, not yet in
+    ``kd``/``v`` (``(k_new, v_new, kd_buffer, v_buffer, pos)``): written by the dim-selection launch before any
+    pass reads the cache (``write_new_kv`` in PyTorch for the paths without one).
     Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 5 (dim selection,
     page scores, page selection, exact pass, combine; 4 with ``fold_select``); token top-T 4 (selection,
     scoring, exact pass, combine).
@@ -1075,11 +1121,14 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
                             score_stages=config.score_stages, attend_warps=config.attend_warps,
                             attend_stages=config.attend_stages, waves=config.waves, attend_waves=config.attend_waves,
                             fold_select=config.fold_select, sink_pages=sink_pages, recent_pages=recent_pages,
-                            score_waves=config.score_waves)
+                            score_waves=config.score_waves, new_kv=new_kv)
+    if new_kv is not None and (config.prologue or config.token_ratio is not None):
+        write_new_kv(new_kv, proj)
+        new_kv = None
     if config.token_ratio is None and fused and config.prologue:
         return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages,
                                  config.waves)
-    sel, full_rows = select_for_kernels(q, proj, config)
+    sel, full_rows = select_for_kernels(q, proj, config, new_kv)
     if config.token_ratio is None:
         return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages, config.waves, full_rows)
     chosen, keep = launch_select(sel, kd, config.token_ratio, config.select_block, config.select_warps, full_rows)

@@ -49,6 +49,7 @@ class DecodeState:
     """What a layer's cache and its hook share: the layer the last ``update`` wrote (consumed by the hook)."""
 
     pending: "ProjectedKVLayer | None" = field(default=None, repr=False)
+    defer_writes: bool = False  # the hook may write a decode step's token from its first kernel (set by AquaDecode)
 
 
 class InPlaceLayer(DynamicLayer):
@@ -89,6 +90,7 @@ class ProjectedKVLayer(InPlaceLayer):
         self.projection = projection.float()
         self.kv_dims, self.state, self.layer_idx, self.page = kv_dims, state, layer_idx, page
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.deferred: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._basis: torch.Tensor | None = None
         self._basis_half: torch.Tensor | None = None
 
@@ -126,15 +128,34 @@ class ProjectedKVLayer(InPlaceLayer):
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[1] != self.keys.shape[1] or key_states.shape[-1] != self.projection.shape[-1]:
             raise ConfigError(f"layer {self.layer_idx}: keys of shape {tuple(key_states.shape)} do not fit this projected KV cache")
+        self.flush()  # a deferred write that no hook took
         start, new = self.length, key_states.shape[-2]
         self._reserve(start + new)
-        projected = self._project(key_states)  # (B, G, n, m)
-        self.keys[..., start : start + new] = projected.transpose(-1, -2)
-        self.values[:, :, start : start + new] = value_states
+        if new == 1 and self.state.defer_writes and self._basis_half is not None and self.kv_dims == key_states.shape[-1]:
+            # a decode step on the GPU: the hook writes the token from its first kernel launch (one launch where a
+            # projection and two copies were), or with ``flush`` before any other use of the cache
+            self.deferred = (key_states[:, :, 0], value_states[:, :, 0], start)
+        else:
+            projected = self._project(key_states)  # (B, G, n, m)
+            self.keys[..., start : start + new] = projected.transpose(-1, -2)
+            self.values[:, :, start : start + new] = value_states
         self.length = start + new
         self.fresh = (key_states, value_states) if start == 0 else None
         self.state.pending = self
         return self.keys[..., : self.length], self.values[:, :, : self.length]
+
+    def take_deferred(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The token ``update`` left unwritten (the caller now owns writing it), or None."""
+        deferred, self.deferred = self.deferred, None
+        return deferred
+
+    def flush(self) -> None:
+        """Write a deferred token the ordinary way (projection in the cache's dtype, two copies)."""
+        deferred = self.take_deferred()
+        if deferred is not None:
+            key, value, pos = deferred
+            self.keys[..., pos] = self._project(key[:, :, None])[:, :, 0]
+            self.values[:, :, pos] = value
 
     def _project(self, key_states: torch.Tensor) -> torch.Tensor:
         """``kP`` in the cache's dtype. On CUDA in half precision one matmul in that dtype (float32
@@ -145,16 +166,22 @@ class ProjectedKVLayer(InPlaceLayer):
         return (key_states.float() @ self._basis).to(self.keys.dtype)
 
     def reset(self) -> None:
-        self.length, self.fresh = 0, None
+        self.length, self.fresh, self.deferred = 0, None, None
         if self.state.pending is self:
             self.state.pending = None
 
+    def crop(self, tokens_to_remove: int) -> None:
+        self.flush()
+        super().crop(tokens_to_remove)
+
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.flush()
         if self.is_initialized:
             self.keys = self.keys.repeat_interleave(repeats, dim=0)
             self.values = self.values.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.flush()
         if self.is_initialized:
             self.keys, self.values = self.keys[indices], self.values[indices]
 
@@ -229,9 +256,12 @@ class DecodeHook(ProjectionHook):
 
         layer, self.state.pending = self.state.pending, None
         if layer is None or key.dim() != 4 or key.shape[-1] != layer.length:
+            if layer is not None:
+                layer.flush()
             return super().attend(module, query, key, value, attention_mask, **kwargs)  # no projected cache: Aqua
         fresh, layer.fresh = layer.fresh, None
         if fresh is not None and self.prefill == "dense":  # prefill into an empty cache: exact, on the fresh keys
+            layer.flush()  # a one-token prompt
             self.calls["prefill"] += 1
             return sdpa_attention_forward(module, query, fresh[0], fresh[1], attention_mask, **kwargs)
         scale = kwargs.get("scaling")
@@ -239,7 +269,8 @@ class DecodeHook(ProjectionHook):
             scale = getattr(module, "scaling", query.shape[-1] ** -0.5)
         if self._kernel_ready(query, key, attention_mask):
             self.calls["kernel"] += 1
-            return self._kernel(query, key, value, scale), None
+            return self._kernel(query, key, value, scale, layer.take_deferred()), None
+        layer.flush()
         self.calls["reference"] += 1
         return self._reference(query, key, value, attention_mask, scale), None
 
@@ -253,7 +284,8 @@ class DecodeHook(ProjectionHook):
             return False  # transformers passes no mask to a decode step without padding; with one, the reference
         return _triton_ready()
 
-    def _kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    def _kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                deferred: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
         from ..kernels.decode import DecodeConfig, aqua_decode
 
         batch, q_heads, _, dim = query.shape
@@ -267,8 +299,9 @@ class DecodeHook(ProjectionHook):
         if config is None:  # built once per setting: this runs in every layer of every decode step
             config = self._configs[setting] = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page,
                                                        **launch)
+        new_kv = None if deferred is None else (deferred[0], deferred[1], key, value, deferred[2])
         out = aqua_decode(query[:, :, 0], None, value, key, self._projection_on(query.device), config,
-                          scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages)
+                          scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages, new_kv=new_kv)
         return out[:, None]  # (B, 1, Hq, D)
 
     @staticmethod
@@ -390,7 +423,7 @@ class AquaDecode(Aqua):
         full_attention_only(model.config, "the projected KV cache")
 
     def make_hook(self, projection: torch.Tensor) -> ProjectionHook:
-        state = DecodeState()
+        state = DecodeState(defer_writes=self.kernels)
         self.states.append(state)
         return DecodeHook(projection, self.dims, self.mode, kv_dims=self.m, state=state, token_ratio=self.token_ratio,
                           page=self.page, sink_pages=self.sink_pages, recent_pages=self.recent_pages,
