@@ -17,6 +17,12 @@ held-out text.
 Cost: the dense forward pass of each window is run once with the input of every decoder layer kept;
 perturbing layer ``l`` re-runs only layers ``l..L-1`` and the LM head from that input (exactly dense
 up to ``l``; tested against full forward passes).
+
+Per KV group (``groups=True``, ``aqua sensitivity --groups``): also ``KL_lg(k)`` with AQUA at group
+``g`` of layer ``l`` only (the layer's other groups at ``k = D``, which is dense up to float rounding),
+on the same windows and positions, for the ``sensitivity-group`` and ``sensitivity-joint`` policies.
+It costs ``groups`` more resumed passes per (layer, k); with one KV group per layer the group curves
+are the layer curves and nothing more is run.
 """
 
 from __future__ import annotations
@@ -106,9 +112,11 @@ def measure(
     mode: str = "dynamic",
     on_step: Callable[[int, int], None] | None = None,
     stride: int = 1,
+    groups: bool = False,
 ) -> dict[str, Any]:
     """``KL_l(k)`` for every layer and every ``k`` of ``ratios`` on ``windows`` ``[n, seq_len]``; the KL is
-    averaged over every ``stride``-th predicted position (1: all of them)."""
+    averaged over every ``stride``-th predicted position (1: all of them). With ``groups``, also
+    ``KL_lg(k)`` for every KV group (``kl_groups``, ``[layers][groups][len(dims)]``)."""
     if mode not in ("static", "dynamic"):
         raise ConfigError(f"sensitivity is measured for static or dynamic AQUA, not '{mode}'")
     d = artifact.head_dim
@@ -118,13 +126,24 @@ def measure(
     parts = decoder_parts(model)
     device = next(model.parameters()).device
     layers_n = artifact.num_layers
+    groups_n = artifact.num_groups
+    per_group = groups and groups_n > 1  # one group: its curve is the layer's
     kl = torch.zeros(layers_n, len(dims), dtype=torch.float64)
+    kl_groups = torch.zeros(layers_n, groups_n, len(dims), dtype=torch.float64)
     tokens = 0
     started = time.perf_counter()
-    steps, total = 0, windows.shape[0] * layers_n * len(dims)
+    steps, total = 0, windows.shape[0] * layers_n * len(dims) * (1 + (groups_n if per_group else 0))
     if stride < 1:
         raise ConfigError(f"--stride must be at least 1, got {stride}")
     positions = torch.arange(0, windows.shape[1] - 1, stride, device=device)
+
+    def kl_of_pass(layer: int) -> float:
+        if keeper is not None:
+            logits = resume_logits(model, parts, keeper.inputs, layer, positions)[0]
+        else:
+            logits = model(ids, use_cache=False).logits[0, positions]
+        return _kl_sum(ref_logp, logits)
+
     with patch(model, artifact, k=1.0, mode="dense") as handle:
         for window in windows:
             ids = window[None].to(device)
@@ -142,20 +161,29 @@ def measure(
                 hook.mode = mode
                 for j, k in enumerate(dims):
                     hook.k = k
-                    if keeper is not None:
-                        logits = resume_logits(model, parts, keeper.inputs, layer, positions)[0]
-                    else:
-                        logits = model(ids, use_cache=False).logits[0, positions]
-                    kl[layer, j] += _kl_sum(ref_logp, logits)
+                    kl[layer, j] += kl_of_pass(layer)
                     steps += 1
                     if on_step is not None:
                         on_step(steps, total)
+                    for g in range(groups_n if per_group else 0):
+                        budget = torch.full((groups_n,), d, dtype=torch.long)
+                        budget[g] = k
+                        hook.k = budget
+                        kl_groups[layer, g, j] += kl_of_pass(layer)
+                        steps += 1
+                        if on_step is not None:
+                            on_step(steps, total)
                 hook.mode, hook.k = "dense", d
+    if groups and not per_group:
+        kl_groups = kl[:, None, :].clone()
+    extra = {"kl_groups": (kl_groups / max(tokens, 1)).tolist(),
+             "metric_groups": "mean KL(p_dense || p_aqua) per predicted token, nats, AQUA at one KV group of one layer"} if groups else {}
     return {
         "mode": mode,
         "dims": dims,
         "ratios": [k / d for k in dims],
         "kl": (kl / max(tokens, 1)).tolist(),
+        **extra,
         "predicted_tokens": tokens,
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),

@@ -39,7 +39,7 @@ KOpt = Annotated[str, typer.Option("--k", help="Comma list of k: ratios of head_
 ModeOpt = Annotated[str, typer.Option("--mode", help="Comma list of modes: dense, static, dynamic.")]
 DataPartOpt = Annotated[str, typer.Option("--data-part", help="Part of the text to score: evaluation (held out from calibration, the default), calibration, or all.")]
 AllowOverlapOpt = Annotated[bool, typer.Option("--allow-overlap", help="Score windows that the artifact was calibrated on (refused by default).")]
-PolicyOpt = Annotated[str, typer.Option("--k-policy", help="Comma list of per-layer k policies at equal total cost: uniform, energy, equal-energy, sensitivity (needs `aqua sensitivity`), auto (the artifact's recorded default, else uniform).")]
+PolicyOpt = Annotated[str, typer.Option("--k-policy", help="Comma list of per-layer k policies at equal total cost: uniform, energy, equal-energy, sensitivity (needs `aqua sensitivity`), sensitivity-group / sensitivity-joint (per KV group; need `aqua sensitivity --groups`), auto (the artifact's recorded default, else uniform).")]
 
 
 @app.command("eval")

@@ -38,6 +38,7 @@ def sensitivity(
     mode: Annotated[str, typer.Option("--mode", help="AQUA mode the curves are measured for: dynamic or static.")] = "dynamic",
     ratios: Annotated[str, typer.Option("--ratios", help="Comma list of k/head_dim at which each layer is measured.")] = "0.25,0.375,0.5,0.625,0.75,0.875",
     stride: Annotated[int, typer.Option("--stride", help="Measure the KL at every N-th position (the LM head runs only there).")] = 1,
+    groups: Annotated[bool, typer.Option("--groups", help="Also measure each KV group of each layer alone (groups x more passes), for --k-policy sensitivity-group / sensitivity-joint.")] = False,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -48,7 +49,7 @@ def sensitivity(
 ) -> None:
     """Per-layer loss sensitivity: KL of the model's next-token distribution with AQUA at one layer at a
     time, for each k of a grid, on the calibration part of the text; stored in the artifact for
-    `--k-policy sensitivity` (docs/eval.md).
+    `--k-policy sensitivity` (docs/eval.md); with `--groups`, per KV group too (`--k-policy sensitivity-group`).
 
     Example: `aqua sensitivity --tokens 1024` (SmolLM2, shipped artifact).
     """
@@ -62,6 +63,8 @@ def sensitivity(
     grid = tuple(ratio_list(ratios, "--ratios"))
     if default_policy is not None:
         parse_policy(default_policy)
+    if reuse and groups:
+        raise ConfigError("--groups measures new curves and --reuse keeps the stored ones: give one of them")
     if reuse:
         from ..models import resolve_model
         from ..policy import sensitivity_record
@@ -82,7 +85,7 @@ def sensitivity(
             def on_step(done: int, total: int) -> None:
                 status.update(f"measuring: {done}/{total} forward passes")
 
-            result = measure(loaded, art, windows.windows, grid, mode, on_step, stride)
+            result = measure(loaded, art, windows.windows, grid, mode, on_step, stride, groups=groups)
         result["windows_record"] = windows.record()
         extra = dict(art.metadata.get("extra") or {})
         extra["sensitivity"] = result
@@ -98,6 +101,16 @@ def sensitivity(
     for layer, row in enumerate(result["kl"]):
         table.add_row(str(layer), *(f"{v:.2e}" for v in row))
     out.print(table)
+    if groups:
+        table = Table(title=f"per KV group: mean KL per token (nats), AQUA {mode} at one group of one layer")
+        table.add_column("layer", justify="right")
+        table.add_column("group", justify="right")
+        for k in result["dims"]:
+            table.add_column(f"k={k}", justify="right")
+        for layer, rows in enumerate(result["kl_groups"]):
+            for group, row in enumerate(rows):
+                table.add_row(str(layer), str(group), *(f"{v:.2e}" for v in row))
+        out.print(table)
     out.print(f"stored in {path} ({result['seconds']} s)", highlight=False)
     if not reuse:
         write_json(json_out, {"artifact": str(path), "model": source.model_id, **{k: v for k, v in result.items() if k != "windows_record"},
