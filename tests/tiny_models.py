@@ -61,3 +61,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def token_ids(batch: int = 1, length: int = 20, seed: int = 1) -> torch.Tensor:
     """Random ids of the tiny vocabulary (ids 0-2 are the special tokens)."""
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_no_single_move_improves(cost: torch.Tensor, budgets: list[int], low: int, high: int) -> None:
+    """A budget allocation is optimal for ``sum_u cost[u, b_u]`` at its total: moving one dimension from one
+    unit to another (within ``low..high``) never lowers the sum (what the policies' exact DP must give)."""
+    total = sum(float(cost[u, b]) for u, b in enumerate(budgets))
+    for i in range(len(budgets)):
+        for j in range(len(budgets)):
+            if i != j and budgets[i] > low and budgets[j] < high:
+                moved = list(budgets)
+                moved[i] -= 1
+                moved[j] += 1
+                assert sum(float(cost[u, b]) for u, b in enumerate(moved)) >= total - 1e-12, (i, j, budgets)
