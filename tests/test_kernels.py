@@ -406,6 +406,7 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
         assert torch.equal(idx, ref_idx), (idx, ref_idx)
         ref = aqua_decode_reference(q, k, v, kd, proj, dims)
         assert rel(dk.aqua_decode(q, k, v, kd, proj, dk.DecodeConfig(dims, block_n=32)), ref) < 3e-2
+        assert rel(dk.aqua_decode(q, k, v, kd, proj, dk.DecodeConfig(dims, block_n=32, prologue=True)), ref) < 3e-2
         ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 4, 16)
         for fold in (False, True):
             cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, score_block=32, fold_select=fold)
@@ -418,6 +419,7 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
 for b, hq, hk, L, D in [(2, 4, 2, 70, 64), (1, 8, 1, 50, 32)]:
     q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L + 1)
     for cfg in (dk.DecodeConfig(D // 2, block_n=32), dk.DecodeConfig(D, block_n=32),
+                dk.DecodeConfig(D // 2, block_n=32, prologue=True), dk.DecodeConfig(D, block_n=32, prologue=True),
                 dk.DecodeConfig(D // 2, token_ratio=1 / 4, granularity="pages", page=16, score_block=32)):
         want_kd, want_v = kd.clone(), v.clone()
         dk.write_new_kv((k[:, :, -1], v[:, :, -1], want_kd, want_v, L - 1), proj)

@@ -309,7 +309,7 @@ def _dims_fused_kernel(
     L, K, blocks_per_split, HKV, qk_scale,
     s_kb, s_kh, s_kd, s_vb, s_vh, s_vl,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, BLOCK_N: tl.constexpr,
-    FULL_ROWS: tl.constexpr,
+    FULL_ROWS: tl.constexpr, FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr,
 ):
     """AQUA dims only with the dim selection folded in: every program selects its group's dims in its
     prologue (a few microseconds, overlapped with the other programs' streaming) instead of a separate
@@ -319,7 +319,7 @@ def _dims_fused_kernel(
     nsplit = tl.num_programs(1)
     b = bh // HKV
     h = bh % HKV
-    _, q, idx, _ = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, 16, 8, False, Q, 0, False)
+    _, q, idx, _ = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL, Q, 0, False)
     offs_j = tl.arange(0, KP)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
@@ -480,7 +480,7 @@ def _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE: tl.con
         tl.store(out + NSEL - n_recent + c + offs_f, r0 + c + offs_f, mask=c + offs_f < n_recent)
     n_full = L // PAGE  # pages before n_full are full; only the last page can be partial
     n_kept_full = (tl.sum((keep & (s + offs_p < n_full)).to(tl.int32), 0) + tl.minimum(s, n_full)
-                   + tl.maximum(tl.minimum(n_full, NP) - r0, 0))
+                   + tl.maximum(n_full - r0, 0))  # n_full <= NP
     tl.store(NFULL + bh, n_kept_full)
 
 
@@ -835,7 +835,7 @@ def launch_dims_fused(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: 
         q.contiguous(), _proj_split(proj), kd, v, o, m, ls, length, dims, per_split, groups, scale * LOG2E,
         kd.stride(0), kd.stride(1), kd.stride(2), v.stride(0), v.stride(1), v.stride(2),
         G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), BLOCK_N=block_n, FULL_ROWS=dims == KP,
-        num_warps=num_warps, num_stages=num_stages,
+        FAN=DIM_FAN, ITERS=DIM_ITERS, ALL=dims == dim, num_warps=num_warps, num_stages=num_stages,
     )
     return _combine(o, m, ls, batch, groups * rep, dim, v.dtype)
 
@@ -1063,7 +1063,7 @@ class DecodeConfig:
     score_warps: int = 4
     score_stages: int = 3
     attend_warps: int = 4
-    attend_stages: int = 3  # 3 vs 2: batch 8 x 32K 153 vs 159 us, batch 1 the same within 1 us (H100)
+    attend_stages: int = 3  # 3 vs 2: no measurable difference in an interleaved A/B (H100: B8 x 32K 143.7 vs 143.9 us)
     attend_waves: float = 2.0
     fold_select: bool = False  # pages: the scoring pass's last program per KV group selects the pages (measured no faster)
 
