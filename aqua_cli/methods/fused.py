@@ -310,8 +310,9 @@ class DecodeHook(ProjectionHook):
         (kernels/hybrid.py), exact attention below it (the dims kernel over every dim of the projected cache:
         dense's quality where top-T would save nothing; dims only with top-T's k cost +26% ppl on SmolLM2 at
         4K, top-T +1.9%). Dims only runs at every length: with the keys stored projected, "dense" is that same
-        full-dim kernel, which the whole model measured slower than k = D/2 at every length from 4K
-        (docs/results/e2e-nohybrid-h100.json)."""
+        full-dim kernel, which the whole model measured slower than k = D/2 at every length from 4K in session 3
+        (docs/results/e2e-nohybrid-h100.json); with today's launch parameters dims only is >= 1.01x of dense at
+        every length (docs/results/e2e-h100.json)."""
         return length >= min_seq_for(DEFAULT_MIN_SEQ_TOPT, batch)
 
     # -- the same math in PyTorch -----------------------------------------------------------------------
