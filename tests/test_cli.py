@@ -24,6 +24,20 @@ def assert_one_line_error(code: int, err: str, needle: str) -> None:
     assert "Traceback" not in err
 
 
+def calibrate_tiny(capsys, model_dir, art, tokens: int = 1024) -> None:
+    """Calibrate the tiny model into ``art`` through the CLI (seq-len 64, CPU): the set-up of the tests that
+    then evaluate the artifact."""
+    code, _, err = run(capsys, "calibrate", str(model_dir), "--tokens", str(tokens), "--seq-len", "64", "--out", str(art),
+                       "--device", "cpu")
+    assert code == 0, err
+
+
+def tiny_eval_args(model_dir, art, mode: str = "dynamic", tokens: int = 128) -> list[str]:
+    """``aqua eval`` at k = 0.5 of the tiny model, seq-len 64, CPU, no retention windows."""
+    return ["eval", str(model_dir), "--artifact", str(art), "--k", "0.5", "--mode", mode, "--tokens", str(tokens),
+            "--seq-len", "64", "--device", "cpu", "--retention-windows", "0"]
+
+
 def test_help_lists_commands(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "calibrate" in out and "inspect" in out

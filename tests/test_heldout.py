@@ -133,13 +133,11 @@ def test_artifact_records_its_windows_and_eval_refuses_overlap():
 
 
 def test_cli_eval_reports_overlap_and_refuses_it(capsys, model_dir, tmp_path):
-    from test_cli import assert_one_line_error, run
+    from test_cli import assert_one_line_error, calibrate_tiny, run, tiny_eval_args
 
     art = tmp_path / "art"
-    code, _, err = run(capsys, "calibrate", str(model_dir), "--tokens", "2048", "--seq-len", "64", "--out", str(art), "--device", "cpu")
-    assert code == 0, err
-    common = ["eval", str(model_dir), "--artifact", str(art), "--k", "0.5", "--mode", "dense,dynamic", "--tokens", "256",
-              "--seq-len", "64", "--device", "cpu", "--retention-windows", "0"]
+    calibrate_tiny(capsys, model_dir, art, tokens=2048)
+    common = tiny_eval_args(model_dir, art, mode="dense,dynamic", tokens=256)
     code, out, err = run(capsys, *common, "--json", str(tmp_path / "e.json"))
     assert code == 0, err
     report = json.loads((tmp_path / "e.json").read_text())

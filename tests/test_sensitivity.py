@@ -90,13 +90,11 @@ def test_auto_policy_and_missing_curves():
 def test_cli_sensitivity_then_eval_with_the_policy(capsys, model_dir, tmp_path):
     import json
 
-    from test_cli import assert_one_line_error, run
+    from test_cli import assert_one_line_error, calibrate_tiny, run, tiny_eval_args
 
     art = tmp_path / "art"
-    code, _, err = run(capsys, "calibrate", str(model_dir), "--tokens", "1024", "--seq-len", "64", "--out", str(art), "--device", "cpu")
-    assert code == 0, err
-    common = ["eval", str(model_dir), "--artifact", str(art), "--k", "0.5", "--mode", "dynamic", "--tokens", "128",
-              "--seq-len", "64", "--device", "cpu", "--retention-windows", "0"]
+    calibrate_tiny(capsys, model_dir, art)
+    common = tiny_eval_args(model_dir, art)
     code, _, err = run(capsys, *common, "--k-policy", "uniform,sensitivity")
     assert_one_line_error(code, err, "aqua sensitivity")
     code, out, err = run(capsys, "sensitivity", str(model_dir), "--artifact", str(art), "--tokens", "128", "--seq-len", "64",

@@ -185,13 +185,11 @@ def test_round_trip_through_the_artifact_file(tmp_path):
 def test_cli_sensitivity_groups_then_eval(capsys, model_dir, tmp_path):
     import json
 
-    from test_cli import assert_one_line_error, run
+    from test_cli import assert_one_line_error, calibrate_tiny, run, tiny_eval_args
 
     art = tmp_path / "art"
-    code, _, err = run(capsys, "calibrate", str(model_dir), "--tokens", "1024", "--seq-len", "64", "--out", str(art), "--device", "cpu")
-    assert code == 0, err
-    common = ["eval", str(model_dir), "--artifact", str(art), "--k", "0.5", "--mode", "dynamic", "--tokens", "128",
-              "--seq-len", "64", "--device", "cpu", "--retention-windows", "0"]
+    calibrate_tiny(capsys, model_dir, art)
+    common = tiny_eval_args(model_dir, art)
     sens = ["sensitivity", str(model_dir), "--artifact", str(art), "--tokens", "64", "--seq-len", "64",
             "--ratios", "0.25,0.5,0.75", "--stride", "4", "--device", "cpu"]
     code, _, err = run(capsys, *sens)  # layer curves only
