@@ -386,6 +386,40 @@ def test_page_decode_is_graph_capturable():
             assert torch.isfinite(out).all() and rel(out, eager) < 1e-3
 
 
+@gpu
+@pytest.mark.gpu
+def test_programmatic_dependent_launch_changes_nothing_but_timing():
+    """PDL (Hopper+) overlaps a kernel's launch with the previous one; every kernel waits before touching
+    memory, so outputs are bit-identical to plain launches, eager and in a captured graph, on every path."""
+    from aqua_cli.kernels.decode import DecodeConfig, aqua_decode, use_pdl
+
+    if not use_pdl(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9 or later")
+    q, k, v, proj, kd = inputs(2, 32, 8, 3001, 128, torch.bfloat16, "cuda", seed=5)
+    for kw in (dict(dims=64), dict(dims=128), dict(dims=64, token_ratio=1 / 16),
+               dict(dims=64, token_ratio=1 / 16, granularity="pages"), dict(dims=32, token_ratio=1 / 32, granularity="pages")):
+        plain = aqua_decode(q, k, v, kd, proj, DecodeConfig(**kw, pdl=False), sink_pages=1, recent_pages=2)
+        cfg = DecodeConfig(**kw, pdl=True)
+        assert torch.equal(aqua_decode(q, k, v, kd, proj, cfg, sink_pages=1, recent_pages=2), plain), kw
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = aqua_decode(q, k, v, kd, proj, cfg, sink_pages=1, recent_pages=2)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain), kw
+
+
+def test_programmatic_dependent_launch_only_where_it_exists(monkeypatch):
+    from aqua_cli.kernels.decode import use_pdl
+
+    assert use_pdl(torch.device("cpu")) is False and use_pdl(torch.device("cpu"), True) is False
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_pdl(torch.device("cuda")) is False  # the interpreter has no grid dependency control
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert use_pdl(torch.device("cuda"), False) is False
+
+
 # -- CPU: the kernels under Triton's interpreter ---------------------------------------------------------
 INTERP_SCRIPT = """
 import sys, torch
@@ -438,7 +472,7 @@ for n_pages, keep, sinks, recent in [(1, 1, 1, 1), (7, 2, 0, 0), (50, 5, 1, 2), 
     chosen = torch.full((3, n_sel), -1, dtype=torch.int32)
     nfull = torch.empty(3, dtype=torch.int32)
     npp = dk.select_width(n_pages, sinks, recent)
-    dk._page_select_kernel[(3,)](scores, chosen, nfull, n_pages, n_sel, n_pages * 16 - 5, sinks, recent, PAGE=16, NPP=npp)
+    dk._page_select_kernel[(3,)](scores, chosen, nfull, n_pages, n_sel, n_pages * 16 - 5, sinks, recent, PAGE=16, NPP=npp, GDC=False)
     want = select_pages_forced(scores, keep, sinks, recent)
     got = torch.zeros_like(want).scatter_(1, chosen.long(), True)
     assert torch.equal(got, want) and bool((chosen.diff(dim=1) > 0).all()), (n_pages, keep, chosen, want.nonzero())

@@ -102,6 +102,17 @@ def _dot_acc(a, b, acc):
 
 
 @_jit
+def _gdc(GDC: tl.constexpr):
+    """Programmatic dependent launch (Hopper and later; ``GDC`` only when launched with ``launch_pdl``): wait
+    until the previous kernel's writes are visible, then let the next kernel's programs become resident while
+    this one runs, so the next launch overlaps this kernel instead of following its last program. Called first
+    in every kernel: no load or store precedes the wait, so overlapping kernels cannot race."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@_jit
 def _kth_key_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
     """The K-th largest of int32 keys in [0, 0x7f800000] (the bits of non-negative floats): int32 arithmetic,
     candidates ``lo + j * ceil(width / FAN)``; 7 rounds of 32 cover the range exactly."""
@@ -191,10 +202,11 @@ def _select_dims_kernel(
     pos, s_knb, s_knh, s_vnb, s_vnh, s_kdb, s_kdh, s_kdd, s_vcb, s_vch, s_vcl,
     HKV, K,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, WRITE_QF: tl.constexpr,
-    FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr, WRITE_KV: tl.constexpr,
+    FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr, WRITE_KV: tl.constexpr, GDC: tl.constexpr,
 ):
     """Standalone dim selection (one program per KV group): measured faster than repeating it in the
     prologue of every program of the main pass (see docs/bench.md)."""
+    _gdc(GDC)
     bh = tl.program_id(0)
     h = bh % HKV
     b = (bh // HKV).to(tl.int64)
@@ -262,7 +274,9 @@ def _dims_split_kernel(
     s_kb, s_kh, s_kd, s_vb, s_vh, s_vl,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     FULL_ROWS: tl.constexpr,  # every one of the KP rows is selected (no row mask)
+    GDC: tl.constexpr,
 ):
+    _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -309,11 +323,12 @@ def _dims_fused_kernel(
     L, K, blocks_per_split, HKV, qk_scale,
     s_kb, s_kh, s_kd, s_vb, s_vh, s_vl,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, BLOCK_N: tl.constexpr,
-    FULL_ROWS: tl.constexpr, FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr,
+    FULL_ROWS: tl.constexpr, FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr, GDC: tl.constexpr,
 ):
     """AQUA dims only with the dim selection folded in: every program selects its group's dims in its
     prologue (a few microseconds, overlapped with the other programs' streaming) instead of a separate
     launch, then runs the split's blocks exactly as ``_dims_split_kernel``."""
+    _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -356,12 +371,13 @@ def _page_score_kernel(
     s_kb, s_kh, s_kp, s_kd,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
     PAGE: tl.constexpr, PPI: tl.constexpr, FULL_ROWS: tl.constexpr, CONTIG: tl.constexpr,
-    FOLD: tl.constexpr, NPP: tl.constexpr,
+    FOLD: tl.constexpr, NPP: tl.constexpr, GDC: tl.constexpr,
 ):
     """Dims + top-T pages, pass 1: the approximate logits of PPI pages per step over the selected rows,
     reduced to one score per page. Only NP floats per KV group leave the kernel. ``CONTIG``: pages are
     adjacent along the rows (``s_kp == PAGE``), so a step is one contiguous run of PPI*PAGE tokens (16-byte
     loads); otherwise PPI must be 1."""
+    _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
@@ -423,10 +439,11 @@ def _page_select_kernel(
     LIST,  # (B*Hkv, NSEL) int32 out: chosen pages, ascending (a partial last page, if chosen, is last)
     NFULL,  # (B*Hkv,) int32 out: how many chosen pages are full (the rest: the partial last page)
     NP, NSEL, L, SINKS, RECENT,
-    PAGE: tl.constexpr, NPP: tl.constexpr,
+    PAGE: tl.constexpr, NPP: tl.constexpr, GDC: tl.constexpr,
 ):
     """Dims + top-T pages, pass 2: the NSEL chosen pages of one KV group (``_select_pages``), written compactly
     by a scatter."""
+    _gdc(GDC)
     _select_pages(PSC, LIST, NFULL, tl.program_id(0), NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
 
 
@@ -499,12 +516,13 @@ def _page_attend_kernel(
     O, M, LS,  # partials (B*Hkv, S, G, D), (B*Hkv, S, G)
     L, NSEL, per_split, HKV, qk_scale,
     s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, GDC: tl.constexpr,
 ):
     """Dims + top-T pages, pass 3: exact attention over this split's share of the chosen full pages --
     ``(qP).(kP)`` on whole pages of the projected keys (the rows the scoring pass read, plus the others;
     equal to ``q.k`` for an orthogonal P) and the pages' rows of V; the last split also takes a chosen
     partial last page (masked)."""
+    _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -562,8 +580,9 @@ def _score_select_kernel(
     L, HKV, s_kb, s_kh, s_kd,
     KEEP,  # tokens kept from a full block (ceil(ratio * BLOCK_C))
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
-    FANOUT: tl.constexpr, FULL_ROWS: tl.constexpr,
+    FANOUT: tl.constexpr, FULL_ROWS: tl.constexpr, GDC: tl.constexpr,
 ):
+    _gdc(GDC)
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     nblk = tl.num_programs(1)
@@ -619,8 +638,9 @@ def _tokens_split_kernel(
     O, M, LS,  # partials as in _dims_split_kernel
     L, nslots, split_len, HKV, KEEP, BLOCK_C, qk_scale,
     s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, GDC: tl.constexpr,
 ):
+    _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -665,8 +685,9 @@ def _tokens_split_kernel(
 def _combine_kernel(
     O, M, LS,  # partials (B*Hkv, S, G, D), (B*Hkv, S, G)
     OUT,  # (B*Hkv*G, D) = (B, Hq, D) output in the input dtype
-    S, G: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
+    S, G: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, GDC: tl.constexpr,
 ):
+    _gdc(GDC)
     pid = tl.program_id(0)  # (b, h, g)
     bh = pid // G
     g = pid % G
@@ -706,10 +727,31 @@ def _sms(device: torch.device) -> int:
     return _SMS[index]
 
 
-def _combine(o: torch.Tensor, m: torch.Tensor, ls: torch.Tensor, batch: int, q_heads: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+def use_pdl(device: torch.device, pdl: bool | None = None) -> bool:
+    """Whether the kernels launch with programmatic dependent launch (``_gdc``): ``None`` means wherever it
+    exists (a CUDA GPU of compute capability 9 or later, not the interpreter); ``False`` never; ``True`` only
+    there as well (elsewhere the attribute is meaningless and the wait instruction does not compile)."""
+    if pdl is False or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MAJOR:  # once per GPU: this runs for every launch of every layer
+        _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return _MAJOR[index] >= 9
+
+
+_MAJOR: dict[int, int] = {}
+
+
+def _pdl_opts(pdl: bool) -> dict:
+    """Launch options for a kernel taking ``GDC``: the constexpr and, when on, Triton's ``launch_pdl``."""
+    return {"GDC": True, "launch_pdl": True} if pdl else {"GDC": False}
+
+
+def _combine(o: torch.Tensor, m: torch.Tensor, ls: torch.Tensor, batch: int, q_heads: int, dim: int, dtype: torch.dtype,
+             pdl: bool = False) -> torch.Tensor:
     bhk, splits, group = m.shape
     out = torch.empty(batch, q_heads, dim, device=o.device, dtype=dtype)
-    _combine_kernel[(bhk * group,)](o, m, ls, out, splits, G=group, SP=_pow2(splits), D=dim, num_warps=4)
+    _combine_kernel[(bhk * group,)](o, m, ls, out, splits, G=group, SP=_pow2(splits), D=dim, num_warps=4, **_pdl_opts(pdl))
     return out
 
 
@@ -784,12 +826,12 @@ def write_new_kv(new_kv: NewKV, proj: torch.Tensor) -> None:
 
 def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch.Tensor | None = None,
                        num_warps: int = 4, fan: int | None = None, iters: int | None = None,
-                       new_kv: NewKV | None = None) -> Selection:
+                       new_kv: NewKV | None = None, pdl: bool | None = None) -> Selection:
     """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
     up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
     ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there.
     ``new_kv``: also write this step's token into the cache (``write_new_kv``; ``kP`` at float32 accuracy,
-    rounded once): one launch instead of a projection and two copies."""
+    rounded once): one launch instead of a projection and two copies. ``pdl``: see ``use_pdl``."""
     _need_triton()
     batch, q_heads, dim = q.shape
     groups = proj.shape[0]
@@ -813,14 +855,17 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
         groups, dims,
         G=rep, GP=_gp(rep + (new_kv is not None)), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
         FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, WRITE_KV=new_kv is not None, num_warps=num_warps,
+        **_pdl_opts(use_pdl(q.device, pdl)),
     )
     return qsel, idx, count
 
 
 def launch_dims_fused(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, scale: float,
-                      block_n: int = 128, num_warps: int = 4, num_stages: int = 3, waves: float = 4.0) -> torch.Tensor:
+                      block_n: int = 128, num_warps: int = 4, num_stages: int = 3, waves: float = 4.0,
+                      pdl: bool | None = None) -> torch.Tensor:
     """AQUA dims only, selection folded into the main kernel: 2 launches (main pass, combine)."""
     _need_triton()
+    pdl = use_pdl(q.device, pdl)
     batch, groups, dim, length = kd.shape
     rep = q.shape[1] // groups
     dims = min(dims, dim)
@@ -835,9 +880,9 @@ def launch_dims_fused(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: 
         q.contiguous(), _proj_split(proj), kd, v, o, m, ls, length, dims, per_split, groups, scale * LOG2E,
         kd.stride(0), kd.stride(1), kd.stride(2), v.stride(0), v.stride(1), v.stride(2),
         G=rep, GP=_gp(rep), KP=KP, D=dim, CK=min(dim, 64), BLOCK_N=block_n, FULL_ROWS=dims == KP,
-        FAN=DIM_FAN, ITERS=DIM_ITERS, ALL=dims == dim, num_warps=num_warps, num_stages=num_stages,
+        FAN=DIM_FAN, ITERS=DIM_ITERS, ALL=dims == dim, num_warps=num_warps, num_stages=num_stages, **_pdl_opts(pdl),
     )
-    return _combine(o, m, ls, batch, groups * rep, dim, v.dtype)
+    return _combine(o, m, ls, batch, groups * rep, dim, v.dtype, pdl)
 
 
 _COUNTERS: dict[str, torch.Tensor] = {}
@@ -878,7 +923,7 @@ def _v_rows(v: torch.Tensor, page: int) -> tuple[int, int, int]:
 def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, dims: int, page: int, length: int,
                        score_block: int = 256, num_warps: int = 4, num_stages: int = 3,
                        waves: float = 4.0, fold: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None,
-                       new_kv: NewKV | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       new_kv: NewKV | None = None, pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dim selection and pass 1 of page top-T (2 launches): ``(B*Hkv, NP)`` float32 page scores (unscaled
     approximate logits, max over the page and the group's heads) and the ``(B*Hkv, G, D)`` projected queries.
     ``fold`` = (list, nfull, n_sel, sinks, recent): the last program of each KV group also selects the pages (as
@@ -893,7 +938,8 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     n_pages = -(-length // page)
     bh = batch * groups
     qf = torch.empty(bh, rep, dim, device=q.device, dtype=q.dtype)
-    qsel, idx, _ = launch_select_dims(q, proj, dims, qf, new_kv=new_kv)
+    pdl = use_pdl(q.device, pdl)
+    qsel, idx, _ = launch_select_dims(q, proj, dims, qf, new_kv=new_kv, pdl=pdl)
     contig = s_kp == page
     ppi = max(1, score_block // page) if contig else 1
     steps = -(-n_pages // ppi)
@@ -912,6 +958,7 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
         s_kb, s_kh, s_kp, s_kd,
         G=rep, GP=_gp(rep), KP=KP, PAGE=page, PPI=ppi, FULL_ROWS=dims == KP, CONTIG=contig,
         FOLD=fold is not None, NPP=select_width(n_pages, sinks, recent), num_warps=num_warps, num_stages=num_stages,
+        **_pdl_opts(pdl),
     )
     return pscores, qf
 
@@ -920,7 +967,8 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
                  scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
                  score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 3, waves: float = 4.0,
                  attend_waves: float = 2.0, fold_select: bool = False, sink_pages: int = 0,
-                 recent_pages: int = 0, score_waves: float | None = None, new_kv: NewKV | None = None) -> torch.Tensor:
+                 recent_pages: int = 0, score_waves: float | None = None, new_kv: NewKV | None = None,
+                 pdl: bool | None = None) -> torch.Tensor:
     """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine;
     4 with ``fold_select``: the scoring pass's last program per KV group selects the pages).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
@@ -945,16 +993,17 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     if n_pages > 16384:
         raise ValueError(f"{n_pages} pages is more than the page kernels hold (16384): use larger pages")
     bh = batch * groups
+    pdl = use_pdl(q.device, pdl)
     chosen = torch.empty(bh, n_sel, device=q.device, dtype=torch.int32)
     nfull = torch.empty(bh, device=q.device, dtype=torch.int32)
     if score_waves is None:
         score_waves = 2.0 if bh <= 16 else waves
     pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, score_waves,
-                                     (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None, new_kv)
+                                     (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None, new_kv, pdl)
     if not fold_select:
         npp = select_width(n_pages, sink_pages, recent_pages)
         _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, sink_pages, recent_pages, PAGE=page, NPP=npp,
-                                   num_warps=8 if npp >= 1024 else 4)
+                                   num_warps=8 if npp >= 1024 else 4, **_pdl_opts(pdl))
     splits2 = max(1, min(n_sel, -(-int(attend_waves * _sms(q.device)) // bh)))
     per2 = -(-n_sel // splits2)
     splits2 = -(-n_sel // per2)
@@ -962,13 +1011,14 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     _page_attend_kernel[(bh, splits2)](
         qf, chosen, nfull, kd, v, o, m, ls, length, n_sel, per2, groups, scale * LOG2E,
         s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
-        G=rep, GP=_gp(rep), D=dim, PAGE=page, num_warps=attend_warps, num_stages=attend_stages,
+        G=rep, GP=_gp(rep), D=dim, PAGE=page, num_warps=attend_warps, num_stages=attend_stages, **_pdl_opts(pdl),
     )
-    return _combine(o, m, ls, batch, q_heads, dim, v.dtype)
+    return _combine(o, m, ls, batch, q_heads, dim, v.dtype, pdl)
 
 
 def launch_dims(sel: Selection, kd: torch.Tensor, v: torch.Tensor, scale: float, block_n: int = 128,
-                num_warps: int = 4, num_stages: int = 3, waves: float = 4.0, full_rows: bool = False) -> torch.Tensor:
+                num_warps: int = 4, num_stages: int = 3, waves: float = 4.0, full_rows: bool = False,
+                pdl: bool | None = None) -> torch.Tensor:
     """AQUA dims only over a padded selection; -> ``(B, Hq, D)``. ``full_rows``: every one of the KP
     selection slots is valid (group selection with a power-of-two k), so rows need no mask."""
     q, idx_p, count = sel
@@ -979,18 +1029,19 @@ def launch_dims(sel: Selection, kd: torch.Tensor, v: torch.Tensor, scale: float,
     per_split = -(-blocks // splits)
     splits = -(-blocks // per_split)
     o, m, ls = _partials(batch * groups, splits, rep, dim, kd.device)
+    pdl = use_pdl(kd.device, pdl)
     assert kd.stride(3) == 1 and v.stride(3) == 1
     _dims_split_kernel[(batch * groups, splits)](
         q, idx_p, count, kd, v, o, m, ls, length, per_split, groups, scale * LOG2E,
         kd.stride(0), kd.stride(1), kd.stride(2), v.stride(0), v.stride(1), v.stride(2),
         G=rep, GP=max(GROUP_PAD, _pow2(rep)), KP=KP, D=dim, BLOCK_N=block_n, FULL_ROWS=full_rows,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **_pdl_opts(pdl),
     )
-    return _combine(o, m, ls, batch, groups * rep, dim, v.dtype)
+    return _combine(o, m, ls, batch, groups * rep, dim, v.dtype, pdl)
 
 
 def launch_select(sel: Selection, kd: torch.Tensor, token_ratio: float, block: int, num_warps: int | None = None,
-                  full_rows: bool = False) -> tuple[torch.Tensor, int]:
+                  full_rows: bool = False, pdl: bool | None = None) -> tuple[torch.Tensor, int]:
     """Top-T token ids per KV head, ``(B*Hkv, nblocks * keep)`` int32, and ``keep`` (slots per block)."""
     q, idx_p, count = sel
     batch, groups, _, length = kd.shape
@@ -1003,13 +1054,14 @@ def launch_select(sel: Selection, kd: torch.Tensor, token_ratio: float, block: i
     _score_select_kernel[(batch * groups, nblocks)](
         q, idx_p, count, kd, chosen, length, groups, kd.stride(0), kd.stride(1), kd.stride(2), keep,
         G=rep, GP=max(GROUP_PAD, _pow2(rep)), KP=KP, BLOCK_C=block, ITERS=8, FANOUT=8, FULL_ROWS=full_rows,
-        num_warps=num_warps,
+        num_warps=num_warps, **_pdl_opts(use_pdl(kd.device, pdl)),
     )
     return chosen, keep
 
 
 def launch_tokens(q: torch.Tensor, sel: torch.Tensor, keep: int, block: int, k: torch.Tensor, v: torch.Tensor,
-                  scale: float, block_n: int = 32, num_warps: int = 4, num_stages: int = 3, waves: float = 4.0) -> torch.Tensor:
+                  scale: float, block_n: int = 32, num_warps: int = 4, num_stages: int = 3, waves: float = 4.0,
+                  pdl: bool | None = None) -> torch.Tensor:
     """Exact attention over the chosen tokens. ``q`` ``(B, Hq, D)``, ``k``/``v`` ``(B, Hkv, L, D)``."""
     batch, q_heads, dim = q.shape
     groups, length = k.shape[1], k.shape[2]
@@ -1020,13 +1072,15 @@ def launch_tokens(q: torch.Tensor, sel: torch.Tensor, keep: int, block: int, k: 
     split_len = -(-(-(-nslots // splits)) // block_n) * block_n
     splits = -(-nslots // split_len)
     o, m, ls = _partials(batch * groups, splits, rep, dim, k.device)
+    pdl = use_pdl(k.device, pdl)
     assert k.stride(3) == 1 and v.stride(3) == 1
     _tokens_split_kernel[(batch * groups, splits)](
         qs, sel, k, v, o, m, ls, length, nslots, split_len, groups, keep, block, scale * LOG2E,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         G=rep, GP=max(GROUP_PAD, _pow2(rep)), D=dim, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        **_pdl_opts(pdl),
     )
-    return _combine(o, m, ls, batch, q_heads, dim, v.dtype)
+    return _combine(o, m, ls, batch, q_heads, dim, v.dtype, pdl)
 
 
 # -- API ----------------------------------------------------------------------------------------------
@@ -1066,6 +1120,7 @@ class DecodeConfig:
     attend_stages: int = 3  # 3 vs 2: no measurable difference in an interleaved A/B (H100: B8 x 32K 143.7 vs 143.9 us)
     attend_waves: float = 2.0
     fold_select: bool = False  # pages: the scoring pass's last program per KV group selects the pages (measured no faster)
+    pdl: bool | None = None  # programmatic dependent launch between the step's kernels (``use_pdl``; None: where it exists)
 
     def __post_init__(self) -> None:
         if self.select_block < 16 or self.select_block & (self.select_block - 1):
@@ -1085,7 +1140,7 @@ def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig
     dim = q.shape[-1]
     dims = min(config.dims, dim)
     if config.fused_select and fused_selection_supported(q, proj, config.gqa):
-        return launch_select_dims(q, proj, dims, new_kv=new_kv), dims == _kp(dims)
+        return launch_select_dims(q, proj, dims, new_kv=new_kv, pdl=config.pdl), dims == _kp(dims)
     if new_kv is not None:
         write_new_kv(new_kv, proj)
     qp = project_queries(q, proj).to(q.dtype)
@@ -1121,16 +1176,17 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
                             score_stages=config.score_stages, attend_warps=config.attend_warps,
                             attend_stages=config.attend_stages, waves=config.waves, attend_waves=config.attend_waves,
                             fold_select=config.fold_select, sink_pages=sink_pages, recent_pages=recent_pages,
-                            score_waves=config.score_waves, new_kv=new_kv)
+                            score_waves=config.score_waves, new_kv=new_kv, pdl=config.pdl)
     if new_kv is not None and (config.prologue or config.token_ratio is not None):
         write_new_kv(new_kv, proj)
         new_kv = None
     if config.token_ratio is None and fused and config.prologue:
         return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages,
-                                 config.waves)
+                                 config.waves, config.pdl)
     sel, full_rows = select_for_kernels(q, proj, config, new_kv)
     if config.token_ratio is None:
-        return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages, config.waves, full_rows)
-    chosen, keep = launch_select(sel, kd, config.token_ratio, config.select_block, config.select_warps, full_rows)
+        return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages, config.waves, full_rows,
+                           config.pdl)
+    chosen, keep = launch_select(sel, kd, config.token_ratio, config.select_block, config.select_warps, full_rows, config.pdl)
     return launch_tokens(q, chosen, keep, config.select_block, k, v, scale, config.tokens_block_n, config.tokens_warps,
-                         config.tokens_stages, config.waves)
+                         config.tokens_stages, config.waves, config.pdl)
