@@ -472,7 +472,7 @@ for n_pages, keep, sinks, recent in [(1, 1, 1, 1), (7, 2, 0, 0), (50, 5, 1, 2), 
     chosen = torch.full((3, n_sel), -1, dtype=torch.int32)
     nfull = torch.empty(3, dtype=torch.int32)
     npp = dk.select_width(n_pages, sinks, recent)
-    dk._page_select_kernel[(3,)](scores, chosen, nfull, n_pages, n_sel, n_pages * 16 - 5, sinks, recent, PAGE=16, NPP=npp, GDC=False)
+    dk._page_select_kernel[(3,)](scores, chosen, nfull, n_pages, n_sel, n_pages * 16 - 5, sinks, recent, PAGE=16, NPP=npp, GDC=0)
     want = select_pages_forced(scores, keep, sinks, recent)
     got = torch.zeros_like(want).scatter_(1, chosen.long(), True)
     assert torch.equal(got, want) and bool((chosen.diff(dim=1) > 0).all()), (n_pages, keep, chosen, want.nonzero())

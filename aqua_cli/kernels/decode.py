@@ -80,6 +80,7 @@ GROUP_PAD = 16  # tl.dot needs at least 16 rows
 # the dim search: candidates a round, rounds (FAN**ITERS >= 2**31 covers the int32 keys); 16 x 8 measured
 # 0.4-0.7 us faster than 32 x 7 on an H100, and a bitonic sort (tl.sort of packed int64 keys) no faster
 DIM_FAN, DIM_ITERS = 16, 8
+DIM_SCATTER = False  # the standalone selection writes its slots by a scatter store instead of a one-hot product
 
 
 # -- kernels ------------------------------------------------------------------------------------------
@@ -103,12 +104,20 @@ def _dot_acc(a, b, acc):
 
 @_jit
 def _gdc(GDC: tl.constexpr):
-    """Programmatic dependent launch (Hopper and later; ``GDC`` only when launched with ``launch_pdl``): wait
-    until the previous kernel's writes are visible, then let the next kernel's programs become resident while
-    this one runs, so the next launch overlaps this kernel instead of following its last program. Called first
-    in every kernel: no load or store precedes the wait, so overlapping kernels cannot race."""
-    if GDC:
+    """Programmatic dependent launch (Hopper and later; ``GDC`` > 0 only when launched with ``launch_pdl``): wait
+    until the previous kernel's writes are visible. Called first in every kernel: no load or store precedes the
+    wait, so overlapping kernels cannot race. ``GDC`` 1 also lets the next kernel's programs become resident now
+    (its launch overlaps this whole kernel); 2 waits for ``_gdc_late`` (the launch overlaps only the epilogues)."""
+    if GDC > 0:
         tl.extra.cuda.gdc_wait()
+    if GDC == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@_jit
+def _gdc_late(GDC: tl.constexpr):
+    """The late trigger of ``_gdc`` mode 2, before a kernel's final stores."""
+    if GDC == 2:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -157,6 +166,28 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
     ``ALL`` (K == D == KP): every dim, no search (exact attention over the projected cache needs only qP).
     ``WRITE_KV``: the step's new key (``KN + kn_off``, D contiguous) rides in row G of the same products (GP > G),
     so its projection ``kP`` costs no extra dot. Returns (qP ``(GP, D)``, qsel, idx, kP ``(D,)`` float32)."""
+    qpq, kp = _group_qp(Q, PS, bh, h, HKV, G, GP, D, CK, KN, kn_off, WRITE_KV)
+    offs_d = tl.arange(0, D)
+    if ALL:
+        qsel = qpq
+        idx = offs_d
+    else:
+        score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
+        # the K-th value by search (an exact rank by one (D, D) comparison was measured slower: 15-20 us vs 11-14)
+        keep, pos = _top_mask_pos(score.to(tl.int32, bitcast=True), K, FAN, ITERS)
+        offs_j = tl.arange(0, KP)
+        hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
+        idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
+        onehot = tl.trans(tl.where(hit, 1.0, 0.0).to(Q.dtype.element_ty))  # (D, KP)
+        qsel = _dot(qpq, onehot).to(Q.dtype.element_ty)
+    return qpq, qsel, idx, kp
+
+
+@_jit
+def _group_qp(Q, PS, bh, h, HKV, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
+              KN, kn_off, WRITE_KV: tl.constexpr):
+    """``qP`` of one KV group's query heads (``(GP, D)`` in q's dtype, rows past G zero) and, with ``WRITE_KV``,
+    the new key's ``kP`` (``(D,)`` float32), as ``_group_select`` describes."""
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, CK)
@@ -175,19 +206,7 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
     if WRITE_KV:
         kp = tl.sum(tl.where((offs_g == G)[:, None], qp, 0.0), 0)
         qpq = tl.where(gmask[:, None], qpq, tl.zeros_like(qpq))
-    if ALL:
-        qsel = qpq
-        idx = offs_d
-    else:
-        score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
-        # the K-th value by search (an exact rank by one (D, D) comparison was measured slower: 15-20 us vs 11-14)
-        keep, pos = _top_mask_pos(score.to(tl.int32, bitcast=True), K, FAN, ITERS)
-        offs_j = tl.arange(0, KP)
-        hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
-        idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
-        onehot = tl.trans(tl.where(hit, 1.0, 0.0).to(Q.dtype.element_ty))  # (D, KP)
-        qsel = _dot(qpq, onehot).to(Q.dtype.element_ty)
-    return qpq, qsel, idx, kp
+    return qpq, kp
 
 
 @_jit
@@ -203,17 +222,35 @@ def _select_dims_kernel(
     HKV, K,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, WRITE_QF: tl.constexpr,
     FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr, WRITE_KV: tl.constexpr, GDC: tl.constexpr,
+    SCATTER: tl.constexpr,
 ):
     """Standalone dim selection (one program per KV group): measured faster than repeating it in the
-    prologue of every program of the main pass (see docs/bench.md)."""
+    prologue of every program of the main pass (see docs/bench.md). ``SCATTER``: write the selected
+    columns of qP and their dims straight to their slots (a masked scatter store) instead of compacting them
+    in registers by a one-hot product first."""
     _gdc(GDC)
     bh = tl.program_id(0)
     h = bh % HKV
     b = (bh // HKV).to(tl.int64)
-    qpq, qsel, idx, kp = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL,
-                                       KN, b * s_knb + h * s_knh, WRITE_KV)
     offs_g = tl.arange(0, GP)
     offs_j = tl.arange(0, KP)
+    gmask = offs_g < G
+    if SCATTER and not ALL:
+        qpq, kp = _group_qp(Q, PS, bh, h, HKV, G, GP, D, CK, KN, b * s_knb + h * s_knh, WRITE_KV)
+        offs_d = tl.arange(0, D)
+        keep, slot = _top_mask_pos(tl.sum(tl.abs(qpq.to(tl.float32)), 0).to(tl.int32, bitcast=True), K, FAN, ITERS)
+        pad = offs_j >= K  # slots past K hold zeros (the page scores read qsel rows unmasked)
+        tl.store(IDX + bh * KP + offs_j, tl.zeros([KP], tl.int32), mask=pad)
+        tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], tl.zeros([GP, KP], QSEL.dtype.element_ty),
+                 mask=gmask[:, None] & pad[None, :])
+        tl.store(IDX + bh * KP + slot, offs_d, mask=keep)
+        tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + slot[None, :], qpq, mask=gmask[:, None] & keep[None, :])
+    else:
+        qpq, qsel, idx, kp = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL,
+                                           KN, b * s_knb + h * s_knh, WRITE_KV)
+        tl.store(IDX + bh * KP + offs_j, idx)
+        tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], qsel, mask=gmask[:, None])
+    _gdc_late(GDC)
     if WRITE_KV:  # the cache write of this step's token: kP at column pos of the dim-major keys, v at row pos
         offs_dk = tl.arange(0, D).to(tl.int64)
         tl.store(KDC + b * s_kdb + h * s_kdh + offs_dk * s_kdd + pos, kp.to(KDC.dtype.element_ty))
@@ -221,9 +258,7 @@ def _select_dims_kernel(
         tl.store(VC + b * s_vcb + h * s_vch + pos.to(tl.int64) * s_vcl + offs_dk, vn)
     if WRITE_QF:
         offs_d = tl.arange(0, D)
-        tl.store(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], qpq, mask=offs_g[:, None] < G)
-    tl.store(IDX + bh * KP + offs_j, idx)
-    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], qsel, mask=offs_g[:, None] < G)
+        tl.store(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], qpq, mask=gmask[:, None])
     tl.store(CNT + bh, K)
 
 
@@ -308,6 +343,7 @@ def _dims_split_kernel(
     if full_end < blk1:  # the sequence's last, partial block
         m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, full_end * BLOCK_N, L, m_i, l_i, acc, qk_scale,
                                     BLOCK_N, D, True, FULL_ROWS)
+    _gdc_late(GDC)
     row = (bh * nsplit + split) * G + offs_g
     gmask = offs_g < G
     tl.store(M + row, m_i, mask=gmask)
@@ -354,6 +390,7 @@ def _dims_fused_kernel(
     if full_end < blk1:
         m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, full_end * BLOCK_N, L, m_i, l_i, acc, qk_scale,
                                     BLOCK_N, D, True, FULL_ROWS)
+    _gdc_late(GDC)
     row = (bh * nsplit + split) * G + offs_g
     gmask = offs_g < G
     tl.store(M + row, m_i, mask=gmask)
@@ -425,6 +462,7 @@ def _page_score_kernel(
         s = tl.where(gmask[:, None] & tmask[None, :], s, float("-inf"))
         pmax = tl.max(tl.reshape(tl.max(s, 0), (PPI, PAGE)), 1)
         tl.store(PSC + bh * NP + pp + offs_pp, pmax, mask=(pp + offs_pp) < p1)
+    _gdc_late(GDC)
     if FOLD:  # the last program of this KV group to finish selects its pages (no launch of its own)
         tl.debug_barrier()
         arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
@@ -444,6 +482,7 @@ def _page_select_kernel(
     """Dims + top-T pages, pass 2: the NSEL chosen pages of one KV group (``_select_pages``), written compactly
     by a scatter."""
     _gdc(GDC)
+    _gdc_late(GDC)
     _select_pages(PSC, LIST, NFULL, tl.program_id(0), NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
 
 
@@ -566,6 +605,7 @@ def _page_attend_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
         m_i = m_new
+    _gdc_late(GDC)
     row = (bh * nsplit + split) * G + offs_g
     tl.store(M + row, m_i, mask=gmask)
     tl.store(LS + row, l_i, mask=gmask)
@@ -627,6 +667,7 @@ def _score_select_kernel(
     keep = score >= lo
     pos = tl.cumsum(keep.to(tl.int32), 0) - 1
     keep = keep & (pos < want)
+    _gdc_late(GDC)
     tl.store(SEL + bh * nblk * KEEP + blk * KEEP + pos, offs_n, mask=keep)
 
 
@@ -674,6 +715,7 @@ def _tokens_split_kernel(
         v = tl.load(vbase + tok[:, None] * s_vl + offs_d[None, :], mask=smask[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         m_i = m_new
+    _gdc_late(GDC)
     row = (bh * nsplit + split) * G + offs_g
     gmask = offs_g < G
     tl.store(M + row, m_i, mask=gmask)
@@ -701,6 +743,7 @@ def _combine_kernel(
     w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
     acc = tl.load(O + rows[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    _gdc_late(GDC)
     tl.store(OUT + pid * D + offs_d, out.to(OUT.dtype.element_ty))
 
 
@@ -742,9 +785,12 @@ def use_pdl(device: torch.device, pdl: bool | None = None) -> bool:
 _MAJOR: dict[int, int] = {}
 
 
+PDL_EARLY = False  # the trigger of ``_gdc``: True at a kernel's start (mode 1), False before its final stores (2)
+
+
 def _pdl_opts(pdl: bool) -> dict:
     """Launch options for a kernel taking ``GDC``: the constexpr and, when on, Triton's ``launch_pdl``."""
-    return {"GDC": True, "launch_pdl": True} if pdl else {"GDC": False}
+    return {"GDC": 1 if PDL_EARLY else 2, "launch_pdl": True} if pdl else {"GDC": 0}
 
 
 def _combine(o: torch.Tensor, m: torch.Tensor, ls: torch.Tensor, batch: int, q_heads: int, dim: int, dtype: torch.dtype,
@@ -855,7 +901,7 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
         groups, dims,
         G=rep, GP=_gp(rep + (new_kv is not None)), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
         FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, WRITE_KV=new_kv is not None, num_warps=num_warps,
-        **_pdl_opts(use_pdl(q.device, pdl)),
+        SCATTER=DIM_SCATTER, **_pdl_opts(use_pdl(q.device, pdl)),
     )
     return qsel, idx, count
 

@@ -6,7 +6,7 @@ plus the page-scoring pass alone on the contiguous-rows vs the paged key layout.
 Each row: median of the repeats of one CUDA-graph replay (two input sets alternated, as in ab.py), dense SDPA
 in the same run, and the largest difference between the PDL and the plain output (same kernels: expected 0).
 """
-# ruff: noqa: E731  (timed lambdas, as in the other sweeps)
+# ruff: noqa: E731, F821  (timed lambdas run before their inputs are deleted, as in the other sweeps)
 import json
 import os
 import statistics
