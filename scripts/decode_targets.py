@@ -110,7 +110,7 @@ def main() -> int:
                                                           dev, 3, 20) / len(sets)
                 elif ratio is not None and cfg.granularity == "pages":
                     part["select_score_us"] = time_us(_rotating(lambda x, c=cfg: dk.launch_page_scores(
-                        x.q, proj, x.kd, c.dims, c.page, seq, c.score_block, c.score_warps, c.score_stages, c.waves), sets), dev, 3, 20) / len(sets)
+                        x.q, proj, x.kd, c.dims, c.page, seq, c.score_block, c.score_warps, c.score_stages, c.waves or 4.0), sets), dev, 3, 20) / len(sets)
                     part["select_dims_us"] = time_us(_rotating(lambda x, c=cfg: dk.launch_select_dims(x.q, proj, c.dims), sets), dev, 3, 20) / len(sets)
                 err = None
                 if seq <= 32768:

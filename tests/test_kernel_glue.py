@@ -105,6 +105,10 @@ def test_launch_geometry_helpers():
     assert decode._num_splits(work_items=1024, length=4096, block=128, sms=132) == 1
     assert decode._num_splits(work_items=1, length=100, block=128, sms=132) == 1
     assert decode._sms(torch.device("cpu")) == 8
+    # dims only: 2 programs per SM for a step of at most 16 KV groups, 4 above, unless the config says
+    kd1, kd8 = torch.empty(1, 8, 16, 64), torch.empty(8, 8, 16, 64)
+    assert decode.dims_waves(DecodeConfig(8), kd1) == 2.0 and decode.dims_waves(DecodeConfig(8), kd8) == 4.0
+    assert decode.dims_waves(DecodeConfig(8, waves=3.0), kd1) == 3.0
 
 
 def test_projected_key_layouts():

@@ -1148,7 +1148,8 @@ class DecodeConfig:
     block_n: int = 128  # tokens per inner step of the dims kernel
     num_warps: int = 4
     num_stages: int = 3
-    waves: float = 4.0  # programs per SM the sequence splits aim for
+    waves: float | None = None  # programs per SM the sequence splits aim for; None: 4, but 2 for dims only at up to
+    # 16 KV groups a step (H100, batch 1 x 32K / 128K, k=0.5: 49.9 / 148.6 us against 53.4 / 151.5; ``dims_waves``)
     select_warps: int | None = None  # top-T scoring kernel; None: 4 for up to 64 kept dims, else 8 (a 128 x 512 tile spills at 4)
     tokens_block_n: int = 32  # top-T exact pass
     tokens_warps: int = 4
@@ -1177,6 +1178,15 @@ class DecodeConfig:
             raise ValueError(f"page must be a power of two >= 16, got {self.page}")
         if self.token_ratio is not None:
             block_keep_for(self.token_ratio, self.select_block)
+
+
+def dims_waves(config: DecodeConfig, kd: torch.Tensor) -> float:
+    """Programs per SM of the dims-only pass: ``config.waves``, else 2 where a step has at most 16 KV groups
+    (batch 1-2 of an 8-KV-head model: fewer, longer programs leave less to the combine and the tail) and 4 above
+    (batch 8: 2 per SM measured 305 vs 279 us at 32K). ``docs/results/sweeps/dimsfold-h100.json``."""
+    if config.waves is not None:
+        return config.waves
+    return 2.0 if kd.shape[0] * kd.shape[1] <= 16 else 4.0
 
 
 def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig,
@@ -1220,7 +1230,7 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
         return launch_pages(q, proj, kd, v, config.dims, config.token_ratio, scale, config.page,
                             score_block=config.score_block, score_warps=config.score_warps,
                             score_stages=config.score_stages, attend_warps=config.attend_warps,
-                            attend_stages=config.attend_stages, waves=config.waves, attend_waves=config.attend_waves,
+                            attend_stages=config.attend_stages, waves=config.waves or 4.0, attend_waves=config.attend_waves,
                             fold_select=config.fold_select, sink_pages=sink_pages, recent_pages=recent_pages,
                             score_waves=config.score_waves, new_kv=new_kv, pdl=config.pdl)
     if new_kv is not None and (config.prologue or config.token_ratio is not None):
@@ -1228,11 +1238,11 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
         new_kv = None
     if config.token_ratio is None and fused and config.prologue:
         return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages,
-                                 config.waves, config.pdl)
+                                 config.waves or 4.0, config.pdl)
     sel, full_rows = select_for_kernels(q, proj, config, new_kv)
     if config.token_ratio is None:
-        return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages, config.waves, full_rows,
+        return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages, dims_waves(config, kd), full_rows,
                            config.pdl)
     chosen, keep = launch_select(sel, kd, config.token_ratio, config.select_block, config.select_warps, full_rows, config.pdl)
     return launch_tokens(q, chosen, keep, config.select_block, k, v, scale, config.tokens_block_n, config.tokens_warps,
-                         config.tokens_stages, config.waves, config.pdl)
+                         config.tokens_stages, config.waves or 4.0, config.pdl)
