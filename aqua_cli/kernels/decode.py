@@ -25,7 +25,8 @@ Kernels
 -------
 * ``_select_dims_kernel`` (``_group_select``): per KV group, ``qP`` on the tensor cores (``P`` split in three
   bf16 terms: float32 accuracy), score ``sum_g |qP|``, the exact top ``k`` (search of the k-th value, ties to
-  the lower index, no sort), compaction by a one-hot product. One program per (batch, KV head).
+  the lower index, no sort), the chosen columns written to their slots by a scatter store (the prologue of the
+  fused kernels compacts them by a one-hot product instead). One program per (batch, KV head).
 * ``_dims_split_kernel``: AQUA dims only. One program per (batch, KV head, split of the sequence), all
   ``G`` query heads of the group at once (GQA-packed, rows padded to 16 for ``tl.dot``): logits over the
   selected rows of ``kd``, online softmax, times ``v``; partial results per split (flash-decoding).
@@ -39,7 +40,9 @@ Kernels
   block's share) and ``_tokens_split_kernel`` (exact attention over token-major ``k``, ``v``).
 * ``_combine_kernel``: merges the splits' partial softmax sums.
 
-Launches per step: dims 3, pages 5, tokens 4; no host synchronisation (CUDA-graph capturable).
+Launches per step: dims 3, pages 5, tokens 4; no host synchronisation (CUDA-graph capturable). On Hopper and
+later they launch with programmatic dependent launch (``_gdc``, ``use_pdl``): each kernel's programs become resident
+while the previous kernel finishes, and wait for its writes before touching memory.
 Importing this module does not need Triton (the glue runs anywhere); launching a kernel does, and a CUDA GPU
 (or ``TRITON_INTERPRET=1`` on the CPU, where dots run in float32).
 """
