@@ -396,8 +396,7 @@ def test_programmatic_dependent_launch_changes_nothing_but_timing():
     if not use_pdl(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs compute capability 9 or later")
     q, k, v, proj, kd = inputs(2, 32, 8, 3001, 128, torch.bfloat16, "cuda", seed=5)
-    for kw in (dict(dims=64), dict(dims=128), dict(dims=64, dims_prefetch=4), dict(dims=96, dims_prefetch=8),
-               dict(dims=64, token_ratio=1 / 16),
+    for kw in (dict(dims=64), dict(dims=128), dict(dims=96), dict(dims=64, token_ratio=1 / 16),
                dict(dims=64, token_ratio=1 / 16, granularity="pages"), dict(dims=32, token_ratio=1 / 32, granularity="pages")):
         plain = aqua_decode(q, k, v, kd, proj, DecodeConfig(**kw, pdl=False), sink_pages=1, recent_pages=2)
         cfg = DecodeConfig(**kw, pdl=True)
@@ -409,11 +408,11 @@ def test_programmatic_dependent_launch_changes_nothing_but_timing():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, plain), kw
-    # the step's token written by the selection launch while the dims pass prefetches V: the same cache and output
+    # the step's token written by the selection launch: the same cache and output
     kn, vn = torch.randn_like(q[:, :8]), torch.randn_like(q[:, :8])
     kdw, vw = kd.contiguous(), v.contiguous()
     runs = []
-    for cfg in (DecodeConfig(64, pdl=False), DecodeConfig(64, pdl=True, dims_prefetch=8)):
+    for cfg in (DecodeConfig(64, pdl=False), DecodeConfig(64, pdl=True)):
         kdc, vc = kdw.clone(), vw.clone()
         runs.append((aqua_decode(q, None, vc, kdc, proj, cfg, new_kv=(kn, vn, kdc, vc, 3000)), kdc, vc))
     assert all(torch.equal(a, b) for a, b in zip(*runs))

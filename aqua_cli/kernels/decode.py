@@ -125,14 +125,6 @@ def _gdc_late(GDC: tl.constexpr):
 
 
 @_jit
-def _prefetch_l2(ptrs):
-    """Ask for the 128-byte lines at ``ptrs`` to be brought into L2 (no data returned, no fault on the addresses,
-    which are kept in range anyway). L2 is where every SM's writes land, so a line prefetched before another
-    kernel writes it is updated there: a prefetch before ``_gdc``'s wait cannot read stale data later."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@_jit
 def _kth_key_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
     """The K-th largest of int32 keys in [0, 0x7f800000] (the bits of non-negative floats): int32 arithmetic,
     candidates ``lo + j * ceil(width / FAN)``; 7 rounds of 32 cover the range exactly."""
@@ -321,19 +313,13 @@ def _dims_split_kernel(
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     FULL_ROWS: tl.constexpr,  # every one of the KP rows is selected (no row mask)
     GDC: tl.constexpr,
-    PF: tl.constexpr,  # with PDL: blocks of V brought into L2 while the dim selection still runs (V needs no dims)
-    LINE: tl.constexpr,  # elements of V in a 128-byte line (D a multiple of it when PF > 0)
 ):
+    _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
     b = bh // HKV
     h = bh % HKV
-    if GDC > 0 and PF > 0:  # before the wait: this program is resident while the selection kernel runs
-        lines = tl.arange(0, PF * BLOCK_N * (D // LINE))  # (token, line) pairs of the split's first PF blocks
-        tok = tl.minimum(split * blocks_per_split * BLOCK_N + lines // (D // LINE), L - 1).to(tl.int64)
-        _prefetch_l2(V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + tok * s_vl + (lines % (D // LINE)) * LINE)
-    _gdc(GDC)
     offs_j = tl.arange(0, KP)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
@@ -805,11 +791,9 @@ _MAJOR: dict[int, int] = {}
 PDL_EARLY = False  # the trigger of ``_gdc``: True at a kernel's start (mode 1), False before its final stores (2)
 
 
-def _pdl_opts(pdl: bool, early: bool | None = None) -> dict:
-    """Launch options for a kernel taking ``GDC``: the constexpr and, when on, Triton's ``launch_pdl``;
-    ``early`` (default ``PDL_EARLY``): the kernel lets the next one become resident at its start."""
-    early = PDL_EARLY if early is None else early
-    return {"GDC": 1 if early else 2, "launch_pdl": True} if pdl else {"GDC": 0}
+def _pdl_opts(pdl: bool) -> dict:
+    """Launch options for a kernel taking ``GDC``: the constexpr and, when on, Triton's ``launch_pdl``."""
+    return {"GDC": 1 if PDL_EARLY else 2, "launch_pdl": True} if pdl else {"GDC": 0}
 
 
 def _combine(o: torch.Tensor, m: torch.Tensor, ls: torch.Tensor, batch: int, q_heads: int, dim: int, dtype: torch.dtype,
@@ -891,13 +875,12 @@ def write_new_kv(new_kv: NewKV, proj: torch.Tensor) -> None:
 
 def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch.Tensor | None = None,
                        num_warps: int = 4, fan: int | None = None, iters: int | None = None,
-                       new_kv: NewKV | None = None, pdl: bool | None = None, early: bool | None = None) -> Selection:
+                       new_kv: NewKV | None = None, pdl: bool | None = None) -> Selection:
     """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
     up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
     ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there.
     ``new_kv``: also write this step's token into the cache (``write_new_kv``; ``kP`` at float32 accuracy,
-    rounded once): one launch instead of a projection and two copies. ``pdl``: see ``use_pdl``; ``early``: let the
-    next kernel become resident at this one's start (the dims pass prefetches V meanwhile)."""
+    rounded once): one launch instead of a projection and two copies. ``pdl``: see ``use_pdl``."""
     _need_triton()
     batch, q_heads, dim = q.shape
     groups = proj.shape[0]
@@ -921,7 +904,7 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
         groups, dims,
         G=rep, GP=_gp(rep + (new_kv is not None)), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
         FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, WRITE_KV=new_kv is not None, num_warps=num_warps,
-        SCATTER=DIM_SCATTER, **_pdl_opts(use_pdl(q.device, pdl), early),
+        SCATTER=DIM_SCATTER, **_pdl_opts(use_pdl(q.device, pdl)),
     )
     return qsel, idx, count
 
@@ -1082,17 +1065,9 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     return _combine(o, m, ls, batch, q_heads, dim, v.dtype, pdl)
 
 
-def _prefetch_blocks(prefetch: int, per_split: int, dim: int, v: torch.Tensor) -> int:
-    """Blocks of V the dims pass prefetches per program: a power of two, at most a split, whole 128-byte lines."""
-    n = min(prefetch, per_split)
-    if n <= 0 or (dim * v.element_size()) % 128:
-        return 0
-    return 1 << (n.bit_length() - 1)
-
-
 def launch_dims(sel: Selection, kd: torch.Tensor, v: torch.Tensor, scale: float, block_n: int = 128,
                 num_warps: int = 4, num_stages: int = 3, waves: float = 4.0, full_rows: bool = False,
-                pdl: bool | None = None, prefetch: int = 0) -> torch.Tensor:
+                pdl: bool | None = None) -> torch.Tensor:
     """AQUA dims only over a padded selection; -> ``(B, Hq, D)``. ``full_rows``: every one of the KP
     selection slots is valid (group selection with a power-of-two k), so rows need no mask."""
     q, idx_p, count = sel
@@ -1109,8 +1084,7 @@ def launch_dims(sel: Selection, kd: torch.Tensor, v: torch.Tensor, scale: float,
         q, idx_p, count, kd, v, o, m, ls, length, per_split, groups, scale * LOG2E,
         kd.stride(0), kd.stride(1), kd.stride(2), v.stride(0), v.stride(1), v.stride(2),
         G=rep, GP=max(GROUP_PAD, _pow2(rep)), KP=KP, D=dim, BLOCK_N=block_n, FULL_ROWS=full_rows,
-        num_warps=num_warps, num_stages=num_stages, PF=_prefetch_blocks(prefetch, per_split, dim, v) if pdl else 0,
-        LINE=max(1, 128 // v.element_size()), **_pdl_opts(pdl),
+        num_warps=num_warps, num_stages=num_stages, **_pdl_opts(pdl),
     )
     return _combine(o, m, ls, batch, groups * rep, dim, v.dtype, pdl)
 
@@ -1197,7 +1171,6 @@ class DecodeConfig:
     attend_waves: float = 2.0
     fold_select: bool = False  # pages: the scoring pass's last program per KV group selects the pages (measured no faster)
     pdl: bool | None = None  # programmatic dependent launch between the step's kernels (``use_pdl``; None: where it exists)
-    dims_prefetch: int = 0  # dims only, with PDL: blocks of V each program prefetches into L2 during the dim selection
 
     def __post_init__(self) -> None:
         if self.select_block < 16 or self.select_block & (self.select_block - 1):
@@ -1220,13 +1193,13 @@ def dims_waves(config: DecodeConfig, kd: torch.Tensor) -> float:
 
 
 def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig,
-                       new_kv: NewKV | None = None, early: bool | None = None) -> tuple[Selection, bool]:
+                       new_kv: NewKV | None = None) -> tuple[Selection, bool]:
     """The padded selection the kernels read, and whether all its KP slots are valid (``new_kv``: see
     ``launch_select_dims``; written in PyTorch where the selection is not fused)."""
     dim = q.shape[-1]
     dims = min(config.dims, dim)
     if config.fused_select and fused_selection_supported(q, proj, config.gqa):
-        return launch_select_dims(q, proj, dims, new_kv=new_kv, pdl=config.pdl, early=early), dims == _kp(dims)
+        return launch_select_dims(q, proj, dims, new_kv=new_kv, pdl=config.pdl), dims == _kp(dims)
     if new_kv is not None:
         write_new_kv(new_kv, proj)
     qp = project_queries(q, proj).to(q.dtype)
@@ -1269,11 +1242,10 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     if config.token_ratio is None and fused and config.prologue:
         return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages,
                                  config.waves or 4.0, config.pdl)
-    prefetch = config.dims_prefetch if config.token_ratio is None else 0
-    sel, full_rows = select_for_kernels(q, proj, config, new_kv, early=True if prefetch else None)
+    sel, full_rows = select_for_kernels(q, proj, config, new_kv)
     if config.token_ratio is None:
         return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages, dims_waves(config, kd), full_rows,
-                           config.pdl, prefetch)
+                           config.pdl)
     chosen, keep = launch_select(sel, kd, config.token_ratio, config.select_block, config.select_warps, full_rows, config.pdl)
     return launch_tokens(q, chosen, keep, config.select_block, k, v, scale, config.tokens_block_n, config.tokens_warps,
                          config.tokens_stages, config.waves or 4.0, config.pdl)
