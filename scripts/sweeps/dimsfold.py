@@ -9,17 +9,14 @@ boundary and most of the combine disappear. Interleaved repeats. Output: $OUT/di
 import json
 import os
 import statistics
+import sys
 
 import torch
-import triton
 
-from aqua_cli.bench import random_projection
-from aqua_cli.kernels import decode as dk
-from aqua_cli.kernels.reference import dense_decode, project_keys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shared import PROJ as proj, input_sets, us  # noqa: E402
+from aqua_cli.kernels import decode as dk  # noqa: E402
 
-dev = torch.device("cuda")
-proj = random_projection(8, 128, torch.Generator().manual_seed(0)).to(dev)
-us = lambda f: triton.testing.do_bench_cudagraph(f, rep=80) * 1e3
 SETTINGS = {  # name: (DecodeConfig overrides, PDL_EARLY)
     "3-launch": ({}, False),
     "3-launch pdl early": ({}, True),
@@ -30,14 +27,7 @@ SETTINGS = {  # name: (DecodeConfig overrides, PDL_EARLY)
 }
 rows = []
 for B, L in [(8, 32768), (8, 131072), (1, 32768), (1, 131072)]:
-    sets = []
-    for _ in range(2):
-        q = torch.randn(B, 32, 128, device=dev, dtype=torch.bfloat16)
-        k = torch.randn(B, 8, L, 128, device=dev, dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        sets.append((q, k, v, project_keys(k, proj).to(torch.bfloat16)))
-        del k
-    dense = us(lambda: [dense_decode(q, k, v) for q, k, v, _ in sets]) / 2
+    sets, dense = input_sets(B, L)
     q, k, v, kd = sets[0]
     ref = {dims: dk.aqua_decode(q, None, v, kd, proj, dk.DecodeConfig(dims)) for dims in (64, 96)}
     res: dict = {}

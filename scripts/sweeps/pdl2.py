@@ -8,17 +8,14 @@ interleaved repeats, plus the dim selection alone. Output: $OUT/pdl2.json
 import json
 import os
 import statistics
+import sys
 
 import torch
-import triton
 
-from aqua_cli.bench import random_projection
-from aqua_cli.kernels import decode as dk
-from aqua_cli.kernels.reference import dense_decode, project_keys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shared import PROJ as proj, input_sets, us  # noqa: E402
+from aqua_cli.kernels import decode as dk  # noqa: E402
 
-dev = torch.device("cuda")
-proj = random_projection(8, 128, torch.Generator().manual_seed(0)).to(dev)
-us = lambda f: triton.testing.do_bench_cudagraph(f, rep=80) * 1e3
 VARIANTS = {  # name: (DecodeConfig kwargs, sink pages, recent pages)
     "dims k=0.5": (dict(dims=64), 0, 0),
     "pages k=0.5 T/16 sink1 recent8": (dict(dims=64, token_ratio=1 / 16, granularity="pages"), 1, 8),
@@ -35,14 +32,7 @@ def setting(mode: str, scatter: bool) -> bool:
 
 rows = []
 for B, L in [(1, 32768), (1, 131072), (8, 32768)]:
-    sets = []
-    for _ in range(2):
-        q = torch.randn(B, 32, 128, device=dev, dtype=torch.bfloat16)
-        k = torch.randn(B, 8, L, 128, device=dev, dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        sets.append((q, k, v, project_keys(k, proj).to(torch.bfloat16)))
-        del k
-    dense = us(lambda: [dense_decode(q, k, v) for q, k, v, _ in sets]) / 2
+    sets, dense = input_sets(B, L)
     res: dict = {}
     for rep in range(3):
         for name, (kw, sinks, recent) in VARIANTS.items():

@@ -8,31 +8,21 @@ pass's ``score_waves`` at batch 8, interleaved repeats. Output: $OUT/waves.json
 import json
 import os
 import statistics
+import sys
 
 import torch
-import triton
 
-from aqua_cli.bench import random_projection
-from aqua_cli.kernels import decode as dk
-from aqua_cli.kernels.reference import dense_decode, project_keys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shared import PROJ as proj, input_sets, us  # noqa: E402
+from aqua_cli.kernels import decode as dk  # noqa: E402
 
-dev = torch.device("cuda")
-proj = random_projection(8, 128, torch.Generator().manual_seed(0)).to(dev)
-us = lambda f: triton.testing.do_bench_cudagraph(f, rep=80) * 1e3
 VARIANTS = {
     "pages k=0.5 T/16 sink1 recent8": (dict(dims=64, token_ratio=1 / 16, granularity="pages"), 1, 8),
     "pages k=0.25 T/32": (dict(dims=32, token_ratio=1 / 32, granularity="pages"), 0, 0),
 }
 rows = []
 for B, L in [(8, 32768), (8, 131072), (1, 32768), (1, 131072)]:
-    sets = []
-    for _ in range(2):
-        q = torch.randn(B, 32, 128, device=dev, dtype=torch.bfloat16)
-        k = torch.randn(B, 8, L, 128, device=dev, dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        sets.append((q, k, v, project_keys(k, proj).to(torch.bfloat16)))
-        del k
-    dense = us(lambda: [dense_decode(q, k, v) for q, k, v, _ in sets]) / 2
+    sets, dense = input_sets(B, L)
     grid = [(a, s) for a in (1.9, 2.0, 3.0) for s in ((None, 3.8) if B == 8 else (None,))]
     res: dict = {}
     for rep in range(3):
