@@ -775,10 +775,10 @@ def _sms(device: torch.device) -> int:
 
 def use_pdl(device: torch.device, pdl: bool | None = None) -> bool:
     """Whether the kernels launch with programmatic dependent launch (``_gdc``): ``None`` means wherever it
-    exists (a CUDA GPU of compute capability 9 or later, not the interpreter); ``False`` never; ``True`` only
+    exists (an NVIDIA GPU of compute capability 9 or later, not the interpreter); ``False`` never; ``True`` only
     there as well (elsewhere the attribute is meaningless and the wait instruction does not compile)."""
-    if pdl is False or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
+    if pdl is False or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip:
+        return False  # ROCm GPUs are "cuda" devices to torch, with capabilities that are not NVIDIA's
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _MAJOR:  # once per GPU: this runs for every launch of every layer
         _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
