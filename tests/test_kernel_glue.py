@@ -109,6 +109,11 @@ def test_launch_geometry_helpers():
     kd1, kd8 = torch.empty(1, 8, 16, 64), torch.empty(8, 8, 16, 64)
     assert decode.dims_waves(DecodeConfig(8), kd1) == 2.0 and decode.dims_waves(DecodeConfig(8), kd8) == 4.0
     assert decode.dims_waves(DecodeConfig(8, waves=3.0), kd1) == 3.0
+    # dims only: 4 pipeline stages at 64 KV groups or more with at most 64 dims kept, else 3, unless the config says
+    assert decode.dims_stages(DecodeConfig(8), kd8) == 4 and decode.dims_stages(DecodeConfig(8), kd1) == 3
+    assert decode.dims_stages(DecodeConfig(16), torch.empty(8, 8, 128, 64)) == 4
+    assert decode.dims_stages(DecodeConfig(96), torch.empty(8, 8, 128, 64)) == 3
+    assert decode.dims_stages(DecodeConfig(8, num_stages=2), kd8) == 2
 
 
 def test_projected_key_layouts():

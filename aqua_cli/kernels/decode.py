@@ -1150,7 +1150,7 @@ class DecodeConfig:
     select_block: int = 512
     block_n: int = 128  # tokens per inner step of the dims kernel
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int | None = None  # dims pass pipeline depth; None: ``dims_stages``
     waves: float | None = None  # programs per SM the sequence splits aim for; None: 4, but 2 for dims only at up to
     # 16 KV groups a step (H100, batch 1 x 32K / 128K, k=0.5: 49.9 / 148.6 us against 53.4 / 151.5; ``dims_waves``)
     select_warps: int | None = None  # top-T scoring kernel; None: 4 for up to 64 kept dims, else 8 (a 128 x 512 tile spills at 4)
@@ -1190,6 +1190,17 @@ def dims_waves(config: DecodeConfig, kd: torch.Tensor) -> float:
     if config.waves is not None:
         return config.waves
     return 2.0 if kd.shape[0] * kd.shape[1] <= 16 else 4.0
+
+
+def dims_stages(config: DecodeConfig, kd: torch.Tensor) -> int:
+    """Pipeline stages of the dims-only pass: ``config.num_stages``, else 4 where a step has at least 64 KV groups
+    and keeps at most 64 dims (batch 8 of an 8-KV-head model: a deeper pipeline keeps more of K and V in flight per
+    program), 3 elsewhere. H100, two instances, interleaved: batch 8 x 32K / 128K k=0.5 -2.5 to -3.4% / -4.6 to
+    -5.3%, k=0.25 alike; batch 2 and 4 +0.5 to +2.8%; k=0.75 (a 128-row tile) no better
+    (``docs/results/sweeps/stages_ab-h100-run*.json``, ``dims_tiles-h100.json``)."""
+    if config.num_stages is not None:
+        return config.num_stages
+    return 4 if kd.shape[0] * kd.shape[1] >= 64 and _kp(min(config.dims, kd.shape[2])) <= 64 else 3
 
 
 def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig,
@@ -1240,11 +1251,11 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
         write_new_kv(new_kv, proj)
         new_kv = None
     if config.token_ratio is None and fused and config.prologue:
-        return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages,
+        return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages or 3,
                                  config.waves or 4.0, config.pdl)
     sel, full_rows = select_for_kernels(q, proj, config, new_kv)
     if config.token_ratio is None:
-        return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages, dims_waves(config, kd), full_rows,
+        return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, dims_stages(config, kd), dims_waves(config, kd), full_rows,
                            config.pdl)
     chosen, keep = launch_select(sel, kd, config.token_ratio, config.select_block, config.select_warps, full_rows, config.pdl)
     return launch_tokens(q, chosen, keep, config.select_block, k, v, scale, config.tokens_block_n, config.tokens_warps,
