@@ -1,6 +1,8 @@
 """Quality of top-T selection granularities (tokens vs pages) on SmolLM2 at 4K context, CPU.
 
     python scripts/pages_quality.py [--seq-len 4096] [--tokens 8192] [--out docs/results/pages-quality-smollm2.json]
+    python scripts/pages_quality.py --seq-len 8192 --tokens 16384 --threads 2 --settings dense:1:0 pages:0.5:0.0625 \
+        tokens:0.5:0.0625 --out docs/results/pages-quality-smollm2-8k.json
 
 Perplexity over the same windows for: dense, AQUA dims only, dims + top-T by tokens (a share of each block of
 512, what the token kernels do) and by pages (the best pages of 64 tokens, what the page kernels do), through the
@@ -28,6 +30,8 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/pages-quality-smollm2.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tail", type=int, default=512, help="also report ppl over each window's last TAIL positions")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="a subset, as kind:k:ratio (e.g. dense:1:0 pages:0.5:0.0625 tokens:0.5:0.0625); default: all six")
     args = parser.parse_args()
 
     from aqua_cli.attention import HookedModel
@@ -51,6 +55,8 @@ def main() -> None:
 
     settings = [("dense", 1.0, None), ("pages", 0.5, 1 / 16), ("tokens", 0.5, 1 / 16),
                 ("pages", 0.25, 1 / 32), ("tokens", 0.25, 1 / 32), ("dims", 0.5, None)]
+    if args.settings:
+        settings = [(kind, float(k), float(r) or None) for kind, k, r in (x.split(":") for x in args.settings)]
     rows = []
     for kind, k, ratio in settings:
         began = time.perf_counter()
