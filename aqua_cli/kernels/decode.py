@@ -175,15 +175,22 @@ def _group_select(Q, PS, bh, h, HKV, K, G: tl.constexpr, GP: tl.constexpr, KP: t
         qsel = qpq
         idx = offs_d
     else:
-        score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)  # (D,), >= 0: its bits order like the values
-        # the K-th value by search (an exact rank by one (D, D) comparison was measured slower: 15-20 us vs 11-14)
-        keep, pos = _top_mask_pos(score.to(tl.int32, bitcast=True), K, FAN, ITERS)
+        keep, pos = _top_dims(qpq, K, FAN, ITERS)
         offs_j = tl.arange(0, KP)
         hit = keep[None, :] & (pos[None, :] == offs_j[:, None])  # (KP, D)
         idx = tl.sum(tl.where(hit, offs_d[None, :], 0), 1)
         onehot = tl.trans(tl.where(hit, 1.0, 0.0).to(Q.dtype.element_ty))  # (D, KP)
         qsel = _dot(qpq, onehot).to(Q.dtype.element_ty)
     return qpq, qsel, idx, kp
+
+
+@_jit
+def _top_dims(qpq, K, FAN: tl.constexpr, ITERS: tl.constexpr):
+    """The group's K dims: the largest ``sum_g |qP|`` in float32 (rows past G are zero), by ``_top_mask_pos``
+    on the score's bits (>= 0, so they order like the values); keep-mask and slot ``(D,)``. An exact rank by
+    one (D, D) comparison was measured slower than the search (15-20 us vs 11-14)."""
+    score = tl.sum(tl.abs(qpq.to(tl.float32)), 0)
+    return _top_mask_pos(score.to(tl.int32, bitcast=True), K, FAN, ITERS)
 
 
 @_jit
@@ -241,7 +248,7 @@ def _select_dims_kernel(
     if SCATTER and not ALL:
         qpq, kp = _group_qp(Q, PS, bh, h, HKV, G, GP, D, CK, KN, b * s_knb + h * s_knh, WRITE_KV)
         offs_d = tl.arange(0, D)
-        keep, slot = _top_mask_pos(tl.sum(tl.abs(qpq.to(tl.float32)), 0).to(tl.int32, bitcast=True), K, FAN, ITERS)
+        keep, slot = _top_dims(qpq, K, FAN, ITERS)
         pad = offs_j >= K  # slots past K hold zeros (the page scores read qsel rows unmasked)
         tl.store(IDX + bh * KP + offs_j, tl.zeros([KP], tl.int32), mask=pad)
         tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], tl.zeros([GP, KP], QSEL.dtype.element_ty),
@@ -485,7 +492,7 @@ def _page_select_kernel(
     """Dims + top-T pages, pass 2: the NSEL chosen pages of one KV group (``_select_pages``), written compactly
     by a scatter."""
     _gdc(GDC)
-    _gdc_late(GDC)
+    _gdc_late(GDC)  # here at the start (its stores are inside ``_select_pages``): as measured, one program a group
     _select_pages(PSC, LIST, NFULL, tl.program_id(0), NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
 
 
@@ -761,16 +768,20 @@ def _num_splits(work_items: int, length: int, block: int, sms: int, waves: float
     return max(1, min(blocks, -(-int(waves * sms) // work_items)))
 
 
-_SMS: dict[int, int] = {}
+_PROPS: dict[int, object] = {}
+
+
+def _props(device: torch.device):
+    """``torch.cuda.get_device_properties`` of a CUDA device, read once per GPU: the launchers ask for it in
+    every layer of every decode step."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROPS:
+        _PROPS[index] = torch.cuda.get_device_properties(index)
+    return _PROPS[index]
 
 
 def _sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
+    return _props(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def use_pdl(device: torch.device, pdl: bool | None = None) -> bool:
@@ -779,13 +790,7 @@ def use_pdl(device: torch.device, pdl: bool | None = None) -> bool:
     there as well (elsewhere the attribute is meaningless and the wait instruction does not compile)."""
     if pdl is False or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip:
         return False  # ROCm GPUs are "cuda" devices to torch, with capabilities that are not NVIDIA's
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _MAJOR:  # once per GPU: this runs for every launch of every layer
-        _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
-    return _MAJOR[index] >= 9
-
-
-_MAJOR: dict[int, int] = {}
+    return _props(device).major >= 9
 
 
 PDL_EARLY = False  # the trigger of ``_gdc``: True at a kernel's start (mode 1), False before its final stores (2)
