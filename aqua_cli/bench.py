@@ -159,10 +159,12 @@ class _Inputs:
     k: torch.Tensor
     v: torch.Tensor
     kd: torch.Tensor
+    bounds: torch.Tensor | None = None  # page bounds of kd at pages of 64 (``paged.page_bounds``), for "bound" rows
 
 
 def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, dtype: torch.dtype,
                    device: torch.device, sets: int) -> list[_Inputs]:
+    from .kernels.paged import page_bounds
     from .kernels.reference import project_keys
 
     out = []
@@ -170,7 +172,8 @@ def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, d
         q = torch.randn(batch, shape.num_heads, shape.head_dim, device=device, dtype=dtype)
         k = torch.randn(batch, shape.num_kv_heads, seq, shape.head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
-        out.append(_Inputs(q, k, v, project_keys(k, proj)))
+        kd = project_keys(k, proj)
+        out.append(_Inputs(q, k, v, kd, page_bounds(kd, 64)))
     return out
 
 
@@ -222,6 +225,15 @@ def decode_impls(config: BenchConfig, shape: AttnShape, dims: int, proj: torch.T
                         lambda x, r=ratio: aqua_decode_pages_reference(x.q, x.k, x.v, x.kd, proj, dims, r, 64), pextra)
                 pcfg = DecodeConfig(dims, config.gqa, ratio, config.select_block, granularity="pages", page=64)
                 impls[f"aqua-pages-1/{round(1 / ratio)}"] = (lambda x, c=pcfg: aqua_decode(x.q, None, x.v, x.kd, proj, c), pextra)
+                # the same pages ranked by Quest's bound from the cache's per-page min and max (a 32nd of the scoring bytes)
+                bextra = {**pextra, "page_score": "bound"}
+                if run_ref:
+                    impls[f"reference-bounds-1/{round(1 / ratio)}"] = (
+                        lambda x, r=ratio: aqua_decode_pages_reference(x.q, x.k, x.v, x.kd, proj, dims, r, 64, scoring="bound"),
+                        bextra)
+                bcfg = DecodeConfig(dims, config.gqa, ratio, config.select_block, granularity="pages", page=64, page_score="bound")
+                impls[f"aqua-bounds-1/{round(1 / ratio)}"] = (
+                    lambda x, c=bcfg: aqua_decode(x.q, None, x.v, x.kd, proj, c, bounds=x.bounds), bextra)
     return impls
 
 
@@ -259,7 +271,7 @@ def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torc
             model = cost_model(shape, config.batch, seq, "decode", dims if name != "dense" else shape.head_dim, ratio, elem)
             if extra.get("granularity") == "pages":  # whole pages are read: the bytes of the pages chosen
                 model["aqua_bytes"] = float(pages_bytes(config.batch, shape.num_kv_heads, seq, dims, shape.head_dim, ratio,
-                                                        extra["page"], elem))
+                                                        extra["page"], elem, extra.get("page_score", "max")))
                 model["byte_bound_speedup"] = model["dense_bytes"] / model["aqua_bytes"]
             moved = model["dense_bytes"] if name == "dense" else model["aqua_bytes"]
             row = {

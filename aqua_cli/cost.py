@@ -20,13 +20,16 @@ def dims_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, elem
     return batch * kv_heads * length * (dims + dim) * elem
 
 
-def pages_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, page: int, elem: int = 2) -> int:
-    """Bytes dims + top-T *pages* must read: ``dims`` projected dims of every key, then the chosen pages of
-    the projected keys and of the values."""
+def pages_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, page: int, elem: int = 2,
+                page_score: str = "max") -> int:
+    """Bytes dims + top-T *pages* must read: ``dims`` projected dims of every key (``page_score="bound"``: a
+    minimum and a maximum of each dim per page instead), then the chosen pages of the projected keys and of the
+    values."""
     from .kernels.paged import pages_for
 
     tokens = min(length, pages_for(ratio, length, page) * page)
-    return batch * kv_heads * (length * dims + 2 * tokens * dim) * elem
+    scored = 2 * -(-length // page) if page_score == "bound" else length
+    return batch * kv_heads * (scored * dims + 2 * tokens * dim) * elem
 
 
 def topt_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, elem: int = 2) -> int:

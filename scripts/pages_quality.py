@@ -3,9 +3,12 @@
     python scripts/pages_quality.py [--seq-len 4096] [--tokens 8192] [--out docs/results/pages-quality-smollm2.json]
     python scripts/pages_quality.py --seq-len 8192 --tokens 16384 --threads 2 --settings dense:1:0 pages:0.5:0.0625 \
         tokens:0.5:0.0625 --out docs/results/pages-quality-smollm2-8k.json
+    python scripts/pages_quality.py --settings bounds:0.5:0.0625 bounds:0.25:0.03125 \
+        --out docs/results/pages-quality-smollm2-bounds.json
 
 Perplexity over the same windows for: dense, AQUA dims only, dims + top-T by tokens (a share of each block of
-512, what the token kernels do) and by pages (the best pages of 64 tokens, what the page kernels do), through the
+512, what the token kernels do) and by pages (the best pages of 64 tokens, what the page kernels do; "bounds": pages
+ranked by Quest's upper bound from each page's per-dim min and max instead of their tokens' max score), through the
 PyTorch references (``TopTokensHook``, ``kernels.paged.TopPagesHook``). Prefill: every position selects over its
 own causal prefix, which is harsher than decode at the far end of a long context; ``ppl_tail`` is over each window's
 last ``--tail`` positions (3.5K-4K visible tokens), where the two granularities keep nearly the same number of
@@ -31,7 +34,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tail", type=int, default=512, help="also report ppl over each window's last TAIL positions")
     parser.add_argument("--settings", nargs="+", default=None,
-                        help="a subset, as kind:k:ratio (e.g. dense:1:0 pages:0.5:0.0625 tokens:0.5:0.0625); default: all six")
+                        help="a subset, as kind:k:ratio, kind one of dense, dims, tokens, pages, bounds (e.g. dense:1:0 "
+                             "pages:0.5:0.0625 bounds:0.5:0.0625); default: the six rows without bounds")
     args = parser.parse_args()
 
     from aqua_cli.attention import HookedModel
@@ -49,8 +53,9 @@ def main() -> None:
 
     def hooks(kind: str, k: float, ratio: float | None):
         dims = max(1, round(k * d))
-        if kind == "pages":
-            return [TopPagesHook(p, dims, ratio, page=64) for p in artifact.projections]
+        if kind in ("pages", "bounds"):
+            scoring = "bound" if kind == "bounds" else "max"
+            return [TopPagesHook(p, dims, ratio, page=64, scoring=scoring) for p in artifact.projections]
         return [TopTokensHook(p, dims, ratio, "group", 512) for p in artifact.projections]
 
     settings = [("dense", 1.0, None), ("pages", 0.5, 1 / 16), ("tokens", 0.5, 1 / 16),
@@ -70,7 +75,9 @@ def main() -> None:
                 nll_tail.append(nll[-args.tail:])
                 del logits
         nll_all, nll_tail = torch.cat(nll_all), torch.cat(nll_tail)
-        row = {"granularity": kind if ratio else None, "k": k, "token_ratio": ratio, "page": 64 if kind == "pages" else None,
+        paged = kind in ("pages", "bounds")
+        row = {"granularity": ("pages" if paged else kind) if ratio else None, "k": k, "token_ratio": ratio,
+               "page": 64 if paged else None, "page_score": ("bound" if kind == "bounds" else "max") if paged else None,
                "select_block": 512 if kind == "tokens" else None, "ppl": math.exp(float(nll_all.mean())),
                "ppl_tail": math.exp(float(nll_tail.mean())), "tokens": int(nll_all.numel()), "tail_tokens": int(nll_tail.numel()),
                "seconds": round(time.perf_counter() - began, 1)}

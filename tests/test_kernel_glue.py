@@ -137,6 +137,7 @@ def test_byte_counts():
     assert topt_bytes(1, 2, 100, 16, 64, 0.25) == 2 * (100 * 16 + 2 * 25 * 64) * 2
     assert pages_bytes(1, 2, 100, 16, 64, 0.25, 16) == 2 * (100 * 16 + 2 * 32 * 64) * 2  # 25 tokens -> 2 pages
     assert pages_bytes(1, 2, 100, 16, 64, 1.0, 64) == 2 * (100 * 16 + 2 * 100 * 64) * 2  # capped at the length
+    assert pages_bytes(1, 2, 100, 16, 64, 0.25, 16, page_score="bound") == 2 * (2 * 7 * 16 + 2 * 32 * 64) * 2  # 7 pages, 2 bounds each
 
 
 def test_launchers_without_triton_say_what_to_install(monkeypatch):

@@ -9,11 +9,14 @@ import math
 import pytest
 import torch
 
+from aqua_cli.errors import ConfigError
 from aqua_cli.kernels import triton_available
 from aqua_cli.kernels.reference import (
+    approx_logits,
     aqua_decode_reference,
     dense_decode,
     project_keys,
+    project_queries,
     select_dims,
     select_tokens,
 )
@@ -296,6 +299,49 @@ def test_top_pages_hook_is_exact_at_full_budget():
     assert torch.isfinite(sparse).all() and rel(sparse, dense) > 1e-4
 
 
+def test_page_bounds_bound_every_token_of_their_page():
+    from aqua_cli.kernels.paged import bound_scores, page_bounds, page_scores
+
+    q, k, v, proj, kd = inputs(2, 8, 2, 77, 16, seed=3)
+    qp = project_queries(q, proj)
+    idx, count, qsel = select_dims(qp, 5, "group")
+    logits = approx_logits(qsel, idx, count, kd)  # (B, Hkv, G, L)
+    bounds = page_bounds(kd, 16)
+    assert bounds.shape == (2, 2, 2, 16, 5)
+    assert torch.equal(bounds[..., 0, :, 4], kd[..., 64:].amin(-1)) and torch.equal(bounds[..., 1, :, 4], kd[..., 64:].amax(-1))
+    bound = bound_scores(qsel, idx, count, bounds)  # (B, Hkv, G, NP)
+    tight = page_scores(logits, 16)
+    assert (bound >= tight - 1e-5).all() and (bound > tight + 1e-3).any()
+    # pages of one token: the bound is the logit itself
+    assert torch.allclose(bound_scores(qsel, idx, count, page_bounds(kd, 1)), logits, atol=1e-5)
+    assert torch.equal(page_bounds(kd, 16, 70)[..., 4], page_bounds(kd[..., :70], 16)[..., 4])  # a shorter length
+
+
+def test_bound_reference_full_budget_is_dense():
+    from aqua_cli.kernels.paged import aqua_decode_pages_reference
+
+    q, k, v, proj, kd = inputs(2, 6, 2, 77, 16)
+    assert rel(aqua_decode_pages_reference(q, k, v, kd, proj, 4, 1.0, 16, scoring="bound"), dense_decode(q, k, v)) < 1e-5
+    with pytest.raises(ConfigError):
+        aqua_decode_pages_reference(q, k, v, kd, proj, 4, 0.5, 16, scoring="mean")
+
+
+@pytest.mark.parametrize("scoring", ["max", "bound"])
+def test_top_pages_hook_positions_match_decode_steps(scoring):
+    """Each prefill position of the quality hook picks what a decode step over its prefix picks."""
+    from aqua_cli.kernels.paged import TopPagesHook, aqua_decode_pages_reference
+
+    batch, heads, kv_heads, length, dim, page = 1, 6, 2, 45, 16, 8
+    q, k, v, proj, _ = inputs(batch, heads, kv_heads, length, dim, seed=5)
+    query = torch.randn(batch, heads, length, dim, generator=torch.Generator().manual_seed(6))
+    hook = TopPagesHook(proj, 5, 0.2, page=page, scoring=scoring)
+    out, _ = hook.attend(torch.nn.Module(), query, k, v, None)  # (B, Q, Hq, D)
+    for t in (0, 7, 8, 20, length - 1):
+        kt, vt = k[:, :, : t + 1], v[:, :, : t + 1]
+        ref = aqua_decode_pages_reference(query[:, :, t], kt, vt, project_keys(kt, proj), proj, 5, 0.2, page, scoring=scoring)
+        assert rel(out[:, t], ref) < 1e-4, t
+
+
 def _page_cases():
     return [(s, r, p) for s in SHAPES for r, p in ((1 / 16, 64), (1 / 8, 16), (1.0, 32))]
 
@@ -321,6 +367,48 @@ def test_page_kernel_matches_reference(shape, token_ratio, page):
     out = aqua_decode(q, None, v, kd, proj, DecodeConfig(dim // 2, token_ratio=token_ratio, granularity="pages", page=page),
                       scale=dim ** -0.5, sink_pages=1, recent_pages=2)
     assert rel(out, ref) < 3e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bound_kernels_match_reference(shape):
+    """Pages ranked by their bounds: the scores, the step, and the decode write that folds the new token into the
+    cache's bounds (which must then equal the bounds of the keys as written), eager and in a CUDA graph."""
+    from aqua_cli.kernels.decode import DecodeConfig, aqua_decode, launch_bound_scores
+    from aqua_cli.kernels.paged import aqua_decode_pages_reference, bound_scores, page_bounds
+
+    batch, heads, kv_heads, length, dim = shape
+    q, k, v, proj, kd = inputs(batch, heads, kv_heads, length, dim, torch.bfloat16, "cuda", seed=11)
+    bnd = page_bounds(kd, 64)
+    for dims in (dim // 2, 3 * dim // 8 + 1):
+        idx, count, qsel = select_dims(project_queries(q, proj).to(q.dtype), dims, "group")
+        want = bound_scores(qsel, idx, count, bnd).amax(2).flatten(0, 1)
+        got = launch_bound_scores(q, proj, bnd, dims, 64, length)[0]
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+        cfg = DecodeConfig(dims, token_ratio=1 / 16, granularity="pages", page=64, page_score="bound")
+        ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 16, 64, sink_pages=1, recent_pages=2, scoring="bound")
+        out = aqua_decode(q, None, v, kd, proj, cfg, sink_pages=1, recent_pages=2, bounds=bnd)
+        assert torch.isfinite(out).all() and rel(out, ref) < 3e-2
+    with pytest.raises(ValueError, match="bounds"):
+        aqua_decode(q, None, v, kd, proj, cfg)
+    for pos in (length - 1, 64 * (length // 64)):  # into a page, onto a fresh page
+        cap = 64 * (pos // 64 + 1)
+        kdc = torch.zeros(batch, kv_heads, dim, cap, device="cuda", dtype=kd.dtype)
+        vc = torch.zeros(batch, kv_heads, cap, dim, device="cuda", dtype=v.dtype)
+        kdc[..., :pos], vc[:, :, :pos] = kd[..., :pos], v[:, :, :pos]
+        bc = torch.full((batch, kv_heads, 2, dim, cap // 64), 9.0, device="cuda", dtype=kd.dtype)
+        bc[..., : -(-pos // 64)] = page_bounds(kd[..., :pos], 64)
+        kn, vn = torch.randn_like(q[:, :kv_heads]), torch.randn_like(q[:, :kv_heads])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = aqua_decode(q, None, vc, kdc, proj, cfg, bounds=bc, new_kv=(kn, vn, kdc, vc, pos))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(bc[..., : pos // 64 + 1], page_bounds(kdc[..., : pos + 1], 64)), pos
+        ref = aqua_decode_pages_reference(q, kdc[..., : pos + 1].transpose(-1, -2) @ proj.transpose(-1, -2)[None].to(kd.dtype),
+                                          vc[:, :, : pos + 1], kdc[..., : pos + 1], proj, cfg.dims, 1 / 16, 64, scoring="bound")
+        assert rel(out, ref) < 3e-2
 
 
 @gpu
@@ -395,15 +483,19 @@ def test_programmatic_dependent_launch_changes_nothing_but_timing():
 
     if not use_pdl(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs compute capability 9 or later")
+    from aqua_cli.kernels.paged import page_bounds
+
     q, k, v, proj, kd = inputs(2, 32, 8, 3001, 128, torch.bfloat16, "cuda", seed=5)
+    bnd = page_bounds(kd, 64)
     for kw in (dict(dims=64), dict(dims=128), dict(dims=96), dict(dims=64, token_ratio=1 / 16),
-               dict(dims=64, token_ratio=1 / 16, granularity="pages"), dict(dims=32, token_ratio=1 / 32, granularity="pages")):
-        plain = aqua_decode(q, k, v, kd, proj, DecodeConfig(**kw, pdl=False), sink_pages=1, recent_pages=2)
+               dict(dims=64, token_ratio=1 / 16, granularity="pages"), dict(dims=32, token_ratio=1 / 32, granularity="pages"),
+               dict(dims=64, token_ratio=1 / 16, granularity="pages", page_score="bound")):
+        plain = aqua_decode(q, k, v, kd, proj, DecodeConfig(**kw, pdl=False), sink_pages=1, recent_pages=2, bounds=bnd)
         cfg = DecodeConfig(**kw, pdl=True)
-        assert torch.equal(aqua_decode(q, k, v, kd, proj, cfg, sink_pages=1, recent_pages=2), plain), kw
+        assert torch.equal(aqua_decode(q, k, v, kd, proj, cfg, sink_pages=1, recent_pages=2, bounds=bnd), plain), kw
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = aqua_decode(q, k, v, kd, proj, cfg, sink_pages=1, recent_pages=2)
+            out = aqua_decode(q, k, v, kd, proj, cfg, sink_pages=1, recent_pages=2, bounds=bnd)
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
@@ -435,7 +527,7 @@ sys.path.insert(0, {tests!r})
 from test_kernels import inputs, rel
 from aqua_cli.kernels import decode as dk
 from aqua_cli.kernels.reference import aqua_decode_reference, project_queries, select_dims
-from aqua_cli.kernels.paged import aqua_decode_pages_reference
+from aqua_cli.kernels.paged import aqua_decode_pages_reference, bound_scores, page_bounds, update_page_bounds
 for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
     q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L)
     for dims in (1, D - 1, D):  # selection edge cases
@@ -457,6 +549,33 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
             out2 = dk.aqua_decode(q, None, v, kd, proj, dk.DecodeConfig(dims, token_ratio=1 / 8, granularity="pages", page=16,
                                   score_block=32, fold_select=fold), sink_pages=1, recent_pages=1)
             assert rel(out2, ref2) < 3e-2
+        # pages ranked by their bounds: the scores, then the whole step
+        bnd = page_bounds(kd, 16)
+        idx_r, cnt_r, qsel_r = select_dims(project_queries(q, proj).to(q.dtype), dims, "group")
+        want_ps = bound_scores(qsel_r, idx_r, cnt_r, bnd).amax(2).flatten(0, 1)
+        got_ps = dk.launch_bound_scores(q, proj, bnd, dims, 16, L, block=4)[0]
+        assert (got_ps - want_ps).abs().max() <= 1e-2 * want_ps.abs().max(), (got_ps, want_ps)  # casts truncate here
+        ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 4, 16, scoring="bound", sink_pages=1, recent_pages=1)
+        cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound", bound_block=2)
+        assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg, sink_pages=1, recent_pages=1, bounds=bnd), ref) < 3e-2
+# the new token folded into its page's bounds by the same launch (on a fresh page at L = 49)
+for b, hq, hk, L, D in [(2, 4, 2, 70, 64), (1, 8, 1, 49, 32)]:
+    q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L + 2)
+    cfg = dk.DecodeConfig(D // 2, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound")
+    want_kd, want_v = kd.clone(), v.clone()
+    dk.write_new_kv((k[:, :, -1], v[:, :, -1], want_kd, want_v, L - 1), proj)
+    want_bnd = page_bounds(want_kd, 16)
+    ref = dk.aqua_decode(q, None, want_v, want_kd, proj, cfg, bounds=want_bnd)
+    got_kd, got_v = kd.clone(), v.clone()
+    got_kd[..., -1] = 0
+    got_bnd = torch.full_like(want_bnd, 7.0)  # a fresh page's stale values must not survive
+    got_bnd[..., : -(-(L - 1) // 16)] = page_bounds(kd[..., : L - 1], 16)
+    py_bnd = got_bnd.clone()
+    update_page_bounds(py_bnd, want_kd, L - 1, 16)
+    assert torch.equal(py_bnd, want_bnd)
+    out = dk.aqua_decode(q, None, got_v, got_kd, proj, cfg, new_kv=(k[:, :, -1], v[:, :, -1], got_kd, got_v, L - 1), bounds=got_bnd)
+    assert (got_bnd.float() - want_bnd.float()).abs().max() <= 2e-2
+    assert rel(out, ref) < 1e-2, rel(out, ref)
 # the step's new token written by the dim-selection launch (new_kv): the same cache and output as writing it first
 for b, hq, hk, L, D in [(2, 4, 2, 70, 64), (1, 8, 1, 50, 32)]:
     q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L + 1)

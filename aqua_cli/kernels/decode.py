@@ -229,10 +229,11 @@ def _select_dims_kernel(
     QF,  # (B*Hkv, G, D) out if WRITE_QF: all projected queries (for the page exact pass)
     KN, VN, KDC, VC,  # WRITE_KV: the step's new key and value (B, Hkv, D) and the cache's projected keys and values
     pos, s_knb, s_knh, s_vnb, s_vnh, s_kdb, s_kdh, s_kdd, s_vcb, s_vch, s_vcl,
+    BND, s_bnb, s_bnh, s_bns, s_bnd, page,  # WRITE_BND: the cache's page bounds (``paged.page_bounds``), tokens a page
     HKV, K,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, WRITE_QF: tl.constexpr,
     FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr, WRITE_KV: tl.constexpr, GDC: tl.constexpr,
-    SCATTER: tl.constexpr,
+    SCATTER: tl.constexpr, WRITE_BND: tl.constexpr = False,
 ):
     """Standalone dim selection (one program per KV group): measured faster than repeating it in the
     prologue of every program of the main pass (see docs/bench.md). ``SCATTER``: write the selected
@@ -266,6 +267,14 @@ def _select_dims_kernel(
         tl.store(KDC + b * s_kdb + h * s_kdh + offs_dk * s_kdd + pos, kp.to(KDC.dtype.element_ty))
         vn = tl.load(VN + b * s_vnb + h * s_vnh + offs_dk)
         tl.store(VC + b * s_vcb + h * s_vch + pos.to(tl.int64) * s_vcl + offs_dk, vn)
+        if WRITE_BND:  # and its page's bounds: the key alone on a new page, else folded into the min and max
+            kq = kp.to(BND.dtype.element_ty).to(tl.float32)  # compared in float32: exact for bf16 values
+            bptr = BND + b * s_bnb + h * s_bnh + offs_dk * s_bnd + pos // page
+            fresh = (pos % page) == 0
+            lo = tl.load(bptr).to(tl.float32)
+            hi = tl.load(bptr + s_bns).to(tl.float32)
+            tl.store(bptr, tl.where(fresh, kq, tl.minimum(lo, kq)).to(BND.dtype.element_ty))
+            tl.store(bptr + s_bns, tl.where(fresh, kq, tl.maximum(hi, kq)).to(BND.dtype.element_ty))
     if WRITE_QF:
         offs_d = tl.arange(0, D)
         tl.store(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], qpq, mask=gmask[:, None])
@@ -479,6 +488,48 @@ def _page_score_kernel(
         if arrived == tl.num_programs(1) - 1:
             _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
             tl.store(CNTR + bh, 0)
+
+
+@_jit
+def _bound_score_kernel(
+    Q, IDX,  # as _page_score_kernel
+    BND,  # page bounds (``paged.page_bounds``): page p of dim d, minimum at d*s_bd + p, maximum s_bs further
+    PSC,  # (B*Hkv, NP) float32 out: page scores (max over the group's heads of the bound)
+    K, NP, pages_per_split, HKV,
+    s_bb, s_bh, s_bs, s_bd,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, BNP: tl.constexpr, GDC: tl.constexpr,
+):
+    """Dims + top-T pages by bound, pass 1: ``sum_i max(q_i lo_i, q_i hi_i)`` over the selected dims as two
+    tensor-core dots, ``q+ . hi + q- . lo`` (the positive and negative parts of bf16 values are exact), for BNP
+    pages a step. Reads 2 bounds a selected dim a page: at pages of 64, a 32nd of what ``_page_score_kernel``
+    reads."""
+    _gdc(GDC)
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, GP)
+    gmask = offs_g < G
+    offs_j = tl.arange(0, KP)
+    jmask = offs_j < K
+    idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
+    q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=gmask[:, None] & jmask[None, :], other=0.0)
+    qf = q.to(tl.float32)
+    qpos = tl.maximum(qf, 0.0).to(q.dtype)
+    qneg = tl.minimum(qf, 0.0).to(q.dtype)
+    rows = BND + b.to(tl.int64) * s_bb + h.to(tl.int64) * s_bh + idx[:, None] * s_bd
+    p0 = split * pages_per_split
+    p1 = tl.minimum(p0 + pages_per_split, NP)
+    _gdc_late(GDC)  # a short kernel: the page selection may become resident while it runs
+    for pp in range(p0, p1, BNP):
+        offs_p = pp + tl.arange(0, BNP)
+        pmask = offs_p < p1
+        lmask = jmask[:, None] & pmask[None, :]
+        lo = tl.load(rows + offs_p[None, :], mask=lmask, other=0.0)
+        hi = tl.load(rows + s_bs + offs_p[None, :], mask=lmask, other=0.0)
+        s = _dot_acc(qneg, lo, _dot(qpos, hi))  # (GP, BNP)
+        s = tl.where(gmask[:, None], s, float("-inf"))
+        tl.store(PSC + bh * NP + offs_p, tl.max(s, 0), mask=pmask)
 
 
 @_jit
@@ -880,12 +931,14 @@ def write_new_kv(new_kv: NewKV, proj: torch.Tensor) -> None:
 
 def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch.Tensor | None = None,
                        num_warps: int = 4, fan: int | None = None, iters: int | None = None,
-                       new_kv: NewKV | None = None, pdl: bool | None = None) -> Selection:
+                       new_kv: NewKV | None = None, pdl: bool | None = None,
+                       bounds: tuple[torch.Tensor, int] | None = None) -> Selection:
     """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
     up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
     ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there.
     ``new_kv``: also write this step's token into the cache (``write_new_kv``; ``kP`` at float32 accuracy,
-    rounded once): one launch instead of a projection and two copies. ``pdl``: see ``use_pdl``."""
+    rounded once): one launch instead of a projection and two copies. ``bounds`` = (page bounds, page): with
+    ``new_kv``, also fold the token into its page's bounds (``paged.update_page_bounds``). ``pdl``: see ``use_pdl``."""
     _need_triton()
     batch, q_heads, dim = q.shape
     groups = proj.shape[0]
@@ -904,12 +957,19 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
         assert kn.stride(-1) == 1 and vn.stride(-1) == 1 and kdc.stride(-1) == 1 and vc.stride(-1) == 1
         strides = (kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), kdc.stride(0), kdc.stride(1), kdc.stride(2),
                    vc.stride(0), vc.stride(1), vc.stride(2))
+    write_bnd = new_kv is not None and bounds is not None
+    if write_bnd:
+        bnd, page = bounds
+        assert bnd.stride(-1) == 1 and bnd.dtype == kdc.dtype
+        bargs = (bnd, bnd.stride(0), bnd.stride(1), bnd.stride(2), bnd.stride(3), page)
+    else:
+        bargs = (qc, 0, 0, 0, 0, 1)
     _select_dims_kernel[(batch * groups,)](
-        qc, _proj_split(proj), qsel, idx, count, qf if qf is not None else qsel, kn, vn, kdc, vc, pos, *strides,
+        qc, _proj_split(proj), qsel, idx, count, qf if qf is not None else qsel, kn, vn, kdc, vc, pos, *strides, *bargs,
         groups, dims,
         G=rep, GP=_gp(rep + (new_kv is not None)), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
         FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, WRITE_KV=new_kv is not None, num_warps=num_warps,
-        SCATTER=DIM_SCATTER, **_pdl_opts(use_pdl(q.device, pdl)),
+        SCATTER=DIM_SCATTER, WRITE_BND=write_bnd, **_pdl_opts(use_pdl(q.device, pdl)),
     )
     return qsel, idx, count
 
@@ -1017,18 +1077,51 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     return pscores, qf
 
 
+def launch_bound_scores(q: torch.Tensor, proj: torch.Tensor, bounds: torch.Tensor, dims: int, page: int, length: int,
+                        block: int = 128, num_warps: int = 4, waves: float = 2.0, new_kv: NewKV | None = None,
+                        pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dim selection and pass 1 of page top-T by bound (2 launches): ``(B*Hkv, NP)`` float32 page scores (the
+    bound of ``paged.bound_scores``, max over the group's heads) and the ``(B*Hkv, G, D)`` projected queries.
+    ``bounds`` ``(B, Hkv, 2, D, >= NP)`` (``paged.page_bounds``); ``new_kv`` also folds the token into them."""
+    _need_triton()
+    batch, q_heads, dim = q.shape
+    groups = bounds.shape[1]
+    n_pages = -(-length // page)
+    if bounds.dim() != 5 or bounds.shape[2] != 2 or bounds.shape[3] != dim or bounds.shape[4] < n_pages:
+        raise ValueError(f"page bounds must be (B, Hkv, 2, {dim}, >= {n_pages}), got {tuple(bounds.shape)}")
+    assert bounds.stride(4) == 1, "page bounds need unit stride along pages"
+    rep = q_heads // groups
+    dims = min(dims, dim)
+    bh = batch * groups
+    qf = torch.empty(bh, rep, dim, device=q.device, dtype=q.dtype)
+    pdl = use_pdl(q.device, pdl)
+    qsel, idx, _ = launch_select_dims(q, proj, dims, qf, new_kv=new_kv, pdl=pdl, bounds=(bounds, page))
+    steps = -(-n_pages // block)
+    splits = max(1, min(steps, -(-int(waves * _sms(q.device)) // bh)))
+    per_split = -(-steps // splits) * block
+    splits = -(-n_pages // per_split)
+    pscores = torch.empty(bh, n_pages, device=q.device, dtype=torch.float32)
+    _bound_score_kernel[(bh, splits)](
+        qsel, idx, bounds, pscores, dims, n_pages, per_split, groups,
+        bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
+        G=rep, GP=_gp(rep), KP=_kp(dims), BNP=block, num_warps=num_warps, **_pdl_opts(pdl),
+    )
+    return pscores, qf
+
+
 def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, token_ratio: float,
                  scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
                  score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 3, waves: float = 4.0,
                  attend_waves: float = 2.0, fold_select: bool = False, sink_pages: int = 0,
                  recent_pages: int = 0, score_waves: float | None = None, new_kv: NewKV | None = None,
-                 pdl: bool | None = None) -> torch.Tensor:
+                 pdl: bool | None = None, bounds: torch.Tensor | None = None, bound_block: int = 128) -> torch.Tensor:
     """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine;
     4 with ``fold_select``: the scoring pass's last program per KV group selects the pages).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
     ``v.shape[2]`` (token-major values) and must be given for paged values. ``sink_pages``/``recent_pages``:
     the first and the last pages are always kept, on top of the ``pages_for`` best (as
-    ``paged.select_pages_forced``)."""
+    ``paged.select_pages_forced``). ``bounds`` (``paged.page_bounds``): rank the pages by their bound
+    (``launch_bound_scores``) instead of their tokens' max score; ``fold_select`` does not apply."""
     _need_triton()
     from .paged import n_forced, pages_for
 
@@ -1052,8 +1145,13 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     nfull = torch.empty(bh, device=q.device, dtype=torch.int32)
     if score_waves is None:
         score_waves = 2.0 if bh <= 16 else waves
-    pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, score_waves,
-                                     (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None, new_kv, pdl)
+    if bounds is not None:
+        fold_select = False
+        pscores, qf = launch_bound_scores(q, proj, bounds, dims, page, length, bound_block, score_warps, score_waves,
+                                          new_kv, pdl)
+    else:
+        pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, score_waves,
+                                         (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None, new_kv, pdl)
     if not fold_select:
         npp = select_width(n_pages, sink_pages, recent_pages)
         _page_select_kernel[(bh,)](pscores, chosen, nfull, n_pages, n_sel, length, sink_pages, recent_pages, PAGE=page, NPP=npp,
@@ -1175,6 +1273,9 @@ class DecodeConfig:
     attend_stages: int = 3  # 3 vs 2: no measurable difference in an interleaved A/B (H100: B8 x 32K 143.7 vs 143.9 us)
     attend_waves: float = 2.0
     fold_select: bool = False  # pages: the scoring pass's last program per KV group selects the pages (measured no faster)
+    page_score: str = "max"  # pages: "max" (their tokens' best approximate logit) or "bound" (Quest's bound from the
+    # cache's per-page min and max, ``paged.page_bounds``: reads a 32nd of the bytes at pages of 64; pass ``bounds=``)
+    bound_block: int = 128  # pages per step of the bound scoring kernel
     pdl: bool | None = None  # programmatic dependent launch between the step's kernels (``use_pdl``; None: where it exists)
 
     def __post_init__(self) -> None:
@@ -1186,6 +1287,8 @@ class DecodeConfig:
             raise ValueError(f"page must be a power of two >= 16, got {self.page}")
         if self.token_ratio is not None:
             block_keep_for(self.token_ratio, self.select_block)
+        if self.page_score not in ("max", "bound"):
+            raise ValueError(f"page_score must be max or bound, got {self.page_score!r}")
 
 
 def dims_waves(config: DecodeConfig, kd: torch.Tensor) -> float:
@@ -1225,7 +1328,7 @@ def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig
 
 def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
                 config: DecodeConfig, scale: float | None = None, sink_pages: int = 0, recent_pages: int = 0,
-                new_kv: NewKV | None = None) -> torch.Tensor:
+                new_kv: NewKV | None = None, bounds: torch.Tensor | None = None) -> torch.Tensor:
     """One AQUA decode step with the fused kernels; same result as ``aqua_decode_reference`` (dims, token
     top-T) or ``paged.aqua_decode_pages_reference`` (page top-T).
 
@@ -1235,7 +1338,9 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     ``scale``: softmax scale (default ``D**-0.5``); ``sink_pages``/``recent_pages`` (pages only): the first and
     last pages are always kept, on top of the best ``pages_for`` pages. ``new_kv``: this step's token, not yet in
     ``kd``/``v`` (``(k_new, v_new, kd_buffer, v_buffer, pos)``): written by the dim-selection launch before any
-    pass reads the cache (``write_new_kv`` in PyTorch for the paths without one).
+    pass reads the cache (``write_new_kv`` in PyTorch for the paths without one). ``bounds``: the page bounds of
+    ``kd`` (``paged.page_bounds``, ``(B, Hkv, 2, D, >= NP)``), needed by ``page_score="bound"``; a ``new_kv`` token
+    is folded into them in the same launch.
     Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 5 (dim selection,
     page scores, page selection, exact pass, combine; 4 with ``fold_select``); token top-T 4 (selection,
     scoring, exact pass, combine).
@@ -1246,12 +1351,15 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     if config.token_ratio is not None and config.granularity == "pages":
         if not fused:
             raise ValueError("page top-T needs the in-kernel selection: gqa='group', bf16 q, power-of-two head_dim 16..256")
+        if config.page_score == "bound" and bounds is None:
+            raise ValueError("page_score='bound' ranks pages by the cache's page bounds: pass bounds= (paged.page_bounds)")
         return launch_pages(q, proj, kd, v, config.dims, config.token_ratio, scale, config.page,
                             score_block=config.score_block, score_warps=config.score_warps,
                             score_stages=config.score_stages, attend_warps=config.attend_warps,
                             attend_stages=config.attend_stages, waves=config.waves or 4.0, attend_waves=config.attend_waves,
                             fold_select=config.fold_select, sink_pages=sink_pages, recent_pages=recent_pages,
-                            score_waves=config.score_waves, new_kv=new_kv, pdl=config.pdl)
+                            score_waves=config.score_waves, new_kv=new_kv, pdl=config.pdl,
+                            bounds=bounds if config.page_score == "bound" else None, bound_block=config.bound_block)
     if new_kv is not None and (config.prologue or config.token_ratio is not None):
         write_new_kv(new_kv, proj)
         new_kv = None

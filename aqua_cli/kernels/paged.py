@@ -8,6 +8,11 @@ smaller, and the exact pass reads whole contiguous pages, so it can read the *pr
 the scoring pass already reads: ``q.k = (qP).(kP)`` for an orthogonal ``P``, so no token-major copy of the
 keys is needed.
 
+A page's score is ``"max"`` (the default: the max approximate logit over its tokens, so the scoring pass reads
+the selected dims of every key) or ``"bound"`` (Quest's upper bound on the same quantity from per-page minima and
+maxima of the projected keys, ``page_bounds``: ``sum_i max(q_i min_i, q_i max_i)`` over the selected dims, so
+the scoring pass reads ``2k`` values per page instead of ``k`` per token -- a 32nd of the bytes at pages of 64).
+
 Pure PyTorch, imports anywhere (CPU tests, quality runs).
 """
 
@@ -26,6 +31,7 @@ from .reference import (
     project_queries,
     put_back,
     select_dims,
+    sparse_queries,
     take,
     visible_keys,
     visible_order,
@@ -57,6 +63,79 @@ def select_pages_forced(pscores: torch.Tensor, keep: int, sinks: int, recent: in
     return select_pages(boosted, min(n_pages, keep + n_forced(n_pages, sinks, recent)))
 
 
+PAGE_SCORES = ("max", "bound")
+
+
+def check_page_score(scoring: str) -> str:
+    if scoring not in PAGE_SCORES:
+        raise ConfigError(f"page score must be one of {', '.join(PAGE_SCORES)}, got {scoring!r}")
+    return scoring
+
+
+def page_bounds(kd: torch.Tensor, page: int, length: int | None = None) -> torch.Tensor:
+    """``(B, Hkv, D, L)`` projected keys -> ``(B, Hkv, 2, D, ceil(length / page))`` in ``kd``'s dtype: per page and
+    projected dim the minimum ([:, :, 0]) and the maximum ([:, :, 1]) over the page's first ``length`` tokens
+    (exact: a min or max of bf16 values is one of them). What the cache keeps beside the keys for ``"bound"``."""
+    length = kd.shape[-1] if length is None else length
+    n_pages = -(-length // page)
+    rows = kd[..., :length].float()
+    pad = n_pages * page - length
+    lo = torch.nn.functional.pad(rows, (0, pad), value=float("inf")).unflatten(-1, (n_pages, page)).amin(-1)
+    hi = torch.nn.functional.pad(rows, (0, pad), value=float("-inf")).unflatten(-1, (n_pages, page)).amax(-1)
+    return torch.stack([lo, hi], 2).to(kd.dtype)
+
+
+def update_page_bounds(bounds: torch.Tensor, kd: torch.Tensor, pos: int, page: int) -> None:
+    """Fold the key at ``pos`` of ``kd`` ``(B, Hkv, D, >pos)`` into ``bounds`` (``page_bounds``' layout, enough
+    pages), in place: alone on a fresh page, else into the page's min and max. What the dim-selection kernel
+    does with the cache write of a decode step."""
+    key, p = kd[..., pos].to(bounds.dtype), pos // page
+    if pos % page == 0:
+        bounds[:, :, 0, :, p] = key
+        bounds[:, :, 1, :, p] = key
+    else:
+        bounds[:, :, 0, :, p] = torch.minimum(bounds[:, :, 0, :, p], key)
+        bounds[:, :, 1, :, p] = torch.maximum(bounds[:, :, 1, :, p], key)
+
+
+def bound_scores(qsel: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, G, NP)`` float32 upper bounds of each page's approximate logits (unscaled) per query head:
+    ``sum_i max(q_i lo_i, q_i hi_i)`` over the selected dims, computed as ``q+ . hi + q- . lo``."""
+    dims = idx.shape[-1]
+    valid = torch.arange(dims, device=idx.device)[None, None] < count[..., None]
+    q = qsel.float() * valid[:, :, None]
+    rows = bounds.gather(3, idx.long()[:, :, None, :, None].expand(*idx.shape[:2], 2, dims, bounds.shape[-1])).float()
+    rows = rows * valid[:, :, None, :, None]
+    return q.clamp(min=0) @ rows[:, :, 1] + q.clamp(max=0) @ rows[:, :, 0]
+
+
+def prefix_bound_scores(qsparse: torch.Tensor, kp: torch.Tensor, visible: torch.Tensor, page: int) -> torch.Tensor:
+    """Prefill twin of ``bound_scores``: ``(B, Hkv, Q, NP)`` page scores (max over the group's heads) of every query
+    position over its own visible prefix, pages cut from each row's first visible key. A page wholly before the
+    query's newest key is bounded by all its tokens; the page holding that key by its tokens up to it (cumulative
+    min and max: no later key leaks into the choice); later pages are ``-inf``. ``qsparse`` ``(B, Hkv, G, Q, D)``
+    zero outside the selected dims, ``kp`` ``(B, Hkv, L, D)``, ``visible`` ``(B, 1, Q, L)`` (left padding only)."""
+    batch, groups, length, dim = kp.shape
+    first = visible[:, 0, -1].to(torch.int8).argmax(-1)  # (B,) the last query sees its row's whole prefix
+    order = (torch.arange(length, device=kp.device) + first[:, None]) % length  # (B, L)
+    keys = kp.gather(2, order[:, None, :, None].expand(batch, groups, length, dim))
+    n_pages = -(-length // page)
+    pad = n_pages * page - length
+    lo = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("inf")).unflatten(2, (n_pages, page))
+    hi = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("-inf")).unflatten(2, (n_pages, page))
+    qpos, qneg = qsparse.clamp(min=0), qsparse.clamp(max=0)
+    whole = (qpos @ hi.amax(3).transpose(-1, -2)[:, :, None] + qneg @ lo.amin(3).transpose(-1, -2)[:, :, None]).amax(2)
+    newest = (visible[:, 0].sum(-1) - 1).clamp(min=0)  # (B, Q) the newest visible key, counted from the first
+    at = newest[:, None, :, None].expand(batch, groups, -1, dim)
+    lo_now = lo.cummin(3).values.flatten(2, 3).gather(2, at)  # (B, Hkv, Q, D): its page's bounds so far
+    hi_now = hi.cummax(3).values.flatten(2, 3).gather(2, at)
+    own = ((qpos * hi_now[:, :, None]).sum(-1) + (qneg * lo_now[:, :, None]).sum(-1)).amax(2)  # (B, Hkv, Q)
+    last = (newest // page)[:, None, :, None]
+    idx = torch.arange(n_pages, device=kp.device)
+    scores = torch.where(idx == last, own[..., None], whole)
+    return scores.masked_fill(idx > last, float("-inf"))
+
+
 def page_scores(scores: torch.Tensor, page: int) -> torch.Tensor:
     """``(..., L)`` token scores (``-inf`` = not visible) -> ``(..., ceil(L / page))`` max per page."""
     total = scores.shape[-1]
@@ -82,17 +161,21 @@ def expand_pages(mask: torch.Tensor, page: int, length: int) -> torch.Tensor:
 
 def aqua_decode_pages_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
                                 dims: int, token_ratio: float, page: int = 64, gqa: str = "group", sink_pages: int = 0,
-                                recent_pages: int = 0) -> torch.Tensor:
+                                recent_pages: int = 0, scoring: str = "max") -> torch.Tensor:
     """Dims + top-T pages for one decode step; ``(B, Hq, D)``. Shapes as ``aqua_decode_reference``. The exact
     pass uses the original ``q``, ``k`` (equal to the projected ones for an orthogonal ``P``). ``sink_pages``,
-    ``recent_pages``: always kept, on top of the best ``pages_for`` pages."""
+    ``recent_pages``: always kept, on top of the best ``pages_for`` pages. ``scoring``: "max" or "bound"
+    (module docstring)."""
     batch, q_heads, dim = q.shape
     groups, length = k.shape[1], k.shape[2]
     scale = dim ** -0.5
     qp = project_queries(q, proj).to(q.dtype)
     idx, count, qsel = select_dims(qp, dims, gqa)
-    logits = approx_logits(qsel, idx, count, kd)  # (B, Hkv, G, L)
-    mask = select_pages_forced(page_scores(logits.amax(2), page), pages_for(token_ratio, length, page), sink_pages, recent_pages)
+    if check_page_score(scoring) == "bound":
+        pscores = bound_scores(qsel, idx, count, page_bounds(kd, page, length)).amax(2)
+    else:
+        pscores = page_scores(approx_logits(qsel, idx, count, kd).amax(2), page)  # (B, Hkv, NP)
+    mask = select_pages_forced(pscores, pages_for(token_ratio, length, page), sink_pages, recent_pages)
     keep = expand_pages(mask, page, length)  # (B, Hkv, L)
     exact = q.float().view(batch, groups, -1, dim) @ k.float().transpose(-1, -2) * scale
     probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
@@ -110,7 +193,11 @@ class TopPagesHook:
     token_ratio: float
     page: int = 64
     gqa: str = "group"
+    scoring: str = "max"  # "max" or "bound" (module docstring)
     _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_page_score(self.scoring)
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -120,10 +207,17 @@ class TopPagesHook:
         if query.device not in self._cache:
             self._cache = {query.device: self.projection.to(query.device, torch.float32)}
         visible = visible_keys(attention_mask, batch, q_len, kv_len, query.device)  # (B, 1, Q, L)
-        q, approx = dims_scores(query, key, self._cache[query.device], self.dims, self.gqa, scale, visible)
-        kf = key.float()
+        proj = self._cache[query.device]
         order = visible_order(visible)  # pages cut from each row's first visible key, as the row alone would
-        pscores = page_scores(take(approx.amax(2), order), self.page)  # (B, Hkv, Q, P)
+        if self.scoring == "bound":
+            q, qsparse, kp = sparse_queries(query, key, proj, self.dims, self.gqa)
+            pscores = prefix_bound_scores(qsparse, kp, visible, self.page)  # (B, Hkv, Q, P)
+            del qsparse, kp
+        else:
+            q, approx = dims_scores(query, key, proj, self.dims, self.gqa, scale, visible)
+            pscores = page_scores(take(approx.amax(2), order), self.page)  # (B, Hkv, Q, P)
+            del approx
+        kf = key.float()
         lengths = visible.sum(-1)  # (B, 1, Q): from there the visible keys are a prefix (causal)
         n_keep = torch.clamp(torch.ceil(self.token_ratio * lengths.float()).long(), min=1)
         n_keep = torch.clamp(-(-n_keep // self.page), min=1)

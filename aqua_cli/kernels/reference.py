@@ -191,6 +191,15 @@ def dims_scores(query: torch.Tensor, key: torch.Tensor, proj: torch.Tensor, dims
     """Every query position's scores on its selected projected dims (the approximate logits top-T ranks):
     ``query`` ``(B, Hq, Q, D)``, ``key`` ``(B, Hkv, L, D)``, ``visible`` ``(B, 1, Q, L)``. Returns the float32
     queries grouped ``(B, Hkv, G, Q, D)`` and the scores ``(B, Hkv, G, Q, L)``, ``-inf`` where not visible."""
+    q, qsparse, kp = sparse_queries(query, key, proj, dims, gqa)
+    approx = qsparse @ kp[:, :, None].transpose(-1, -2) * scale
+    return q, approx.masked_fill(~visible[:, :, None], float("-inf"))
+
+
+def sparse_queries(query: torch.Tensor, key: torch.Tensor, proj: torch.Tensor, dims: int,
+                   gqa: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every query position's projected query with zeros outside its selected dims: the float32 queries grouped
+    ``(B, Hkv, G, Q, D)``, the sparse projected queries (same shape) and the projected keys ``(B, Hkv, L, D)``."""
     batch, q_heads, q_len, dim = query.shape
     groups = key.shape[1]
     rep = q_heads // groups
@@ -200,6 +209,4 @@ def dims_scores(query: torch.Tensor, key: torch.Tensor, proj: torch.Tensor, dims
     idx, count, qsel = select_dims(flat, dims, gqa)
     valid = torch.arange(idx.shape[-1], device=idx.device) < count[..., None]
     qsparse = torch.zeros_like(flat).scatter_(-1, idx.long()[:, :, None].expand_as(qsel), qsel * valid[:, :, None])
-    qsparse = qsparse.view(batch, q_len, groups, rep, dim).permute(0, 2, 3, 1, 4)
-    approx = qsparse @ kp[:, :, None].transpose(-1, -2) * scale
-    return q, approx.masked_fill(~visible[:, :, None], float("-inf"))
+    return q, qsparse.view(batch, q_len, groups, rep, dim).permute(0, 2, 3, 1, 4), kp
