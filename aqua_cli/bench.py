@@ -131,6 +131,7 @@ class BenchConfig:
     repeats: int = 20
     rotate_bytes: int = 256 << 20
     seed: int = 0
+    bound_page: int | None = None  # tokens a bound covers in the aqua-bounds rows (None: the page of 64)
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -163,7 +164,7 @@ class _Inputs:
 
 
 def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, dtype: torch.dtype,
-                   device: torch.device, sets: int) -> list[_Inputs]:
+                   device: torch.device, sets: int, bound_page: int = 64) -> list[_Inputs]:
     from .kernels.paged import page_bounds
     from .kernels.reference import project_keys
 
@@ -173,7 +174,7 @@ def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, d
         k = torch.randn(batch, shape.num_kv_heads, seq, shape.head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
         kd = project_keys(k, proj)
-        out.append(_Inputs(q, k, v, kd, page_bounds(kd, 64)))
+        out.append(_Inputs(q, k, v, kd, page_bounds(kd, bound_page)))
     return out
 
 
@@ -226,12 +227,14 @@ def decode_impls(config: BenchConfig, shape: AttnShape, dims: int, proj: torch.T
                 pcfg = DecodeConfig(dims, config.gqa, ratio, config.select_block, granularity="pages", page=64)
                 impls[f"aqua-pages-1/{round(1 / ratio)}"] = (lambda x, c=pcfg: aqua_decode(x.q, None, x.v, x.kd, proj, c), pextra)
                 # the same pages ranked by Quest's bound from the cache's per-page min and max (a 32nd of the scoring bytes)
-                bextra = {**pextra, "page_score": "bound"}
+                sub = config.bound_page or 64
+                bextra = {**pextra, "page_score": "bound", "bound_page": sub}
                 if run_ref:
                     impls[f"reference-bounds-1/{round(1 / ratio)}"] = (
-                        lambda x, r=ratio: aqua_decode_pages_reference(x.q, x.k, x.v, x.kd, proj, dims, r, 64, scoring="bound"),
-                        bextra)
-                bcfg = DecodeConfig(dims, config.gqa, ratio, config.select_block, granularity="pages", page=64, page_score="bound")
+                        lambda x, r=ratio: aqua_decode_pages_reference(x.q, x.k, x.v, x.kd, proj, dims, r, 64, scoring="bound",
+                                                                       bound_page=sub), bextra)
+                bcfg = DecodeConfig(dims, config.gqa, ratio, config.select_block, granularity="pages", page=64, page_score="bound",
+                                    bound_page=sub)
                 impls[f"aqua-bounds-1/{round(1 / ratio)}"] = (
                     lambda x, c=bcfg: aqua_decode(x.q, None, x.v, x.kd, proj, c, bounds=x.bounds), bextra)
     return impls
@@ -248,7 +251,7 @@ def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torc
     elem = torch.finfo(dtype).bits // 8
     set_bytes = 2 * config.batch * shape.num_kv_heads * seq * shape.head_dim * elem
     sets = max(1, min(8, -(-config.rotate_bytes // set_bytes))) if device.type == "cuda" else 1
-    inputs = _decode_inputs(shape, config.batch, seq, proj, dtype, device, sets)
+    inputs = _decode_inputs(shape, config.batch, seq, proj, dtype, device, sets, config.bound_page or 64)
     rows: list[dict[str, Any]] = []
     dense_us = None
     for k in config.ks:
@@ -271,7 +274,8 @@ def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torc
             model = cost_model(shape, config.batch, seq, "decode", dims if name != "dense" else shape.head_dim, ratio, elem)
             if extra.get("granularity") == "pages":  # whole pages are read: the bytes of the pages chosen
                 model["aqua_bytes"] = float(pages_bytes(config.batch, shape.num_kv_heads, seq, dims, shape.head_dim, ratio,
-                                                        extra["page"], elem, extra.get("page_score", "max")))
+                                                        extra["page"], elem, extra.get("page_score", "max"),
+                                                        extra.get("bound_page")))
                 model["byte_bound_speedup"] = model["dense_bytes"] / model["aqua_bytes"]
             moved = model["dense_bytes"] if name == "dense" else model["aqua_bytes"]
             row = {

@@ -21,14 +21,14 @@ def dims_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, elem
 
 
 def pages_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, page: int, elem: int = 2,
-                page_score: str = "max") -> int:
+                page_score: str = "max", bound_page: int | None = None) -> int:
     """Bytes dims + top-T *pages* must read: ``dims`` projected dims of every key (``page_score="bound"``: a
-    minimum and a maximum of each dim per page instead), then the chosen pages of the projected keys and of the
-    values."""
+    minimum and a maximum of each dim per ``bound_page`` tokens instead, default a page), then the chosen pages of
+    the projected keys and of the values."""
     from .kernels.paged import pages_for
 
     tokens = min(length, pages_for(ratio, length, page) * page)
-    scored = 2 * -(-length // page) if page_score == "bound" else length
+    scored = 2 * -(-length // (bound_page or page)) if page_score == "bound" else length
     return batch * kv_heads * (scored * dims + 2 * tokens * dim) * elem
 
 

@@ -125,6 +125,8 @@ class E2EConfig:
     token_ratios: list[float] = field(default_factory=lambda: [1 / 16])
     kv_dims: float = 1.0
     page: int = 64
+    page_scores: list[str] = field(default_factory=lambda: ["max"])  # top-T rows: "max" (aqua-topt), "bound" (aqua-topt-bound)
+    bound_page: int | None = None  # "bound": tokens a bound covers (None: the page)
     model: str | None = None
     layers: int | None = None
     device: str = "cuda"
@@ -138,6 +140,12 @@ class E2EConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
             raise ConfigError("--repeats (decode steps) must be at least 1")
+        from .kernels.paged import check_bound_page, check_page_score
+
+        for score in self.page_scores:
+            check_page_score(score)
+        if self.bound_page is not None:
+            check_bound_page(self.page, self.bound_page)
         for k in self.ks:
             if not 0.0 < k <= 1.0:
                 raise ConfigError(f"k ratio {k} is outside (0, 1]")
@@ -287,7 +295,8 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
     gen = torch.Generator(device=device).manual_seed(config.seed)
     impls: list[tuple[str, float | None, float | None]] = [("dense", None, None)]
     impls += [("aqua-dims", k, None) for k in config.ks]
-    impls += [("aqua-topt", k, r) for k in config.ks for r in config.token_ratios]
+    impls += [("aqua-topt" if score == "max" else "aqua-topt-bound", k, r)
+              for score in config.page_scores for k in config.ks for r in config.token_ratios]
     rows: list[dict[str, Any]] = []
     for batch in config.batches:
         for seq in config.seqs:
@@ -299,8 +308,10 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
                 if impl == "dense":
                     method = Dense()(model)
                 else:
+                    bound = impl.endswith("-bound")
                     method = AquaDecode(art, k=k, token_ratio=ratio, kv_dims=config.kv_dims, page=config.page,
-                                        max_tokens=capacity, hybrid=config.hybrid)(model)
+                                        max_tokens=capacity, hybrid=config.hybrid, page_score="bound" if bound else "max",
+                                        bound_page=config.bound_page if bound else None)(model)
                 try:
                     gc.collect()  # the previous path's cache (a layer and its state refer to each other)
                     if device.type == "cuda":
@@ -337,7 +348,7 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
             "model": getattr(model_config, "_name_or_path", None) or config.model, "shape": shape,
             "dtype": str(dtype), "sdpa_backend": "flash or efficient (pinned)" if device.type == "cuda" else "default",
             "cuda_graphs": config.graphs and device.type == "cuda", "steps": config.steps, "warmup": config.warmup, "hybrid": config.hybrid,
-            "page": config.page, "kv_dims": config.kv_dims}
+            "page": config.page, "kv_dims": config.kv_dims, "bound_page": config.bound_page or config.page}
     return rows, info
 
 

@@ -49,6 +49,11 @@ SETTINGS: dict[str, dict | None] = {
     "topt-k1-T16-recent4": dict(k=1.0, token_ratio=1 / 16, recent_pages=4),
     "k0.5-T8-recent4": dict(k=0.5, token_ratio=1 / 8, recent_pages=4),
     "k0.5-T4": dict(k=0.5, token_ratio=1 / 4),
+    # pages ranked by Quest's bound (the cache's per-page min/max of the projected keys) instead of their tokens' max
+    "bound-recent8": dict(k=0.5, token_ratio=1 / 16, recent_pages=8, page_score="bound"),
+    "bound16-recent8": dict(k=0.5, token_ratio=1 / 16, recent_pages=8, page_score="bound", bound_page=16),
+    "bound16-k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8, page_score="bound", bound_page=16),
+    "k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8),
 }
 DEFAULT_4K = ["dense", "target", "dims-k0.5", "topt-k1-T16", "k0.75-T16", "k0.5-T8", "target-recent4", "target-page16"]
 DEFAULT_8K = ["dense", "target"]

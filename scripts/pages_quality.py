@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", default="docs/results/pages-quality-smollm2.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--page", type=int, default=64, help="tokens a page (pages, bounds)")
+    parser.add_argument("--bound-page", type=int, default=None, help="bounds: tokens a bound covers (default: the page)")
     parser.add_argument("--tail", type=int, default=512, help="also report ppl over each window's last TAIL positions")
     parser.add_argument("--settings", nargs="+", default=None,
                         help="a subset, as kind:k:ratio, kind one of dense, dims, tokens, pages, bounds (e.g. dense:1:0 "
@@ -55,7 +57,8 @@ def main() -> None:
         dims = max(1, round(k * d))
         if kind in ("pages", "bounds"):
             scoring = "bound" if kind == "bounds" else "max"
-            return [TopPagesHook(p, dims, ratio, page=64, scoring=scoring) for p in artifact.projections]
+            return [TopPagesHook(p, dims, ratio, page=args.page, scoring=scoring, bound_page=args.bound_page)
+                    for p in artifact.projections]
         return [TopTokensHook(p, dims, ratio, "group", 512) for p in artifact.projections]
 
     settings = [("dense", 1.0, None), ("pages", 0.5, 1 / 16), ("tokens", 0.5, 1 / 16),
@@ -77,7 +80,8 @@ def main() -> None:
         nll_all, nll_tail = torch.cat(nll_all), torch.cat(nll_tail)
         paged = kind in ("pages", "bounds")
         row = {"granularity": ("pages" if paged else kind) if ratio else None, "k": k, "token_ratio": ratio,
-               "page": 64 if paged else None, "page_score": ("bound" if kind == "bounds" else "max") if paged else None,
+               "page": args.page if paged else None, "page_score": ("bound" if kind == "bounds" else "max") if paged else None,
+               "bound_page": (args.bound_page or args.page) if kind == "bounds" else None,
                "select_block": 512 if kind == "tokens" else None, "ppl": math.exp(float(nll_all.mean())),
                "ppl_tail": math.exp(float(nll_tail.mean())), "tokens": int(nll_all.numel()), "tail_tokens": int(nll_tail.numel()),
                "seconds": round(time.perf_counter() - began, 1)}

@@ -120,12 +120,14 @@ def test_page_keep_sinks_recent_and_budget():
     assert keep[:8].all() and keep[16:20].all() and not keep[20:].any()
 
 
-def test_prefill_aqua_equals_token_by_token_decoding(full):
+@pytest.mark.parametrize("score", [{}, {"page_score": "bound"}, {"page_score": "bound", "bound_page": 4}])
+def test_prefill_aqua_equals_token_by_token_decoding(full, score):
     """prefill="aqua" scores every prompt position as its own decode step would: one forward gives the logits
-    that decoding token by token through the cache gives (what makes it a quality measure of the decode path)."""
+    that decoding token by token through the cache gives (what makes it a quality measure of the decode path);
+    for pages ranked by their bounds too (cumulative bounds of the page being written, as the cache keeps them)."""
     _, model, art = full
     x = token_ids(length=160, seed=9)
-    kw = dict(k=max(1, art.head_dim // 2), token_ratio=1 / 8, page=16, sink_pages=1, recent_pages=1)
+    kw = dict(k=max(1, art.head_dim // 2), token_ratio=1 / 8, page=16, sink_pages=1, recent_pages=1, **score)
     with torch.no_grad():
         with AquaDecode(art, prefill="aqua", query_chunk=7, **kw)(model) as method:
             whole = model(x, past_key_values=method.new_cache(), use_cache=True).logits[:, 5:]
@@ -134,6 +136,30 @@ def test_prefill_aqua_equals_token_by_token_decoding(full):
         dense = model(x).logits[:, 5:]
     assert rel_err(whole, steps) <= 1e-4
     assert rel_err(whole, dense) > 1e-3  # and it is an approximation
+
+
+def test_cache_keeps_the_bounds_of_its_keys(full):
+    """page_score="bound": the cache keeps each sub-page's min and max of the projected keys through prefill,
+    decode steps, growth, crop and batch reordering."""
+    from aqua_cli.kernels.paged import page_bounds
+
+    _, model, art = full
+    with AquaDecode(art, k=0.5, token_ratio=1 / 4, page=16, page_score="bound", bound_page=8)(model) as method:
+        cache = method.new_cache()
+        stepwise(model, token_ids(batch=2, length=45), cache, prefill=13)
+
+        def consistent():
+            for layer in cache.layers:
+                n = -(-layer.length // 8)
+                assert torch.equal(layer.bounds[..., :n], page_bounds(layer.keys[..., : layer.length], 8))
+
+        consistent()
+        cache.crop(37)  # 37 tokens stay: sub-page 4 keeps 5 of its 8
+        consistent()
+        cache.batch_select_indices(torch.tensor([1]))
+        consistent()
+        assert AquaDecode(art, k=0.5)(model).new_cache().layers[0].bounds is None  # only where scoring needs them
+        method.remove()
 
 
 def test_capacity_grows_unless_fixed(full):
@@ -151,6 +177,8 @@ def test_capacity_grows_unless_fixed(full):
 @pytest.mark.parametrize("kwargs, needle", [
     ({"token_ratio": 1.5}, "outside"), ({"page": 24}, "power of two"), ({"sink_pages": -1}, "0 or more"),
     ({"max_tokens": 0}, "at least 1"), ({"prefill": "fast"}, "prefill"), ({"kv_dims": 0}, "kv-dims"),
+    ({"page_score": "mean"}, "page score"), ({"page_score": "bound", "bound_page": 48}, "bound_page"),
+    ({"bound_page": 16}, "bound_page applies"),
 ])
 def test_bad_settings_are_refused(full, kwargs, needle):
     _, _, art = full
@@ -189,8 +217,8 @@ def real_shape_gpu_model(head_scale: float = 1.0):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("ratio", [None, 1 / 8])
-def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio):
+@pytest.mark.parametrize("ratio, score", [(None, {}), (1 / 8, {}), (1 / 8, {"page_score": "bound", "bound_page": 16})])
+def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio, score):
     """bf16 on the GPU, a model with real head_dim (128) and GQA 4: decode steps through the fused kernels
     give the logits of the PyTorch path on the same cache, to bf16 tolerance. (With 1 recent page instead of
     the default 8 the page path measured 3.9e-2 here: near-tied pages of a random model chosen differently.)"""
@@ -198,8 +226,14 @@ def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio):
     x = torch.randint(3, 256, (2, 700), generator=torch.Generator().manual_seed(1)).cuda()
     logits = {}
     for kernels in (False, True):
-        with AquaDecode(art, k=0.5, token_ratio=ratio, page=64, hybrid=False, kernels=kernels)(model) as method:
-            logits[kernels] = stepwise(model, x, method.new_cache(), prefill=690).float()
+        with AquaDecode(art, k=0.5, token_ratio=ratio, page=64, hybrid=False, kernels=kernels, **score)(model) as method:
+            cache = method.new_cache()
+            logits[kernels] = stepwise(model, x, cache, prefill=690).float()
+            if score:  # the decode launches folded each new token into the cache's bounds
+                from aqua_cli.kernels.paged import page_bounds
+
+                layer = cache.layers[0]
+                assert torch.equal(layer.bounds[..., : -(-700 // 16)], page_bounds(layer.keys[..., :700], 16))
     err = rel_err(logits[True], logits[False])
     assert err <= 2e-2, f"fused vs PyTorch path: rel err {err:.3g}"
 

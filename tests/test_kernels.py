@@ -376,18 +376,19 @@ def test_bound_kernels_match_reference(shape):
     """Pages ranked by their bounds: the scores, the step, and the decode write that folds the new token into the
     cache's bounds (which must then equal the bounds of the keys as written), eager and in a CUDA graph."""
     from aqua_cli.kernels.decode import DecodeConfig, aqua_decode, launch_bound_scores
-    from aqua_cli.kernels.paged import aqua_decode_pages_reference, bound_scores, page_bounds
+    from aqua_cli.kernels.paged import aqua_decode_pages_reference, bound_scores, page_bounds, pool_pages
 
     batch, heads, kv_heads, length, dim = shape
     q, k, v, proj, kd = inputs(batch, heads, kv_heads, length, dim, torch.bfloat16, "cuda", seed=11)
-    bnd = page_bounds(kd, 64)
-    for dims in (dim // 2, 3 * dim // 8 + 1):
+    for dims, sub in ((dim // 2, 64), (3 * dim // 8 + 1, 64), (dim // 2, 16)):
+        bnd = page_bounds(kd, sub)
         idx, count, qsel = select_dims(project_queries(q, proj).to(q.dtype), dims, "group")
-        want = bound_scores(qsel, idx, count, bnd).amax(2).flatten(0, 1)
-        got = launch_bound_scores(q, proj, bnd, dims, 64, length)[0]
+        want = pool_pages(bound_scores(qsel, idx, count, bnd).amax(2).flatten(0, 1), 64 // sub)
+        got = launch_bound_scores(q, proj, bnd, dims, 64, length, bound_page=sub)[0]
         assert (got - want).abs().max() <= 1e-2 * want.abs().max()
-        cfg = DecodeConfig(dims, token_ratio=1 / 16, granularity="pages", page=64, page_score="bound")
-        ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 16, 64, sink_pages=1, recent_pages=2, scoring="bound")
+        cfg = DecodeConfig(dims, token_ratio=1 / 16, granularity="pages", page=64, page_score="bound", bound_page=sub)
+        ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 16, 64, sink_pages=1, recent_pages=2, scoring="bound",
+                                          bound_page=sub)
         out = aqua_decode(q, None, v, kd, proj, cfg, sink_pages=1, recent_pages=2, bounds=bnd)
         assert torch.isfinite(out).all() and rel(out, ref) < 3e-2
     with pytest.raises(ValueError, match="bounds"):
@@ -397,17 +398,18 @@ def test_bound_kernels_match_reference(shape):
         kdc = torch.zeros(batch, kv_heads, dim, cap, device="cuda", dtype=kd.dtype)
         vc = torch.zeros(batch, kv_heads, cap, dim, device="cuda", dtype=v.dtype)
         kdc[..., :pos], vc[:, :, :pos] = kd[..., :pos], v[:, :, :pos]
-        bc = torch.full((batch, kv_heads, 2, dim, cap // 64), 9.0, device="cuda", dtype=kd.dtype)
-        bc[..., : -(-pos // 64)] = page_bounds(kd[..., :pos], 64)
+        bc = torch.full((batch, kv_heads, 2, dim, cap // 16), 9.0, device="cuda", dtype=kd.dtype)
+        bc[..., : -(-pos // 16)] = page_bounds(kd[..., :pos], 16)
         kn, vn = torch.randn_like(q[:, :kv_heads]), torch.randn_like(q[:, :kv_heads])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = aqua_decode(q, None, vc, kdc, proj, cfg, bounds=bc, new_kv=(kn, vn, kdc, vc, pos))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(bc[..., : pos // 64 + 1], page_bounds(kdc[..., : pos + 1], 64)), pos
+        assert torch.equal(bc[..., : pos // 16 + 1], page_bounds(kdc[..., : pos + 1], 16)), pos
         ref = aqua_decode_pages_reference(q, kdc[..., : pos + 1].transpose(-1, -2) @ proj.transpose(-1, -2)[None].to(kd.dtype),
-                                          vc[:, :, : pos + 1], kdc[..., : pos + 1], proj, cfg.dims, 1 / 16, 64, scoring="bound")
+                                          vc[:, :, : pos + 1], kdc[..., : pos + 1], proj, cfg.dims, 1 / 16, 64, scoring="bound",
+                                          bound_page=16)
         assert rel(out, ref) < 3e-2
 
 
@@ -527,7 +529,7 @@ sys.path.insert(0, {tests!r})
 from test_kernels import inputs, rel
 from aqua_cli.kernels import decode as dk
 from aqua_cli.kernels.reference import aqua_decode_reference, project_queries, select_dims
-from aqua_cli.kernels.paged import aqua_decode_pages_reference, bound_scores, page_bounds, update_page_bounds
+from aqua_cli.kernels.paged import aqua_decode_pages_reference, bound_scores, page_bounds, pool_pages, update_page_bounds
 for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
     q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L)
     for dims in (1, D - 1, D):  # selection edge cases
@@ -549,29 +551,32 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
             out2 = dk.aqua_decode(q, None, v, kd, proj, dk.DecodeConfig(dims, token_ratio=1 / 8, granularity="pages", page=16,
                                   score_block=32, fold_select=fold), sink_pages=1, recent_pages=1)
             assert rel(out2, ref2) < 3e-2
-        # pages ranked by their bounds: the scores, then the whole step
-        bnd = page_bounds(kd, 16)
-        idx_r, cnt_r, qsel_r = select_dims(project_queries(q, proj).to(q.dtype), dims, "group")
-        want_ps = bound_scores(qsel_r, idx_r, cnt_r, bnd).amax(2).flatten(0, 1)
-        got_ps = dk.launch_bound_scores(q, proj, bnd, dims, 16, L, block=4)[0]
-        assert (got_ps - want_ps).abs().max() <= 1e-2 * want_ps.abs().max(), (got_ps, want_ps)  # casts truncate here
-        ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 4, 16, scoring="bound", sink_pages=1, recent_pages=1)
-        cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound", bound_block=2)
-        assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg, sink_pages=1, recent_pages=1, bounds=bnd), ref) < 3e-2
-# the new token folded into its page's bounds by the same launch (on a fresh page at L = 49)
-for b, hq, hk, L, D in [(2, 4, 2, 70, 64), (1, 8, 1, 49, 32)]:
+        # pages ranked by their bounds (of whole pages, of quarter pages): the scores, then the whole step
+        for sub in (16, 4):
+            bnd = page_bounds(kd, sub)
+            idx_r, cnt_r, qsel_r = select_dims(project_queries(q, proj).to(q.dtype), dims, "group")
+            want_ps = pool_pages(bound_scores(qsel_r, idx_r, cnt_r, bnd).amax(2).flatten(0, 1), 16 // sub)
+            got_ps = dk.launch_bound_scores(q, proj, bnd, dims, 16, L, block=8, bound_page=sub)[0]
+            assert (got_ps - want_ps).abs().max() <= 1e-2 * want_ps.abs().max(), (got_ps, want_ps)  # casts truncate here
+            ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 4, 16, scoring="bound", sink_pages=1,
+                                              recent_pages=1, bound_page=sub)
+            cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound", bound_block=8,
+                                  bound_page=sub)
+            assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg, sink_pages=1, recent_pages=1, bounds=bnd), ref) < 3e-2
+# the new token folded into its page's bounds by the same launch (on a fresh page at L = 49; sub-pages of 8 at L = 70)
+for b, hq, hk, L, D, sub in [(2, 4, 2, 70, 64, 16), (1, 8, 1, 49, 32, 16), (2, 4, 2, 70, 64, 8)]:
     q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L + 2)
-    cfg = dk.DecodeConfig(D // 2, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound")
+    cfg = dk.DecodeConfig(D // 2, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound", bound_page=sub)
     want_kd, want_v = kd.clone(), v.clone()
     dk.write_new_kv((k[:, :, -1], v[:, :, -1], want_kd, want_v, L - 1), proj)
-    want_bnd = page_bounds(want_kd, 16)
+    want_bnd = page_bounds(want_kd, sub)
     ref = dk.aqua_decode(q, None, want_v, want_kd, proj, cfg, bounds=want_bnd)
     got_kd, got_v = kd.clone(), v.clone()
     got_kd[..., -1] = 0
     got_bnd = torch.full_like(want_bnd, 7.0)  # a fresh page's stale values must not survive
-    got_bnd[..., : -(-(L - 1) // 16)] = page_bounds(kd[..., : L - 1], 16)
+    got_bnd[..., : -(-(L - 1) // sub)] = page_bounds(kd[..., : L - 1], sub)
     py_bnd = got_bnd.clone()
-    update_page_bounds(py_bnd, want_kd, L - 1, 16)
+    update_page_bounds(py_bnd, want_kd, L - 1, sub)
     assert torch.equal(py_bnd, want_bnd)
     out = dk.aqua_decode(q, None, got_v, got_kd, proj, cfg, new_kv=(k[:, :, -1], v[:, :, -1], got_kd, got_v, L - 1), bounds=got_bnd)
     assert (got_bnd.float() - want_bnd.float()).abs().max() <= 2e-2

@@ -493,16 +493,17 @@ def _page_score_kernel(
 @_jit
 def _bound_score_kernel(
     Q, IDX,  # as _page_score_kernel
-    BND,  # page bounds (``paged.page_bounds``): page p of dim d, minimum at d*s_bd + p, maximum s_bs further
-    PSC,  # (B*Hkv, NP) float32 out: page scores (max over the group's heads of the bound)
-    K, NP, pages_per_split, HKV,
+    BND,  # bounds of sub-pages of PAGE // R tokens (``paged.page_bounds``): sub-page c of dim d, minimum at
+    # d*s_bd + c, maximum s_bs further
+    PSC,  # (B*Hkv, NP) float32 out: page scores (max over the group's heads and the page's R sub-pages)
+    K, NP, NS, pages_per_split, HKV,
     s_bb, s_bh, s_bs, s_bd,
-    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, BNP: tl.constexpr, GDC: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, BNP: tl.constexpr, R: tl.constexpr, GDC: tl.constexpr,
 ):
     """Dims + top-T pages by bound, pass 1: ``sum_i max(q_i lo_i, q_i hi_i)`` over the selected dims as two
-    tensor-core dots, ``q+ . hi + q- . lo`` (the positive and negative parts of bf16 values are exact), for BNP
-    pages a step. Reads 2 bounds a selected dim a page: at pages of 64, a 32nd of what ``_page_score_kernel``
-    reads."""
+    tensor-core dots, ``q+ . hi + q- . lo`` (the positive and negative parts of bf16 values are exact), for the
+    R sub-pages of each of BNP pages a step; a page scores its best sub-page. Reads 2 bounds a selected dim a
+    sub-page: at sub-pages of 64 (16) tokens a 32nd (an 8th) of what ``_page_score_kernel`` reads."""
     _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -520,16 +521,19 @@ def _bound_score_kernel(
     rows = BND + b.to(tl.int64) * s_bb + h.to(tl.int64) * s_bh + idx[:, None] * s_bd
     p0 = split * pages_per_split
     p1 = tl.minimum(p0 + pages_per_split, NP)
+    offs_c = tl.arange(0, BNP * R)
+    offs_p = tl.arange(0, BNP)
     _gdc_late(GDC)  # a short kernel: the page selection may become resident while it runs
     for pp in range(p0, p1, BNP):
-        offs_p = pp + tl.arange(0, BNP)
-        pmask = offs_p < p1
-        lmask = jmask[:, None] & pmask[None, :]
-        lo = tl.load(rows + offs_p[None, :], mask=lmask, other=0.0)
-        hi = tl.load(rows + s_bs + offs_p[None, :], mask=lmask, other=0.0)
-        s = _dot_acc(qneg, lo, _dot(qpos, hi))  # (GP, BNP)
-        s = tl.where(gmask[:, None], s, float("-inf"))
-        tl.store(PSC + bh * NP + offs_p, tl.max(s, 0), mask=pmask)
+        sub = pp * R + offs_c
+        smask = (sub < p1 * R) & (sub < NS)
+        lmask = jmask[:, None] & smask[None, :]
+        lo = tl.load(rows + sub[None, :], mask=lmask, other=0.0)
+        hi = tl.load(rows + s_bs + sub[None, :], mask=lmask, other=0.0)
+        s = _dot_acc(qneg, lo, _dot(qpos, hi))  # (GP, BNP * R)
+        s = tl.where(gmask[:, None] & smask[None, :], s, float("-inf"))
+        best = tl.max(tl.reshape(tl.max(s, 0), (BNP, R)), 1)
+        tl.store(PSC + bh * NP + pp + offs_p, best, mask=(pp + offs_p) < p1)
 
 
 @_jit
@@ -1079,32 +1083,39 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
 
 def launch_bound_scores(q: torch.Tensor, proj: torch.Tensor, bounds: torch.Tensor, dims: int, page: int, length: int,
                         block: int = 128, num_warps: int = 4, waves: float = 2.0, new_kv: NewKV | None = None,
-                        pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        pdl: bool | None = None, bound_page: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dim selection and pass 1 of page top-T by bound (2 launches): ``(B*Hkv, NP)`` float32 page scores (the
-    bound of ``paged.bound_scores``, max over the group's heads) and the ``(B*Hkv, G, D)`` projected queries.
-    ``bounds`` ``(B, Hkv, 2, D, >= NP)`` (``paged.page_bounds``); ``new_kv`` also folds the token into them."""
+    bound of ``paged.bound_scores``, max over the group's heads and the page's sub-pages) and the
+    ``(B*Hkv, G, D)`` projected queries. ``bounds`` ``(B, Hkv, 2, D, >= NS)``: ``paged.page_bounds`` of sub-pages of
+    ``bound_page`` tokens (default ``page``); ``new_kv`` also folds the token into them. ``block``: sub-pages a
+    step."""
     _need_triton()
+    from .paged import check_bound_page
+
     batch, q_heads, dim = q.shape
     groups = bounds.shape[1]
-    n_pages = -(-length // page)
-    if bounds.dim() != 5 or bounds.shape[2] != 2 or bounds.shape[3] != dim or bounds.shape[4] < n_pages:
-        raise ValueError(f"page bounds must be (B, Hkv, 2, {dim}, >= {n_pages}), got {tuple(bounds.shape)}")
+    sub = check_bound_page(page, bound_page)
+    ratio = page // sub
+    n_pages, n_sub = -(-length // page), -(-length // sub)
+    if bounds.dim() != 5 or bounds.shape[2] != 2 or bounds.shape[3] != dim or bounds.shape[4] < n_sub:
+        raise ValueError(f"page bounds must be (B, Hkv, 2, {dim}, >= {n_sub}), got {tuple(bounds.shape)}")
     assert bounds.stride(4) == 1, "page bounds need unit stride along pages"
     rep = q_heads // groups
     dims = min(dims, dim)
     bh = batch * groups
     qf = torch.empty(bh, rep, dim, device=q.device, dtype=q.dtype)
     pdl = use_pdl(q.device, pdl)
-    qsel, idx, _ = launch_select_dims(q, proj, dims, qf, new_kv=new_kv, pdl=pdl, bounds=(bounds, page))
-    steps = -(-n_pages // block)
+    qsel, idx, _ = launch_select_dims(q, proj, dims, qf, new_kv=new_kv, pdl=pdl, bounds=(bounds, sub))
+    bnp = max(1, block // ratio)  # pages a step
+    steps = -(-n_pages // bnp)
     splits = max(1, min(steps, -(-int(waves * _sms(q.device)) // bh)))
-    per_split = -(-steps // splits) * block
+    per_split = -(-steps // splits) * bnp
     splits = -(-n_pages // per_split)
     pscores = torch.empty(bh, n_pages, device=q.device, dtype=torch.float32)
     _bound_score_kernel[(bh, splits)](
-        qsel, idx, bounds, pscores, dims, n_pages, per_split, groups,
+        qsel, idx, bounds, pscores, dims, n_pages, n_sub, per_split, groups,
         bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
-        G=rep, GP=_gp(rep), KP=_kp(dims), BNP=block, num_warps=num_warps, **_pdl_opts(pdl),
+        G=rep, GP=_gp(rep), KP=_kp(dims), BNP=bnp, R=ratio, num_warps=num_warps, **_pdl_opts(pdl),
     )
     return pscores, qf
 
@@ -1114,7 +1125,8 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
                  score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 3, waves: float = 4.0,
                  attend_waves: float = 2.0, fold_select: bool = False, sink_pages: int = 0,
                  recent_pages: int = 0, score_waves: float | None = None, new_kv: NewKV | None = None,
-                 pdl: bool | None = None, bounds: torch.Tensor | None = None, bound_block: int = 128) -> torch.Tensor:
+                 pdl: bool | None = None, bounds: torch.Tensor | None = None, bound_block: int = 128,
+                 bound_page: int | None = None) -> torch.Tensor:
     """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine;
     4 with ``fold_select``: the scoring pass's last program per KV group selects the pages).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
@@ -1148,7 +1160,7 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     if bounds is not None:
         fold_select = False
         pscores, qf = launch_bound_scores(q, proj, bounds, dims, page, length, bound_block, score_warps, score_waves,
-                                          new_kv, pdl)
+                                          new_kv, pdl, bound_page)
     else:
         pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, score_waves,
                                          (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None, new_kv, pdl)
@@ -1275,7 +1287,8 @@ class DecodeConfig:
     fold_select: bool = False  # pages: the scoring pass's last program per KV group selects the pages (measured no faster)
     page_score: str = "max"  # pages: "max" (their tokens' best approximate logit) or "bound" (Quest's bound from the
     # cache's per-page min and max, ``paged.page_bounds``: reads a 32nd of the bytes at pages of 64; pass ``bounds=``)
-    bound_block: int = 128  # pages per step of the bound scoring kernel
+    bound_block: int = 128  # sub-pages per step of the bound scoring kernel
+    bound_page: int | None = None  # tokens one bound covers (a power-of-two divisor of ``page``; None: ``page``)
     pdl: bool | None = None  # programmatic dependent launch between the step's kernels (``use_pdl``; None: where it exists)
 
     def __post_init__(self) -> None:
@@ -1289,6 +1302,9 @@ class DecodeConfig:
             block_keep_for(self.token_ratio, self.select_block)
         if self.page_score not in ("max", "bound"):
             raise ValueError(f"page_score must be max or bound, got {self.page_score!r}")
+        if self.bound_page is not None and (self.bound_page < 1 or self.page % self.bound_page
+                                            or self.bound_page & (self.bound_page - 1)):
+            raise ValueError(f"bound_page must be a power of two dividing the page ({self.page}), got {self.bound_page}")
 
 
 def dims_waves(config: DecodeConfig, kd: torch.Tensor) -> float:
@@ -1359,7 +1375,8 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
                             attend_stages=config.attend_stages, waves=config.waves or 4.0, attend_waves=config.attend_waves,
                             fold_select=config.fold_select, sink_pages=sink_pages, recent_pages=recent_pages,
                             score_waves=config.score_waves, new_kv=new_kv, pdl=config.pdl,
-                            bounds=bounds if config.page_score == "bound" else None, bound_block=config.bound_block)
+                            bounds=bounds if config.page_score == "bound" else None, bound_block=config.bound_block,
+                            bound_page=config.bound_page)
     if new_kv is not None and (config.prologue or config.token_ratio is not None):
         write_new_kv(new_kv, proj)
         new_kv = None

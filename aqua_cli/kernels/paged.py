@@ -72,6 +72,23 @@ def check_page_score(scoring: str) -> str:
     return scoring
 
 
+def check_bound_page(page: int, bound_page: int | None) -> int:
+    """Tokens one bound covers: ``page`` by default, or a power-of-two divisor of it (tighter bounds, more bytes)."""
+    bound_page = page if bound_page is None else bound_page
+    if bound_page < 1 or page % bound_page or bound_page & (bound_page - 1):
+        raise ConfigError(f"bound_page must be a power of two dividing the page ({page}), got {bound_page}")
+    return bound_page
+
+
+def pool_pages(scores: torch.Tensor, ratio: int) -> torch.Tensor:
+    """``(..., NS)`` scores of sub-pages -> ``(..., ceil(NS / ratio))``: a page's score is its best sub-page's."""
+    if ratio == 1:
+        return scores
+    n = -(-scores.shape[-1] // ratio)
+    padded = torch.nn.functional.pad(scores, (0, n * ratio - scores.shape[-1]), value=float("-inf"))
+    return padded.unflatten(-1, (n, ratio)).amax(-1)
+
+
 def page_bounds(kd: torch.Tensor, page: int, length: int | None = None) -> torch.Tensor:
     """``(B, Hkv, D, L)`` projected keys -> ``(B, Hkv, 2, D, ceil(length / page))`` in ``kd``'s dtype: per page and
     projected dim the minimum ([:, :, 0]) and the maximum ([:, :, 1]) over the page's first ``length`` tokens
@@ -161,18 +178,19 @@ def expand_pages(mask: torch.Tensor, page: int, length: int) -> torch.Tensor:
 
 def aqua_decode_pages_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
                                 dims: int, token_ratio: float, page: int = 64, gqa: str = "group", sink_pages: int = 0,
-                                recent_pages: int = 0, scoring: str = "max") -> torch.Tensor:
+                                recent_pages: int = 0, scoring: str = "max", bound_page: int | None = None) -> torch.Tensor:
     """Dims + top-T pages for one decode step; ``(B, Hq, D)``. Shapes as ``aqua_decode_reference``. The exact
     pass uses the original ``q``, ``k`` (equal to the projected ones for an orthogonal ``P``). ``sink_pages``,
     ``recent_pages``: always kept, on top of the best ``pages_for`` pages. ``scoring``: "max" or "bound"
-    (module docstring)."""
+    (module docstring); ``bound_page``: tokens a bound covers (``check_bound_page``)."""
     batch, q_heads, dim = q.shape
     groups, length = k.shape[1], k.shape[2]
     scale = dim ** -0.5
     qp = project_queries(q, proj).to(q.dtype)
     idx, count, qsel = select_dims(qp, dims, gqa)
     if check_page_score(scoring) == "bound":
-        pscores = bound_scores(qsel, idx, count, page_bounds(kd, page, length)).amax(2)
+        sub = check_bound_page(page, bound_page)
+        pscores = pool_pages(bound_scores(qsel, idx, count, page_bounds(kd, sub, length)).amax(2), page // sub)
     else:
         pscores = page_scores(approx_logits(qsel, idx, count, kd).amax(2), page)  # (B, Hkv, NP)
     mask = select_pages_forced(pscores, pages_for(token_ratio, length, page), sink_pages, recent_pages)
@@ -194,10 +212,12 @@ class TopPagesHook:
     page: int = 64
     gqa: str = "group"
     scoring: str = "max"  # "max" or "bound" (module docstring)
+    bound_page: int | None = None  # "bound": tokens a bound covers (a divisor of ``page``; None: ``page``)
     _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         check_page_score(self.scoring)
+        self.bound_page = check_bound_page(self.page, self.bound_page)
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -211,7 +231,7 @@ class TopPagesHook:
         order = visible_order(visible)  # pages cut from each row's first visible key, as the row alone would
         if self.scoring == "bound":
             q, qsparse, kp = sparse_queries(query, key, proj, self.dims, self.gqa)
-            pscores = prefix_bound_scores(qsparse, kp, visible, self.page)  # (B, Hkv, Q, P)
+            pscores = pool_pages(prefix_bound_scores(qsparse, kp, visible, self.bound_page), self.page // self.bound_page)
             del qsparse, kp
         else:
             q, approx = dims_scores(query, key, proj, self.dims, self.gqa, scale, visible)

@@ -85,10 +85,12 @@ class ProjectedKVLayer(InPlaceLayer):
     projected keys ``(B, Hkv, m, L)`` and the values ``(B, Hkv, L, D)`` as views of the buffers."""
 
     def __init__(self, projection: torch.Tensor, kv_dims: int, state: DecodeState, layer_idx: int = 0,
-                 max_tokens: int | None = None, page: int = 64):
+                 max_tokens: int | None = None, page: int = 64, bound_page: int | None = None):
         super().__init__(max_tokens)
         self.projection = projection.float()
         self.kv_dims, self.state, self.layer_idx, self.page = kv_dims, state, layer_idx, page
+        self.bound_page = bound_page  # keep per-sub-page min/max of the keys (``paged.page_bounds``) for bound scoring
+        self.bounds: torch.Tensor | None = None  # (B, Hkv, 2, m, capacity / bound_page)
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self.deferred: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._basis: torch.Tensor | None = None
@@ -107,6 +109,8 @@ class ProjectedKVLayer(InPlaceLayer):
         cap = self.page * -(-self.max_tokens // self.page) if self.max_tokens else 0
         self.keys = key_states.new_zeros((batch, groups, self.kv_dims, cap))
         self.values = value_states.new_zeros((batch, groups, cap, head_dim))
+        if self.bound_page:
+            self.bounds = key_states.new_zeros((batch, groups, 2, self.kv_dims, cap // self.bound_page))
 
     def _reserve(self, needed: int) -> None:
         if self.max_tokens is not None and needed > self.max_tokens:
@@ -121,6 +125,10 @@ class ProjectedKVLayer(InPlaceLayer):
         keys[..., : self.length] = self.keys[..., : self.length]
         values[:, :, : self.length] = self.values[:, :, : self.length]
         self.keys, self.values = keys, values
+        if self.bounds is not None:
+            bounds = self.bounds.new_zeros((*self.bounds.shape[:4], new_cap // self.bound_page))
+            bounds[..., : self.bounds.shape[-1]] = self.bounds
+            self.bounds = bounds
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """key_states, value_states: ``(batch, num_kv_heads, new_tokens, head_dim)``."""
@@ -139,6 +147,7 @@ class ProjectedKVLayer(InPlaceLayer):
             projected = self._project(key_states)  # (B, G, n, m)
             self.keys[..., start : start + new] = projected.transpose(-1, -2)
             self.values[:, :, start : start + new] = value_states
+            self._rebound(start, start + new)
         self.length = start + new
         self.fresh = (key_states, value_states) if start == 0 else None
         self.state.pending = self
@@ -156,6 +165,17 @@ class ProjectedKVLayer(InPlaceLayer):
             key, value, pos = deferred
             self.keys[..., pos] = self._project(key[:, :, None])[:, :, 0]
             self.values[:, :, pos] = value
+            self._rebound(pos, pos + 1)
+
+    def _rebound(self, start: int, end: int) -> None:
+        """Recompute the bounds of the sub-pages holding tokens ``[start, end)`` from the keys ``[.., end)``."""
+        if self.bounds is None or end <= start:
+            return
+        from ..kernels.paged import page_bounds
+
+        first = start // self.bound_page
+        self.bounds[..., first : -(-end // self.bound_page)] = page_bounds(
+            self.keys[..., first * self.bound_page : end], self.bound_page)
 
     def _project(self, key_states: torch.Tensor) -> torch.Tensor:
         """``kP`` in the cache's dtype. On CUDA in half precision one matmul in that dtype (float32
@@ -173,17 +193,23 @@ class ProjectedKVLayer(InPlaceLayer):
     def crop(self, tokens_to_remove: int) -> None:
         self.flush()
         super().crop(tokens_to_remove)
+        if self.length and self.bounds is not None:  # the last sub-page may have lost tokens
+            self._rebound(self.bound_page * ((self.length - 1) // self.bound_page), self.length)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.flush()
         if self.is_initialized:
             self.keys = self.keys.repeat_interleave(repeats, dim=0)
             self.values = self.values.repeat_interleave(repeats, dim=0)
+            if self.bounds is not None:
+                self.bounds = self.bounds.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.flush()
         if self.is_initialized:
             self.keys, self.values = self.keys[indices], self.values[indices]
+            if self.bounds is not None:
+                self.bounds = self.bounds[indices]
 
 
 class ProjectedKVCache(ModelBoundCache):
@@ -192,8 +218,9 @@ class ProjectedKVCache(ModelBoundCache):
     what = "projected KV cache"
     fix = "build the cache with the model's own AquaDecode"
 
-    def __init__(self, artifact: Any, kv_dims: int, states: list[DecodeState], max_tokens: int | None = None, page: int = 64):
-        super().__init__(layers=[ProjectedKVLayer(p, kv_dims, s, i, max_tokens, page)
+    def __init__(self, artifact: Any, kv_dims: int, states: list[DecodeState], max_tokens: int | None = None, page: int = 64,
+                 bound_page: int | None = None):
+        super().__init__(layers=[ProjectedKVLayer(p, kv_dims, s, i, max_tokens, page, bound_page)
                                  for i, (p, s) in enumerate(zip(artifact.projections, states))])
         self.kv_dims, self.model_id = kv_dims, artifact.model_id
 
@@ -209,21 +236,25 @@ def group_dims(qp: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(qp[:, :, :1], dtype=torch.bool).scatter_(-1, top, True)
 
 
-def page_keep(scores: torch.Tensor, visible: torch.Tensor, ratio: float, page: int, sinks: int, recent: int) -> torch.Tensor:
+def page_keep(scores: torch.Tensor | None, visible: torch.Tensor, ratio: float, page: int, sinks: int, recent: int,
+              pscores: torch.Tensor | None = None) -> torch.Tensor:
     """Token keep-mask ``(B, G, Q, L)`` of top-T by pages: per query, the first ``sinks`` and the last
     ``recent`` visible pages, and on top of them the ``ceil(ratio * visible / page)`` visible pages of highest
-    max score. ``scores`` ``(B, G, Q, L)`` with ``-inf`` where not visible."""
+    max score. ``scores`` ``(B, G, Q, L)`` with ``-inf`` where not visible; or ``pscores`` ``(B, G, Q, NP)``, page
+    scores already cut from each row's first visible key (``paged.prefix_bound_scores``)."""
     from ..kernels.reference import put_back, take, visible_order
 
     order = visible_order(visible)  # pages cut from each row's first visible key, as the row alone would
-    scores, visible_rows = take(scores, order), take(visible, order)
-    length = scores.shape[-1]
+    visible_rows = take(visible, order)
+    length = visible.shape[-1]
     n_pages = -(-length // page)
-    padded = torch.nn.functional.pad(scores, (0, n_pages * page - length), value=float("-inf"))
-    pscores = padded.view(*scores.shape[:-1], n_pages, page).amax(-1)  # (B, G, Q, NP)
+    if pscores is None:
+        scores = take(scores, order)
+        padded = torch.nn.functional.pad(scores, (0, n_pages * page - length), value=float("-inf"))
+        pscores = padded.view(*scores.shape[:-1], n_pages, page).amax(-1)  # (B, G, Q, NP)
     seen = visible.sum(-1)  # (B, 1, Q) visible keys (a prefix, causal)
     last = (seen - 1).clamp(min=0) // page  # the page holding the newest visible key
-    idx = torch.arange(n_pages, device=scores.device)
+    idx = torch.arange(n_pages, device=visible.device)
     forced = (idx < sinks) | ((idx <= last[..., None]) & (idx > last[..., None] - recent))
     pscores = torch.where(forced & (pscores > float("-inf")), torch.full_like(pscores, float("inf")), pscores)
     budget = torch.clamp(torch.ceil(ratio * seen.float() / page), min=1).long()  # (B, 1, Q)
@@ -247,6 +278,8 @@ class DecodeHook(ProjectionHook):
     hybrid: bool = True
     prefill: str = "dense"
     query_chunk: int = 512  # queries per score block in the PyTorch path: bounds memory at long prefill
+    page_score: str = "max"
+    bound_page: int | None = None
     calls: dict[str, int] = field(default_factory=lambda: {"kernel": 0, "reference": 0, "prefill": 0}, repr=False)
     _configs: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
@@ -269,7 +302,7 @@ class DecodeHook(ProjectionHook):
             scale = getattr(module, "scaling", query.shape[-1] ** -0.5)
         if self._kernel_ready(query, key, attention_mask):
             self.calls["kernel"] += 1
-            return self._kernel(query, key, value, scale, layer.take_deferred()), None
+            return self._kernel(query, key, value, scale, layer.take_deferred(), layer.bounds), None
         layer.flush()
         self.calls["reference"] += 1
         return self._reference(query, key, value, attention_mask, scale), None
@@ -285,8 +318,10 @@ class DecodeHook(ProjectionHook):
         return _triton_ready()
 
     def _kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                deferred: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+                deferred: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                bounds: torch.Tensor | None = None) -> torch.Tensor:
         from ..kernels.decode import DecodeConfig, aqua_decode
+        from ..kernels.paged import update_page_bounds
 
         batch, q_heads, _, dim = query.shape
         length = key.shape[-1]
@@ -298,10 +333,14 @@ class DecodeHook(ProjectionHook):
         config = self._configs.get(setting)
         if config is None:  # built once per setting: this runs in every layer of every decode step
             config = self._configs[setting] = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page,
-                                                       **launch)
+                                                       page_score=self.page_score, bound_page=self.bound_page, **launch)
         new_kv = None if deferred is None else (deferred[0], deferred[1], key, value, deferred[2])
+        by_bound = ratio is not None and self.page_score == "bound"
         out = aqua_decode(query[:, :, 0], None, value, key, self._projection_on(query.device), config,
-                          scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages, new_kv=new_kv)
+                          scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages, new_kv=new_kv,
+                          bounds=bounds if by_bound else None)
+        if bounds is not None and deferred is not None and not by_bound:  # the launch wrote the key but not its bound
+            update_page_bounds(bounds, key, deferred[2], self.bound_page or self.page)
         return out[:, None]  # (B, 1, Hq, D)
 
     @staticmethod
@@ -344,7 +383,15 @@ class DecodeHook(ProjectionHook):
         if self.token_ratio is None:
             probs = approx.softmax(-1)
         else:
-            keep = page_keep(approx.amax(2), visible[:, :, 0], self.token_ratio, self.page, self.sink_pages, self.recent_pages)
+            pscores = None
+            if self.page_score == "bound":
+                from ..kernels.paged import pool_pages, prefix_bound_scores
+
+                sub = self.bound_page or self.page
+                pscores = pool_pages(prefix_bound_scores(kept, kd[:, :, 0].transpose(-1, -2), visible[:, :, 0], sub),
+                                     self.page // sub)
+            keep = page_keep(approx.amax(2), visible[:, :, 0], self.token_ratio, self.page, self.sink_pages, self.recent_pages,
+                             pscores)
             exact = (qp @ kd) * scale
             probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
         return probs.nan_to_num(0.0) @ v  # a fully masked row (left padding) gives zeros, not NaN
@@ -385,8 +432,11 @@ class AquaDecode(Aqua):
     fixed cache capacity (None: grows); ``kernels``: use the fused kernels where they apply; ``hybrid``: top-T
     only from its measured break-even, exact attention below it (:meth:`DecodeHook.uses_topt`); ``prefill``:
     "dense" (exact attention on the prompt, as a server would) or "aqua" (every prompt position attends as a
-    decode step at that position would: what a quality run of the decode path measures in one forward). Pass
-    ``new_cache()`` as ``past_key_values``.
+    decode step at that position would: what a quality run of the decode path measures in one forward);
+    ``page_score``: how top-T ranks pages, "max" (their tokens' best approximate logit: reads the kept dims of
+    every key) or "bound" (Quest's bound from the per-page min and max of the projected keys, which the cache
+    then keeps: reads 2 values a kept dim per ``bound_page`` tokens, default ``page``; faster, coarser: see
+    docs/decode.md for both on SmolLM2). Pass ``new_cache()`` as ``past_key_values``.
     """
 
     token_ratio: float | None = None
@@ -399,9 +449,14 @@ class AquaDecode(Aqua):
     hybrid: bool = True
     prefill: str = "dense"
     query_chunk: int = 512
+    page_score: str = "max"
+    bound_page: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from ..kernels.paged import check_bound_page, check_page_score
+
+        check_page_score(self.page_score)
         if self.prefill not in ("dense", "aqua"):
             raise ConfigError(f"prefill must be dense or aqua, got {self.prefill!r}")
         self.m = parse_kv_dims(self.kv_dims, self.artifact.head_dim)
@@ -409,6 +464,10 @@ class AquaDecode(Aqua):
             raise ConfigError(f"token ratio T/L = {self.token_ratio} is outside (0, 1]")
         if self.page < 16 or self.page & (self.page - 1):
             raise ConfigError(f"page must be a power of two >= 16, got {self.page}")
+        if self.page_score == "bound":
+            self.bound_page = check_bound_page(self.page, self.bound_page)
+        elif self.bound_page is not None:
+            raise ConfigError("bound_page applies to page_score='bound'")
         if self.sink_pages < 0 or self.recent_pages < 0:
             raise ConfigError("sink_pages and recent_pages must be 0 or more")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -429,7 +488,7 @@ class AquaDecode(Aqua):
         return DecodeHook(projection, self.dims, self.mode, kv_dims=self.m, state=state, token_ratio=self.token_ratio,
                           page=self.page, sink_pages=self.sink_pages, recent_pages=self.recent_pages,
                           kernels=self.kernels, hybrid=self.hybrid, prefill=self.prefill,
-                          query_chunk=self.query_chunk)
+                          query_chunk=self.query_chunk, page_score=self.page_score, bound_page=self.bound_page)
 
     def layer_hooks(self, model: torch.nn.Module) -> list[AttentionHook]:
         self.states = []
@@ -440,7 +499,7 @@ class AquaDecode(Aqua):
             raise ConfigError("install AquaDecode on a model before building its cache")
         for state in self.states:
             state.pending = None
-        return ProjectedKVCache(self.artifact, self.m, self.states, self.max_tokens, self.page)
+        return ProjectedKVCache(self.artifact, self.m, self.states, self.max_tokens, self.page, self.bound_page)
 
     def remove(self) -> None:
         for state in self.states:
@@ -449,5 +508,6 @@ class AquaDecode(Aqua):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "kv_dims": self.kv_dims, "token_ratio": self.token_ratio, "page": self.page,
-                "sink_pages": self.sink_pages, "recent_pages": self.recent_pages}
+                "sink_pages": self.sink_pages, "recent_pages": self.recent_pages, "page_score": self.page_score,
+                "bound_page": self.bound_page}
 
