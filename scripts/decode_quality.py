@@ -54,6 +54,8 @@ SETTINGS: dict[str, dict | None] = {
     "bound16-recent8": dict(k=0.5, token_ratio=1 / 16, recent_pages=8, page_score="bound", bound_page=16),
     "bound16-k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8, page_score="bound", bound_page=16),
     "k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8),
+    "bound-T8-recent8": dict(k=0.5, token_ratio=1 / 8, recent_pages=8, page_score="bound"),
+    "bound-k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8, page_score="bound"),
 }
 DEFAULT_4K = ["dense", "target", "dims-k0.5", "topt-k1-T16", "k0.75-T16", "k0.5-T8", "target-recent4", "target-page16"]
 DEFAULT_8K = ["dense", "target"]
@@ -241,7 +243,7 @@ def part_report(args) -> None:
             lines.append(f"| {s['setting']} | {s['length']} | {s['cells']} | {s['accuracy']:.2f} | {s['seconds']} |")
     lines += ["", "Settings (AquaDecode keywords; page 64, 1 sink page, 1 recent page unless given):", ""]
     names = {**q.get("settings", {}), **(n or {}).get("settings", {})}
-    lines += [f"- `{name}`: {'dense attention' if kw is None else ', '.join(f'{k}={v:g}' for k, v in kw.items())}" for name, kw in names.items()]
+    lines += [f"- `{name}`: {'dense attention' if kw is None else ', '.join(f'{k}={v:g}' if isinstance(v, (int, float)) else f'{k}={v}' for k, v in kw.items())}" for name, kw in names.items()]
     (RESULTS / "decode-quality-smollm2-cpu.md").write_text("\n".join(lines) + "\n")
 
 

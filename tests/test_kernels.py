@@ -401,9 +401,10 @@ def test_bound_kernels_match_reference(shape):
         bc = torch.full((batch, kv_heads, 2, dim, cap // 16), 9.0, device="cuda", dtype=kd.dtype)
         bc[..., : -(-pos // 16)] = page_bounds(kd[..., :pos], 16)
         kn, vn = torch.randn_like(q[:, :kv_heads]), torch.randn_like(q[:, :kv_heads])
+        kdv, vv = kdc[..., : pos + 1], vc[:, :, : pos + 1]  # the views a cache passes: its first pos + 1 tokens
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = aqua_decode(q, None, vc, kdc, proj, cfg, bounds=bc, new_kv=(kn, vn, kdc, vc, pos))
+            out = aqua_decode(q, None, vv, kdv, proj, cfg, bounds=bc, new_kv=(kn, vn, kdv, vv, pos))
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(bc[..., : pos // 16 + 1], page_bounds(kdc[..., : pos + 1], 16)), pos

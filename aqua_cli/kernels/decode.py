@@ -1327,16 +1327,26 @@ def dims_stages(config: DecodeConfig, kd: torch.Tensor) -> int:
     return 4 if kd.shape[0] * kd.shape[1] >= 64 and _kp(min(config.dims, kd.shape[2])) <= 64 else 3
 
 
+def _write_with_bounds(new_kv: NewKV, proj: torch.Tensor, bounds: torch.Tensor | None, config: DecodeConfig) -> None:
+    """``write_new_kv`` in PyTorch, and the token folded into the page bounds where there are some."""
+    write_new_kv(new_kv, proj)
+    if bounds is not None:
+        from .paged import update_page_bounds
+
+        update_page_bounds(bounds, new_kv[2], new_kv[4], config.bound_page or config.page)
+
+
 def select_for_kernels(q: torch.Tensor, proj: torch.Tensor, config: DecodeConfig,
-                       new_kv: NewKV | None = None) -> tuple[Selection, bool]:
+                       new_kv: NewKV | None = None, bounds: torch.Tensor | None = None) -> tuple[Selection, bool]:
     """The padded selection the kernels read, and whether all its KP slots are valid (``new_kv``: see
-    ``launch_select_dims``; written in PyTorch where the selection is not fused)."""
+    ``launch_select_dims``, with ``bounds`` folded in too; written in PyTorch where the selection is not fused)."""
     dim = q.shape[-1]
     dims = min(config.dims, dim)
     if config.fused_select and fused_selection_supported(q, proj, config.gqa):
-        return launch_select_dims(q, proj, dims, new_kv=new_kv, pdl=config.pdl), dims == _kp(dims)
+        fold = None if bounds is None else (bounds, config.bound_page or config.page)
+        return launch_select_dims(q, proj, dims, new_kv=new_kv, pdl=config.pdl, bounds=fold), dims == _kp(dims)
     if new_kv is not None:
-        write_new_kv(new_kv, proj)
+        _write_with_bounds(new_kv, proj, bounds, config)
     qp = project_queries(q, proj).to(q.dtype)
     idx, count, qsel = select_dims(qp, dims, config.gqa)
     return pad_selection(qsel, idx, count), config.gqa == "group" and dims == _kp(dims)
@@ -1355,8 +1365,9 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     last pages are always kept, on top of the best ``pages_for`` pages. ``new_kv``: this step's token, not yet in
     ``kd``/``v`` (``(k_new, v_new, kd_buffer, v_buffer, pos)``): written by the dim-selection launch before any
     pass reads the cache (``write_new_kv`` in PyTorch for the paths without one). ``bounds``: the page bounds of
-    ``kd`` (``paged.page_bounds``, ``(B, Hkv, 2, D, >= NP)``), needed by ``page_score="bound"``; a ``new_kv`` token
-    is folded into them in the same launch.
+    ``kd`` (``paged.page_bounds`` of ``config.bound_page`` tokens, ``(B, Hkv, 2, D, >= NS)``), needed by
+    ``page_score="bound"``; on every path a ``new_kv`` token is folded into them (in the same launch where the
+    selection is fused).
     Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 5 (dim selection,
     page scores, page selection, exact pass, combine; 4 with ``fold_select``); token top-T 4 (selection,
     scoring, exact pass, combine).
@@ -1369,6 +1380,9 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
             raise ValueError("page top-T needs the in-kernel selection: gqa='group', bf16 q, power-of-two head_dim 16..256")
         if config.page_score == "bound" and bounds is None:
             raise ValueError("page_score='bound' ranks pages by the cache's page bounds: pass bounds= (paged.page_bounds)")
+        if bounds is not None and config.page_score != "bound" and new_kv is not None:
+            _write_with_bounds(new_kv, proj, bounds, config)
+            new_kv = None
         return launch_pages(q, proj, kd, v, config.dims, config.token_ratio, scale, config.page,
                             score_block=config.score_block, score_warps=config.score_warps,
                             score_stages=config.score_stages, attend_warps=config.attend_warps,
@@ -1378,12 +1392,12 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
                             bounds=bounds if config.page_score == "bound" else None, bound_block=config.bound_block,
                             bound_page=config.bound_page)
     if new_kv is not None and (config.prologue or config.token_ratio is not None):
-        write_new_kv(new_kv, proj)
+        _write_with_bounds(new_kv, proj, bounds, config)
         new_kv = None
     if config.token_ratio is None and fused and config.prologue:
         return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages or 3,
                                  config.waves or 4.0, config.pdl)
-    sel, full_rows = select_for_kernels(q, proj, config, new_kv)
+    sel, full_rows = select_for_kernels(q, proj, config, new_kv, bounds)
     if config.token_ratio is None:
         return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, dims_stages(config, kd), dims_waves(config, kd), full_rows,
                            config.pdl)

@@ -94,12 +94,13 @@ def page_bounds(kd: torch.Tensor, page: int, length: int | None = None) -> torch
     projected dim the minimum ([:, :, 0]) and the maximum ([:, :, 1]) over the page's first ``length`` tokens
     (exact: a min or max of bf16 values is one of them). What the cache keeps beside the keys for ``"bound"``."""
     length = kd.shape[-1] if length is None else length
-    n_pages = -(-length // page)
-    rows = kd[..., :length].float()
-    pad = n_pages * page - length
-    lo = torch.nn.functional.pad(rows, (0, pad), value=float("inf")).unflatten(-1, (n_pages, page)).amin(-1)
-    hi = torch.nn.functional.pad(rows, (0, pad), value=float("-inf")).unflatten(-1, (n_pages, page)).amax(-1)
-    return torch.stack([lo, hi], 2).to(kd.dtype)
+    full = length // page
+    whole = kd[..., : full * page].unflatten(-1, (full, page))  # no copy: a cache fill bounds 32 layers of keys
+    lo, hi = [whole.amin(-1)], [whole.amax(-1)]
+    if length > full * page:
+        lo.append(kd[..., full * page : length].amin(-1, keepdim=True))
+        hi.append(kd[..., full * page : length].amax(-1, keepdim=True))
+    return torch.stack([torch.cat(lo, -1), torch.cat(hi, -1)], 2)
 
 
 def update_page_bounds(bounds: torch.Tensor, kd: torch.Tensor, pos: int, page: int) -> None:

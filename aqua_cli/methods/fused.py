@@ -321,7 +321,6 @@ class DecodeHook(ProjectionHook):
                 deferred: tuple[torch.Tensor, torch.Tensor, int] | None = None,
                 bounds: torch.Tensor | None = None) -> torch.Tensor:
         from ..kernels.decode import DecodeConfig, aqua_decode
-        from ..kernels.paged import update_page_bounds
 
         batch, q_heads, _, dim = query.shape
         length = key.shape[-1]
@@ -335,12 +334,9 @@ class DecodeHook(ProjectionHook):
             config = self._configs[setting] = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page,
                                                        page_score=self.page_score, bound_page=self.bound_page, **launch)
         new_kv = None if deferred is None else (deferred[0], deferred[1], key, value, deferred[2])
-        by_bound = ratio is not None and self.page_score == "bound"
         out = aqua_decode(query[:, :, 0], None, value, key, self._projection_on(query.device), config,
                           scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages, new_kv=new_kv,
-                          bounds=bounds if by_bound else None)
-        if bounds is not None and deferred is not None and not by_bound:  # the launch wrote the key but not its bound
-            update_page_bounds(bounds, key, deferred[2], self.bound_page or self.page)
+                          bounds=bounds)  # the deferred token lands in the bounds too, whichever path runs
         return out[:, None]  # (B, 1, Hq, D)
 
     @staticmethod
