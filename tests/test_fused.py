@@ -120,7 +120,8 @@ def test_page_keep_sinks_recent_and_budget():
     assert keep[:8].all() and keep[16:20].all() and not keep[20:].any()
 
 
-@pytest.mark.parametrize("score", [{}, {"page_score": "bound"}, {"page_score": "bound", "bound_page": 4}])
+@pytest.mark.parametrize("score", [{}, {"page_score": "bound"}, {"page_score": "bound", "bound_page": 4},
+                                   {"page_score": "bound", "rerank": 2}])
 def test_prefill_aqua_equals_token_by_token_decoding(full, score):
     """prefill="aqua" scores every prompt position as its own decode step would: one forward gives the logits
     that decoding token by token through the cache gives (what makes it a quality measure of the decode path);
@@ -178,7 +179,7 @@ def test_capacity_grows_unless_fixed(full):
     ({"token_ratio": 1.5}, "outside"), ({"page": 24}, "power of two"), ({"sink_pages": -1}, "0 or more"),
     ({"max_tokens": 0}, "at least 1"), ({"prefill": "fast"}, "prefill"), ({"kv_dims": 0}, "kv-dims"),
     ({"page_score": "mean"}, "page score"), ({"page_score": "bound", "bound_page": 48}, "bound_page"),
-    ({"bound_page": 16}, "bound_page applies"),
+    ({"bound_page": 16}, "bound_page and rerank apply"), ({"page_score": "bound", "rerank": -1}, "rerank must be"),
 ])
 def test_bad_settings_are_refused(full, kwargs, needle):
     _, _, art = full
@@ -217,7 +218,8 @@ def real_shape_gpu_model(head_scale: float = 1.0):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("ratio, score", [(None, {}), (1 / 8, {}), (1 / 8, {"page_score": "bound", "bound_page": 16})])
+@pytest.mark.parametrize("ratio, score", [(None, {}), (1 / 8, {}), (1 / 8, {"page_score": "bound", "bound_page": 16}),
+                                          (1 / 16, {"page_score": "bound", "rerank": 3})])
 def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio, score):
     """bf16 on the GPU, a model with real head_dim (128) and GQA 4: decode steps through the fused kernels
     give the logits of the PyTorch path on the same cache, to bf16 tolerance. (With 1 recent page instead of

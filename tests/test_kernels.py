@@ -391,6 +391,13 @@ def test_bound_kernels_match_reference(shape):
                                           bound_page=sub)
         out = aqua_decode(q, None, v, kd, proj, cfg, sink_pages=1, recent_pages=2, bounds=bnd)
         assert torch.isfinite(out).all() and rel(out, ref) < 3e-2
+        for rerank in (2, 4):  # candidates by bound, re-ranked by max
+            ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 16, 64, sink_pages=1, recent_pages=2,
+                                              scoring="bound", bound_page=sub, rerank=rerank)
+            rcfg = DecodeConfig(dims, token_ratio=1 / 16, granularity="pages", page=64, page_score="bound", bound_page=sub,
+                                rerank=rerank)
+            out = aqua_decode(q, None, v, kd, proj, rcfg, sink_pages=1, recent_pages=2, bounds=bnd)
+            assert torch.isfinite(out).all() and rel(out, ref) < 3e-2, rerank
     with pytest.raises(ValueError, match="bounds"):
         aqua_decode(q, None, v, kd, proj, cfg)
     for pos in (length - 1, 64 * (length // 64)):  # into a page, onto a fresh page
@@ -563,6 +570,12 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
                                               recent_pages=1, bound_page=sub)
             cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound", bound_block=8,
                                   bound_page=sub)
+            assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg, sink_pages=1, recent_pages=1, bounds=bnd), ref) < 3e-2
+            # the 2 x budget best by bound, re-ranked by their tokens' max score
+            ref = aqua_decode_pages_reference(q, k, v, kd, proj, dims, 1 / 4, 16, scoring="bound", sink_pages=1,
+                                              recent_pages=1, bound_page=sub, rerank=2)
+            cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound", bound_block=8,
+                                  bound_page=sub, rerank=2)
             assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg, sink_pages=1, recent_pages=1, bounds=bnd), ref) < 3e-2
 # the new token folded into its page's bounds by the same launch (on a fresh page at L = 49; sub-pages of 8 at L = 70)
 for b, hq, hk, L, D, sub in [(2, 4, 2, 70, 64, 16), (1, 8, 1, 49, 32, 16), (2, 4, 2, 70, 64, 8)]:

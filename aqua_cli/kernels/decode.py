@@ -486,7 +486,7 @@ def _page_score_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
         if arrived == tl.num_programs(1) - 1:
-            _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
+            _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE, NPP, False)
             tl.store(CNTR + bh, 0)
 
 
@@ -542,13 +542,51 @@ def _page_select_kernel(
     LIST,  # (B*Hkv, NSEL) int32 out: chosen pages, ascending (a partial last page, if chosen, is last)
     NFULL,  # (B*Hkv,) int32 out: how many chosen pages are full (the rest: the partial last page)
     NP, NSEL, L, SINKS, RECENT,
-    PAGE: tl.constexpr, NPP: tl.constexpr, GDC: tl.constexpr,
+    PAGE: tl.constexpr, NPP: tl.constexpr, GDC: tl.constexpr, MARK: tl.constexpr = False,
 ):
     """Dims + top-T pages, pass 2: the NSEL chosen pages of one KV group (``_select_pages``), written compactly
-    by a scatter."""
+    by a scatter. ``MARK``: candidates of a re-rank -- also set the scores of the free pages not chosen to -inf."""
     _gdc(GDC)
     _gdc_late(GDC)  # here at the start (its stores are inside ``_select_pages``): as measured, one program a group
-    _select_pages(PSC, LIST, NFULL, tl.program_id(0), NP, NSEL, L, SINKS, RECENT, PAGE, NPP)
+    _select_pages(PSC, LIST, NFULL, tl.program_id(0), NP, NSEL, L, SINKS, RECENT, PAGE, NPP, MARK)
+
+
+@_jit
+def _rerank_score_kernel(
+    Q, IDX,  # as _page_score_kernel
+    KD,  # projected keys, as _page_score_kernel
+    LIST,  # (B*Hkv, NC) int32 candidate pages (``_page_select_kernel`` with MARK)
+    PSC,  # (B*Hkv, NP) float32 in/out: each candidate's score becomes its tokens' max approximate logit
+    L, K, NP, NC, per_split, HKV,
+    s_kb, s_kh, s_kp, s_kd,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, PAGE: tl.constexpr, GDC: tl.constexpr,
+):
+    """Dims + top-T pages by bound, re-ranked: the candidates' scores as ``_page_score_kernel`` computes them
+    (the max over a page's tokens and the group's heads of the approximate logits), read from the kept dims of
+    the candidate pages only."""
+    _gdc(GDC)
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, GP)
+    gmask = offs_g < G
+    offs_j = tl.arange(0, KP)
+    jmask = offs_j < K
+    offs_t = tl.arange(0, PAGE)
+    idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
+    q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=gmask[:, None] & jmask[None, :], other=0.0)
+    kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + idx[:, None] * s_kd
+    s0 = split * per_split
+    s1 = tl.minimum(s0 + per_split, NC)
+    _gdc_late(GDC)
+    for i in range(s0, s1):
+        pg = tl.load(LIST + bh * NC + i)
+        tmask = pg * PAGE + offs_t < L
+        kd = tl.load(kbase + pg.to(tl.int64) * s_kp + offs_t[None, :], mask=jmask[:, None] & tmask[None, :], other=0.0)
+        sc = _dot(q, kd)  # (GP, PAGE)
+        sc = tl.where(gmask[:, None] & tmask[None, :], sc, float("-inf"))
+        tl.store(PSC + bh * NP + pg, tl.max(tl.max(sc, 1), 0))
 
 
 @_jit
@@ -560,7 +598,9 @@ def _top_band(x, valid, K, FAN: tl.constexpr, ITERS: tl.constexpr):
     Float compares, no int64 keys: a round is one (FAN, N) comparison and a reduction. Measured on an H100
     (.dbg-style sweep, 8 groups x 2048 pages): FAN 8 x 8 rounds 9.1 us, 16 x 6 10.7 us, 4 x 16 10.0 us,
     32 x 5 14.6 us (8 warps); 512 pages: 5.1 us at 4 warps."""
-    lo = tl.min(tl.where(valid, x, float("inf")), 0)  # count(x >= lo) >= K
+    # count(x >= lo) >= K: the least finite value (a re-rank's candidates leave -inf on the other pages; at least K
+    # values are finite wherever this runs)
+    lo = tl.min(tl.where(valid & (x > float("-inf")), x, float("inf")), 0)
     hi = tl.max(tl.where(valid, x, float("-inf")), 0)  # count(x > hi) == 0 < K
     xs = tl.where(valid, x, float("-inf"))
     frac = (tl.arange(0, FAN) + 1).to(tl.float32) / FAN
@@ -579,7 +619,8 @@ def _top_band(x, valid, K, FAN: tl.constexpr, ITERS: tl.constexpr):
 
 
 @_jit
-def _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE: tl.constexpr, NPP: tl.constexpr):
+def _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE: tl.constexpr, NPP: tl.constexpr,
+                  MARK: tl.constexpr):
     """The NSEL chosen pages, ascending: the first SINKS and the last RECENT pages (forced, written directly),
     and the best of the pages between them by score (``_top_band``: ties to the lower page). Only those free
     pages enter the search (``NPP`` = ``select_width``): at 128K + 1 tokens, 2041 free of 2049 pages fit a
@@ -594,6 +635,8 @@ def _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE: tl.con
     pos = s + tl.cumsum(keep.to(tl.int32), 0) - 1
     out = LIST + bh * NSEL
     tl.store(out + pos, s + offs_p, mask=keep)
+    if MARK:
+        tl.store(PSC + bh * NP + s + offs_p, tl.full([NPP], float("-inf"), tl.float32), mask=free & ~keep)
     offs_f = tl.arange(0, 16)
     for c in range(0, s, 16):  # sinks: slots [0, s)
         tl.store(out + c + offs_f, c + offs_f, mask=c + offs_f < s)
@@ -1083,10 +1126,10 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
 
 def launch_bound_scores(q: torch.Tensor, proj: torch.Tensor, bounds: torch.Tensor, dims: int, page: int, length: int,
                         block: int = 128, num_warps: int = 4, waves: float = 2.0, new_kv: NewKV | None = None,
-                        pdl: bool | None = None, bound_page: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        pdl: bool | None = None, bound_page: int | None = None) -> tuple[torch.Tensor, ...]:
     """Dim selection and pass 1 of page top-T by bound (2 launches): ``(B*Hkv, NP)`` float32 page scores (the
-    bound of ``paged.bound_scores``, max over the group's heads and the page's sub-pages) and the
-    ``(B*Hkv, G, D)`` projected queries. ``bounds`` ``(B, Hkv, 2, D, >= NS)``: ``paged.page_bounds`` of sub-pages of
+    bound of ``paged.bound_scores``, max over the group's heads and the page's sub-pages), the ``(B*Hkv, G, D)``
+    projected queries, and the selection (``launch_select_dims``'s queries and dims) for a re-rank. ``bounds`` ``(B, Hkv, 2, D, >= NS)``: ``paged.page_bounds`` of sub-pages of
     ``bound_page`` tokens (default ``page``); ``new_kv`` also folds the token into them. ``block``: sub-pages a
     step."""
     _need_triton()
@@ -1117,7 +1160,29 @@ def launch_bound_scores(q: torch.Tensor, proj: torch.Tensor, bounds: torch.Tenso
         bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
         G=rep, GP=_gp(rep), KP=_kp(dims), BNP=bnp, R=ratio, num_warps=num_warps, **_pdl_opts(pdl),
     )
-    return pscores, qf
+    return pscores, qf, qsel, idx
+
+
+def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: torch.Tensor, rep: int, dims: int,
+            page: int, length: int, n_cand: int, sinks: int, recent: int, pdl: bool) -> None:
+    """Replace the bound scores by the candidates' max scores (every other free page at -inf), in place: the
+    candidates' selection, then their scores from the kept dims of their keys (``qsel``, ``idx``: the dim
+    selection's outputs)."""
+    groups = kd.shape[1]
+    bh, n_pages = pscores.shape
+    device = pscores.device
+    cands = torch.empty(bh, n_cand, device=device, dtype=torch.int32)
+    nfull = torch.empty(bh, device=device, dtype=torch.int32)
+    npp = select_width(n_pages, sinks, recent)
+    _page_select_kernel[(bh,)](pscores, cands, nfull, n_pages, n_cand, length, sinks, recent, PAGE=page, NPP=npp, MARK=True,
+                               num_warps=8 if npp >= 1024 else 4, **_pdl_opts(pdl))
+    s_kb, s_kh, s_kp, s_kd, _ = kd_layout(kd, page)
+    splits = max(1, min(n_cand, -(-int(2 * _sms(device)) // bh)))
+    per = -(-n_cand // splits)
+    _rerank_score_kernel[(bh, -(-n_cand // per))](
+        qsel, idx, kd, cands, pscores, length, dims, n_pages, n_cand, per, groups, s_kb, s_kh, s_kp, s_kd,
+        G=rep, GP=_gp(rep), KP=_kp(dims), PAGE=page, num_warps=4, **_pdl_opts(pdl),
+    )
 
 
 def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, token_ratio: float,
@@ -1126,14 +1191,16 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
                  attend_waves: float = 2.0, fold_select: bool = False, sink_pages: int = 0,
                  recent_pages: int = 0, score_waves: float | None = None, new_kv: NewKV | None = None,
                  pdl: bool | None = None, bounds: torch.Tensor | None = None, bound_block: int = 128,
-                 bound_page: int | None = None) -> torch.Tensor:
+                 bound_page: int | None = None, rerank: int = 0) -> torch.Tensor:
     """Dims + top-T pages: 5 launches (select dims, score pages, select pages, exact pass over them, combine;
     4 with ``fold_select``: the scoring pass's last program per KV group selects the pages).
     The keys are read only from ``kd`` (see ``kd_layout``): no token-major copy. ``length`` defaults to
     ``v.shape[2]`` (token-major values) and must be given for paged values. ``sink_pages``/``recent_pages``:
     the first and the last pages are always kept, on top of the ``pages_for`` best (as
     ``paged.select_pages_forced``). ``bounds`` (``paged.page_bounds``): rank the pages by their bound
-    (``launch_bound_scores``) instead of their tokens' max score; ``fold_select`` does not apply."""
+    (``launch_bound_scores``) instead of their tokens' max score; ``fold_select`` does not apply; ``rerank`` > 0:
+    the ``rerank`` x budget best pages by bound are candidates, ranked by their tokens' max score (2 more launches:
+    the candidates' selection and their scores)."""
     _need_triton()
     from .paged import n_forced, pages_for
 
@@ -1159,8 +1226,11 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
         score_waves = 2.0 if bh <= 16 else waves
     if bounds is not None:
         fold_select = False
-        pscores, qf = launch_bound_scores(q, proj, bounds, dims, page, length, bound_block, score_warps, score_waves,
-                                          new_kv, pdl, bound_page)
+        pscores, qf, qsel, idx = launch_bound_scores(q, proj, bounds, dims, page, length, bound_block, score_warps,
+                                                     score_waves, new_kv, pdl, bound_page)
+        n_cand = min(n_pages, rerank * pages_for(token_ratio, length, page) + n_forced(n_pages, sink_pages, recent_pages))
+        if rerank > 0 and n_cand > n_sel:
+            _rerank(qsel, idx, kd, pscores, rep, dims, page, length, n_cand, sink_pages, recent_pages, pdl)
     else:
         pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, score_waves,
                                          (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None, new_kv, pdl)
@@ -1289,6 +1359,7 @@ class DecodeConfig:
     # cache's per-page min and max, ``paged.page_bounds``: reads a 32nd of the bytes at pages of 64; pass ``bounds=``)
     bound_block: int = 128  # sub-pages per step of the bound scoring kernel
     bound_page: int | None = None  # tokens one bound covers (a power-of-two divisor of ``page``; None: ``page``)
+    rerank: int = 0  # "bound": re-rank the rerank x budget best pages by bound by their tokens' max score (0: off)
     pdl: bool | None = None  # programmatic dependent launch between the step's kernels (``use_pdl``; None: where it exists)
 
     def __post_init__(self) -> None:
@@ -1390,7 +1461,7 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
                             fold_select=config.fold_select, sink_pages=sink_pages, recent_pages=recent_pages,
                             score_waves=config.score_waves, new_kv=new_kv, pdl=config.pdl,
                             bounds=bounds if config.page_score == "bound" else None, bound_block=config.bound_block,
-                            bound_page=config.bound_page)
+                            bound_page=config.bound_page, rerank=config.rerank)
     if new_kv is not None and (config.prologue or config.token_ratio is not None):
         _write_with_bounds(new_kv, proj, bounds, config)
         new_kv = None

@@ -179,22 +179,29 @@ def expand_pages(mask: torch.Tensor, page: int, length: int) -> torch.Tensor:
 
 def aqua_decode_pages_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kd: torch.Tensor, proj: torch.Tensor,
                                 dims: int, token_ratio: float, page: int = 64, gqa: str = "group", sink_pages: int = 0,
-                                recent_pages: int = 0, scoring: str = "max", bound_page: int | None = None) -> torch.Tensor:
+                                recent_pages: int = 0, scoring: str = "max", bound_page: int | None = None,
+                                rerank: int = 0) -> torch.Tensor:
     """Dims + top-T pages for one decode step; ``(B, Hq, D)``. Shapes as ``aqua_decode_reference``. The exact
     pass uses the original ``q``, ``k`` (equal to the projected ones for an orthogonal ``P``). ``sink_pages``,
     ``recent_pages``: always kept, on top of the best ``pages_for`` pages. ``scoring``: "max" or "bound"
-    (module docstring); ``bound_page``: tokens a bound covers (``check_bound_page``)."""
+    (module docstring); ``bound_page``: tokens a bound covers (``check_bound_page``); ``rerank`` (with "bound"):
+    the ``rerank`` x budget best pages by bound (and the forced ones) are candidates, ranked by "max"."""
     batch, q_heads, dim = q.shape
     groups, length = k.shape[1], k.shape[2]
     scale = dim ** -0.5
     qp = project_queries(q, proj).to(q.dtype)
     idx, count, qsel = select_dims(qp, dims, gqa)
+    budget = pages_for(token_ratio, length, page)
     if check_page_score(scoring) == "bound":
         sub = check_bound_page(page, bound_page)
         pscores = pool_pages(bound_scores(qsel, idx, count, page_bounds(kd, sub, length)).amax(2), page // sub)
+        if rerank > 0:
+            cands = select_pages_forced(pscores, rerank * budget, sink_pages, recent_pages)
+            best = page_scores(approx_logits(qsel, idx, count, kd).amax(2), page)
+            pscores = best.masked_fill(~cands, float("-inf"))
     else:
         pscores = page_scores(approx_logits(qsel, idx, count, kd).amax(2), page)  # (B, Hkv, NP)
-    mask = select_pages_forced(pscores, pages_for(token_ratio, length, page), sink_pages, recent_pages)
+    mask = select_pages_forced(pscores, budget, sink_pages, recent_pages)
     keep = expand_pages(mask, page, length)  # (B, Hkv, L)
     exact = q.float().view(batch, groups, -1, dim) @ k.float().transpose(-1, -2) * scale
     probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)

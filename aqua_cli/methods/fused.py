@@ -241,28 +241,42 @@ def page_keep(scores: torch.Tensor | None, visible: torch.Tensor, ratio: float, 
     """Token keep-mask ``(B, G, Q, L)`` of top-T by pages: per query, the first ``sinks`` and the last
     ``recent`` visible pages, and on top of them the ``ceil(ratio * visible / page)`` visible pages of highest
     max score. ``scores`` ``(B, G, Q, L)`` with ``-inf`` where not visible; or ``pscores`` ``(B, G, Q, NP)``, page
-    scores already cut from each row's first visible key (``paged.prefix_bound_scores``)."""
+    scores already cut from each row's first visible key (``ordered_page_scores``, ``paged.prefix_bound_scores``)."""
     from ..kernels.reference import put_back, take, visible_order
 
     order = visible_order(visible)  # pages cut from each row's first visible key, as the row alone would
-    visible_rows = take(visible, order)
-    length = visible.shape[-1]
-    n_pages = -(-length // page)
     if pscores is None:
-        scores = take(scores, order)
-        padded = torch.nn.functional.pad(scores, (0, n_pages * page - length), value=float("-inf"))
-        pscores = padded.view(*scores.shape[:-1], n_pages, page).amax(-1)  # (B, G, Q, NP)
+        pscores = ordered_page_scores(scores, visible, page)
+    keep_pages = best_pages(pscores, visible, ratio, page, sinks, recent)
+    keep = keep_pages.repeat_interleave(page, dim=-1)[..., : visible.shape[-1]] & take(visible, order)
+    return put_back(keep, order)
+
+
+def ordered_page_scores(scores: torch.Tensor, visible: torch.Tensor, page: int) -> torch.Tensor:
+    """``(B, G, Q, NP)`` max token score per page, pages cut from each row's first visible key."""
+    from ..kernels.reference import take, visible_order
+
+    scores = take(scores, visible_order(visible))
+    length = scores.shape[-1]
+    n_pages = -(-length // page)
+    padded = torch.nn.functional.pad(scores, (0, n_pages * page - length), value=float("-inf"))
+    return padded.view(*scores.shape[:-1], n_pages, page).amax(-1)
+
+
+def best_pages(pscores: torch.Tensor, visible: torch.Tensor, ratio: float, page: int, sinks: int, recent: int,
+               times: int = 1) -> torch.Tensor:
+    """Page keep-mask ``(B, G, Q, NP)`` (pages as ``ordered_page_scores`` cuts them): the forced pages, and
+    ``times`` x ``ceil(ratio * visible / page)`` of the others by score."""
+    n_pages = pscores.shape[-1]
     seen = visible.sum(-1)  # (B, 1, Q) visible keys (a prefix, causal)
     last = (seen - 1).clamp(min=0) // page  # the page holding the newest visible key
     idx = torch.arange(n_pages, device=visible.device)
     forced = (idx < sinks) | ((idx <= last[..., None]) & (idx > last[..., None] - recent))
     pscores = torch.where(forced & (pscores > float("-inf")), torch.full_like(pscores, float("inf")), pscores)
-    budget = torch.clamp(torch.ceil(ratio * seen.float() / page), min=1).long()  # (B, 1, Q)
+    budget = times * torch.clamp(torch.ceil(ratio * seen.float() / page), min=1).long()  # (B, 1, Q)
     budget = budget + (forced & (idx <= last[..., None])).sum(-1)  # the forced pages come on top
     rank = torch.sort(pscores, dim=-1, descending=True, stable=True).indices.argsort(-1)
-    keep_pages = rank < budget[..., None]
-    keep = keep_pages.repeat_interleave(page, dim=-1)[..., :length] & visible_rows
-    return put_back(keep, order)
+    return rank < budget[..., None]
 
 
 @dataclass
@@ -280,6 +294,7 @@ class DecodeHook(ProjectionHook):
     query_chunk: int = 512  # queries per score block in the PyTorch path: bounds memory at long prefill
     page_score: str = "max"
     bound_page: int | None = None
+    rerank: int = 0
     calls: dict[str, int] = field(default_factory=lambda: {"kernel": 0, "reference": 0, "prefill": 0}, repr=False)
     _configs: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
@@ -332,7 +347,8 @@ class DecodeHook(ProjectionHook):
         config = self._configs.get(setting)
         if config is None:  # built once per setting: this runs in every layer of every decode step
             config = self._configs[setting] = DecodeConfig(dims=dims, token_ratio=ratio, granularity="pages", page=self.page,
-                                                       page_score=self.page_score, bound_page=self.bound_page, **launch)
+                                                       page_score=self.page_score, bound_page=self.bound_page,
+                                                       rerank=self.rerank, **launch)
         new_kv = None if deferred is None else (deferred[0], deferred[1], key, value, deferred[2])
         out = aqua_decode(query[:, :, 0], None, value, key, self._projection_on(query.device), config,
                           scale=scale, sink_pages=self.sink_pages, recent_pages=self.recent_pages, new_kv=new_kv,
@@ -386,6 +402,10 @@ class DecodeHook(ProjectionHook):
                 sub = self.bound_page or self.page
                 pscores = pool_pages(prefix_bound_scores(kept, kd[:, :, 0].transpose(-1, -2), visible[:, :, 0], sub),
                                      self.page // sub)
+                if self.rerank > 0:  # the best rerank x budget pages by bound, ranked by their tokens' max score
+                    cands = best_pages(pscores, visible[:, :, 0], self.token_ratio, self.page, self.sink_pages,
+                                       self.recent_pages, self.rerank)
+                    pscores = ordered_page_scores(approx.amax(2), visible[:, :, 0], self.page).masked_fill(~cands, float("-inf"))
             keep = page_keep(approx.amax(2), visible[:, :, 0], self.token_ratio, self.page, self.sink_pages, self.recent_pages,
                              pscores)
             exact = (qp @ kd) * scale
@@ -432,7 +452,8 @@ class AquaDecode(Aqua):
     ``page_score``: how top-T ranks pages, "max" (their tokens' best approximate logit: reads the kept dims of
     every key) or "bound" (Quest's bound from the per-page min and max of the projected keys, which the cache
     then keeps: reads 2 values a kept dim per ``bound_page`` tokens, default ``page``; faster, coarser: see
-    docs/decode.md for both on SmolLM2). Pass ``new_cache()`` as ``past_key_values``.
+    docs/decode.md for both on SmolLM2); ``rerank`` (with "bound"): the ``rerank`` x budget best pages by bound
+    are ranked again by "max", which reads only their keys. Pass ``new_cache()`` as ``past_key_values``.
     """
 
     token_ratio: float | None = None
@@ -447,6 +468,7 @@ class AquaDecode(Aqua):
     query_chunk: int = 512
     page_score: str = "max"
     bound_page: int | None = None
+    rerank: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -462,8 +484,10 @@ class AquaDecode(Aqua):
             raise ConfigError(f"page must be a power of two >= 16, got {self.page}")
         if self.page_score == "bound":
             self.bound_page = check_bound_page(self.page, self.bound_page)
-        elif self.bound_page is not None:
-            raise ConfigError("bound_page applies to page_score='bound'")
+        elif self.bound_page is not None or self.rerank:
+            raise ConfigError("bound_page and rerank apply to page_score='bound'")
+        if self.rerank < 0:
+            raise ConfigError(f"rerank must be 0 (off) or more, got {self.rerank}")
         if self.sink_pages < 0 or self.recent_pages < 0:
             raise ConfigError("sink_pages and recent_pages must be 0 or more")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -484,7 +508,8 @@ class AquaDecode(Aqua):
         return DecodeHook(projection, self.dims, self.mode, kv_dims=self.m, state=state, token_ratio=self.token_ratio,
                           page=self.page, sink_pages=self.sink_pages, recent_pages=self.recent_pages,
                           kernels=self.kernels, hybrid=self.hybrid, prefill=self.prefill,
-                          query_chunk=self.query_chunk, page_score=self.page_score, bound_page=self.bound_page)
+                          query_chunk=self.query_chunk, page_score=self.page_score, bound_page=self.bound_page,
+                          rerank=self.rerank)
 
     def layer_hooks(self, model: torch.nn.Module) -> list[AttentionHook]:
         self.states = []
@@ -505,5 +530,5 @@ class AquaDecode(Aqua):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "kv_dims": self.kv_dims, "token_ratio": self.token_ratio, "page": self.page,
                 "sink_pages": self.sink_pages, "recent_pages": self.recent_pages, "page_score": self.page_score,
-                "bound_page": self.bound_page}
+                "bound_page": self.bound_page, "rerank": self.rerank}
 
