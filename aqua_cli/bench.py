@@ -132,6 +132,7 @@ class BenchConfig:
     rotate_bytes: int = 256 << 20
     seed: int = 0
     bound_page: int | None = None  # tokens a bound covers in the aqua-bounds rows (None: the page of 64)
+    rerank: int = 4  # aqua-rerank rows: candidates by bound per kept page, re-ranked by max (0: no such rows)
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -237,6 +238,16 @@ def decode_impls(config: BenchConfig, shape: AttnShape, dims: int, proj: torch.T
                                     bound_page=sub)
                 impls[f"aqua-bounds-1/{round(1 / ratio)}"] = (
                     lambda x, c=bcfg: aqua_decode(x.q, None, x.v, x.kd, proj, c, bounds=x.bounds), bextra)
+                if config.rerank > 0:  # ... the best of them by bound re-ranked by max
+                    rextra = {**bextra, "rerank": config.rerank}
+                    if run_ref:
+                        impls[f"reference-rerank-1/{round(1 / ratio)}"] = (
+                            lambda x, r=ratio: aqua_decode_pages_reference(x.q, x.k, x.v, x.kd, proj, dims, r, 64, scoring="bound",
+                                                                           bound_page=sub, rerank=config.rerank), rextra)
+                    rcfg = DecodeConfig(dims, config.gqa, ratio, config.select_block, granularity="pages", page=64,
+                                        page_score="bound", bound_page=sub, rerank=config.rerank)
+                    impls[f"aqua-rerank-1/{round(1 / ratio)}"] = (
+                        lambda x, c=rcfg: aqua_decode(x.q, None, x.v, x.kd, proj, c, bounds=x.bounds), rextra)
     return impls
 
 
@@ -275,7 +286,7 @@ def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torc
             if extra.get("granularity") == "pages":  # whole pages are read: the bytes of the pages chosen
                 model["aqua_bytes"] = float(pages_bytes(config.batch, shape.num_kv_heads, seq, dims, shape.head_dim, ratio,
                                                         extra["page"], elem, extra.get("page_score", "max"),
-                                                        extra.get("bound_page")))
+                                                        extra.get("bound_page"), extra.get("rerank", 0)))
                 model["byte_bound_speedup"] = model["dense_bytes"] / model["aqua_bytes"]
             moved = model["dense_bytes"] if name == "dense" else model["aqua_bytes"]
             row = {

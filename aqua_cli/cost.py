@@ -21,14 +21,16 @@ def dims_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, elem
 
 
 def pages_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, page: int, elem: int = 2,
-                page_score: str = "max", bound_page: int | None = None) -> int:
+                page_score: str = "max", bound_page: int | None = None, rerank: int = 0) -> int:
     """Bytes dims + top-T *pages* must read: ``dims`` projected dims of every key (``page_score="bound"``: a
-    minimum and a maximum of each dim per ``bound_page`` tokens instead, default a page), then the chosen pages of
-    the projected keys and of the values."""
+    minimum and a maximum of each dim per ``bound_page`` tokens instead, default a page, and with ``rerank`` the
+    kept dims of ``rerank`` x the chosen pages), then the chosen pages of the projected keys and of the values."""
     from .kernels.paged import pages_for
 
     tokens = min(length, pages_for(ratio, length, page) * page)
-    scored = 2 * -(-length // (bound_page or page)) if page_score == "bound" else length
+    scored = length
+    if page_score == "bound":
+        scored = 2 * -(-length // (bound_page or page)) + min(length, rerank * tokens)
     return batch * kv_heads * (scored * dims + 2 * tokens * dim) * elem
 
 

@@ -127,6 +127,7 @@ class E2EConfig:
     page: int = 64
     page_scores: list[str] = field(default_factory=lambda: ["max"])  # top-T rows: "max" (aqua-topt), "bound" (aqua-topt-bound)
     bound_page: int | None = None  # "bound": tokens a bound covers (None: the page)
+    rerank: int = 0  # "bound": candidates per kept page re-ranked by max (0: off)
     model: str | None = None
     layers: int | None = None
     device: str = "cuda"
@@ -311,7 +312,8 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
                     bound = impl.endswith("-bound")
                     method = AquaDecode(art, k=k, token_ratio=ratio, kv_dims=config.kv_dims, page=config.page,
                                         max_tokens=capacity, hybrid=config.hybrid, page_score="bound" if bound else "max",
-                                        bound_page=config.bound_page if bound else None)(model)
+                                        bound_page=config.bound_page if bound else None,
+                                        rerank=config.rerank if bound else 0)(model)
                 try:
                     gc.collect()  # the previous path's cache (a layer and its state refer to each other)
                     if device.type == "cuda":
@@ -348,7 +350,8 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
             "model": getattr(model_config, "_name_or_path", None) or config.model, "shape": shape,
             "dtype": str(dtype), "sdpa_backend": "flash or efficient (pinned)" if device.type == "cuda" else "default",
             "cuda_graphs": config.graphs and device.type == "cuda", "steps": config.steps, "warmup": config.warmup, "hybrid": config.hybrid,
-            "page": config.page, "kv_dims": config.kv_dims, "bound_page": config.bound_page or config.page}
+            "page": config.page, "kv_dims": config.kv_dims, "bound_page": config.bound_page or config.page,
+            "rerank": config.rerank}
     return rows, info
 
 

@@ -46,6 +46,7 @@ def bench(
     kv_dims: Annotated[float, typer.Option("--kv-dims", help="e2e: projected key dims stored, a ratio of head_dim (1.0 = all).")] = 1.0,
     page_score: Annotated[str, typer.Option("--page-score", help="e2e: how top-T ranks pages, a comma list of max (their tokens' best score) and bound (Quest's bound from per-page min/max: aqua-topt-bound rows).")] = "max",
     bound_page: Annotated[Optional[int], typer.Option("--bound-page", help="Tokens one page bound covers (a power of two dividing the page of 64; default 64): the aqua-bounds rows, and e2e with --page-score bound.")] = None,
+    rerank: Annotated[int, typer.Option("--rerank", help="The aqua-rerank rows (decode) and e2e with --page-score bound: the RERANK x budget best pages by bound, ranked again by their tokens' max score (0: no re-rank).")] = 4,
     no_graphs: Annotated[bool, typer.Option("--no-graphs", help="e2e: time eager steps instead of CUDA-graph replays of one step (both paths alike).")] = False,
     json_out: JsonOpt = None,
     plot: PlotOpt = None,
@@ -77,16 +78,19 @@ def bench(
     scores = [check_page_score(x.strip()) for x in page_score.split(",") if x.strip()]
     if bound_page is not None:
         check_bound_page(64, bound_page)
+    if rerank < 0:
+        raise ConfigError(f"--rerank must be 0 (off) or more, got {rerank}")
     if phase == "e2e":
         _e2e(seqs, list(batches), ks, ratio_list(tokens, "--tokens"), kv_dims, model, layers, str(dev), dtype, repeats,
-             not no_hybrid, json_out, plot, graphs=not no_graphs, page_scores=scores or ["max"], bound_page=bound_page)
+             not no_hybrid, json_out, plot, graphs=not no_graphs, page_scores=scores or ["max"], bound_page=bound_page,
+             rerank=rerank)
         return
     if len(batches) > 1:
         raise ConfigError("--batch takes one value for --phase decode and prefill (a list only with --phase e2e)")
     batch = batches[0]
     config = BenchConfig(seqs=seqs, batch=batch, ks=ks, phase=phase, device=str(dev), dtype=dtype,
                          token_ratios=ratio_list(tokens, "--tokens"), gqa=gqa, select_block=select_block,
-                         hybrid=not no_hybrid, repeats=repeats, bound_page=bound_page)
+                         hybrid=not no_hybrid, repeats=repeats, bound_page=bound_page, rerank=rerank)
     if gqa not in ("group", "head"):
         raise ConfigError(f"unknown --gqa '{gqa}': use group or head")
     shape = resolve_shape(model)
@@ -111,13 +115,13 @@ def bench(
 
 
 def _e2e(seqs, batches, ks, ratios, kv_dims, model, layers, device, dtype, steps, hybrid, json_out, plot, graphs=True,
-         page_scores=("max",), bound_page=None) -> None:
+         page_scores=("max",), bound_page=None, rerank=0) -> None:
     from ..e2e import E2EConfig, plot_rows, run_e2e
     from ..machine import machine_info
 
     config = E2EConfig(seqs=seqs, batches=batches, ks=ks, token_ratios=ratios, kv_dims=kv_dims, model=model, layers=layers,
                        device=device, dtype=dtype, steps=steps, hybrid=hybrid, graphs=graphs, page_scores=list(page_scores),
-                       bound_page=bound_page)
+                       bound_page=bound_page, rerank=rerank)
     err.print(f"e2e decode: {model or 'llama-3.1-8b'}{f' cut to {layers} layers' if layers else ''}, random weights, "
               f"batch {','.join(map(str, batches))}, seq {seqs[0]}..{seqs[-1]}, {steps} timed steps"
               f"{', CUDA graphs' if graphs and device.startswith('cuda') else ', eager'}")
