@@ -496,11 +496,9 @@ def _bound_score_kernel(
     BND,  # bounds of sub-pages of PAGE // R tokens (``paged.page_bounds``): sub-page c of dim d, minimum at
     # d*s_bd + c, maximum s_bs further
     PSC,  # (B*Hkv, NP) float32 out: page scores (max over the group's heads and the page's R sub-pages)
-    CNTR, LIST, NFULL,  # FOLD: arrival counters (zero, left zero), page selection outputs (as _page_score_kernel)
-    K, NP, NS, pages_per_split, HKV, L, NSEL, SINKS, RECENT,
+    K, NP, NS, pages_per_split, HKV,
     s_bb, s_bh, s_bs, s_bd,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, BNP: tl.constexpr, R: tl.constexpr, GDC: tl.constexpr,
-    FOLD: tl.constexpr = False, PAGE: tl.constexpr = 16, NPP: tl.constexpr = 16, MARK: tl.constexpr = False,
 ):
     """Dims + top-T pages by bound, pass 1: ``sum_i max(q_i lo_i, q_i hi_i)`` over the selected dims as two
     tensor-core dots, ``q+ . hi + q- . lo`` (the positive and negative parts of bf16 values are exact), for the
@@ -536,12 +534,6 @@ def _bound_score_kernel(
         s = tl.where(gmask[:, None] & smask[None, :], s, float("-inf"))
         best = tl.max(tl.reshape(tl.max(s, 0), (BNP, R)), 1)
         tl.store(PSC + bh * NP + pp + offs_p, best, mask=(pp + offs_p) < p1)
-    if FOLD:  # the last program of this KV group to finish selects its pages (or a re-rank's candidates: MARK)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
-        if arrived == tl.num_programs(1) - 1:
-            _select_pages(PSC, LIST, NFULL, bh, NP, NSEL, L, SINKS, RECENT, PAGE, NPP, MARK)
-            tl.store(CNTR + bh, 0)
 
 
 @_jit
@@ -563,15 +555,15 @@ def _page_select_kernel(
 def _rerank_score_kernel(
     Q, IDX,  # as _page_score_kernel
     KD,  # projected keys, as _page_score_kernel
-    LIST,  # (B*Hkv, NC) int32 candidate pages (a page selection with MARK)
+    LIST,  # (B*Hkv, NC) int32 candidate pages (``_page_select_kernel`` with MARK)
     PSC,  # (B*Hkv, NP) float32 in/out: each candidate's score becomes its tokens' max approximate logit
     L, K, NP, NC, per_split, HKV,
     s_kb, s_kh, s_kp, s_kd,
-    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, PAGE: tl.constexpr, CP: tl.constexpr, GDC: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, PAGE: tl.constexpr, GDC: tl.constexpr,
 ):
     """Dims + top-T pages by bound, re-ranked: the candidates' scores as ``_page_score_kernel`` computes them
     (the max over a page's tokens and the group's heads of the approximate logits), read from the kept dims of
-    the candidate pages only, CP pages a step (one gathered tile)."""
+    the candidate pages only."""
     _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -582,23 +574,19 @@ def _rerank_score_kernel(
     offs_j = tl.arange(0, KP)
     jmask = offs_j < K
     offs_t = tl.arange(0, PAGE)
-    offs_c = tl.arange(0, CP)
     idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
     q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=gmask[:, None] & jmask[None, :], other=0.0)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + idx[:, None] * s_kd
     s0 = split * per_split
     s1 = tl.minimum(s0 + per_split, NC)
     _gdc_late(GDC)
-    for i in range(s0, s1, CP):
-        cmask = i + offs_c < s1
-        pg = tl.load(LIST + bh * NC + i + offs_c, mask=cmask, other=0)
-        off = tl.reshape(pg[:, None].to(tl.int64) * s_kp + offs_t[None, :], (CP * PAGE,))
-        tmask = tl.reshape(cmask[:, None] & (pg[:, None] * PAGE + offs_t[None, :] < L), (CP * PAGE,))
-        kd = tl.load(kbase + off[None, :], mask=jmask[:, None] & tmask[None, :], other=0.0)
-        sc = _dot(q, kd)  # (GP, CP * PAGE)
+    for i in range(s0, s1):
+        pg = tl.load(LIST + bh * NC + i)
+        tmask = pg * PAGE + offs_t < L
+        kd = tl.load(kbase + pg.to(tl.int64) * s_kp + offs_t[None, :], mask=jmask[:, None] & tmask[None, :], other=0.0)
+        sc = _dot(q, kd)  # (GP, PAGE)
         sc = tl.where(gmask[:, None] & tmask[None, :], sc, float("-inf"))
-        best = tl.max(tl.reshape(tl.max(sc, 0), (CP, PAGE)), 1)
-        tl.store(PSC + bh * NP + pg, best, mask=cmask)
+        tl.store(PSC + bh * NP + pg, tl.max(tl.max(sc, 1), 0))
 
 
 @_jit
@@ -1138,14 +1126,12 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
 
 def launch_bound_scores(q: torch.Tensor, proj: torch.Tensor, bounds: torch.Tensor, dims: int, page: int, length: int,
                         block: int = 128, num_warps: int = 4, waves: float = 2.0, new_kv: NewKV | None = None,
-                        pdl: bool | None = None, bound_page: int | None = None,
-                        fold: tuple[torch.Tensor, torch.Tensor, int, int, int, bool] | None = None) -> tuple[torch.Tensor, ...]:
+                        pdl: bool | None = None, bound_page: int | None = None) -> tuple[torch.Tensor, ...]:
     """Dim selection and pass 1 of page top-T by bound (2 launches): ``(B*Hkv, NP)`` float32 page scores (the
     bound of ``paged.bound_scores``, max over the group's heads and the page's sub-pages), the ``(B*Hkv, G, D)``
     projected queries, and the selection (``launch_select_dims``'s queries and dims) for a re-rank. ``bounds`` ``(B, Hkv, 2, D, >= NS)``: ``paged.page_bounds`` of sub-pages of
     ``bound_page`` tokens (default ``page``); ``new_kv`` also folds the token into them. ``block``: sub-pages a
-    step. ``fold`` = (list, nfull, n_sel, sinks, recent, mark): the last program of each KV group also selects the
-    pages (``_page_select_kernel``, with ``MARK`` = mark), saving a launch."""
+    step."""
     _need_triton()
     from .paged import check_bound_page
 
@@ -1169,36 +1155,33 @@ def launch_bound_scores(q: torch.Tensor, proj: torch.Tensor, bounds: torch.Tenso
     per_split = -(-steps // splits) * bnp
     splits = -(-n_pages // per_split)
     pscores = torch.empty(bh, n_pages, device=q.device, dtype=torch.float32)
-    if fold is not None:
-        chosen, nfull, n_sel, sinks, recent, mark = fold
-        counters = _counters(bh, q.device)
-    else:
-        chosen = nfull = counters = pscores
-        n_sel, sinks, recent, mark = 1, 0, 0, False
     _bound_score_kernel[(bh, splits)](
-        qsel, idx, bounds, pscores, counters, chosen, nfull, dims, n_pages, n_sub, per_split, groups, length, n_sel, sinks,
-        recent, bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
-        G=rep, GP=_gp(rep), KP=_kp(dims), BNP=bnp, R=ratio, FOLD=fold is not None, PAGE=page,
-        NPP=select_width(n_pages, sinks, recent), MARK=mark, num_warps=num_warps, **_pdl_opts(pdl),
+        qsel, idx, bounds, pscores, dims, n_pages, n_sub, per_split, groups,
+        bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
+        G=rep, GP=_gp(rep), KP=_kp(dims), BNP=bnp, R=ratio, num_warps=num_warps, **_pdl_opts(pdl),
     )
     return pscores, qf, qsel, idx
 
 
-def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: torch.Tensor, cands: torch.Tensor, rep: int,
-            dims: int, page: int, length: int, pdl: bool, per_step: int = 4) -> None:
-    """Replace the candidates' bound scores by their tokens' max score, in place (the other free pages are at -inf
-    already): read from the kept dims of the candidates' keys (``qsel``, ``idx``: the dim selection's outputs),
-    ``per_step`` pages a step."""
+def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: torch.Tensor, rep: int, dims: int,
+            page: int, length: int, n_cand: int, sinks: int, recent: int, pdl: bool) -> None:
+    """Replace the bound scores by the candidates' max scores (every other free page at -inf), in place: the
+    candidates' selection, then their scores from the kept dims of their keys (``qsel``, ``idx``: the dim
+    selection's outputs)."""
     groups = kd.shape[1]
     bh, n_pages = pscores.shape
-    n_cand = cands.shape[1]
+    device = pscores.device
+    cands = torch.empty(bh, n_cand, device=device, dtype=torch.int32)
+    nfull = torch.empty(bh, device=device, dtype=torch.int32)
+    npp = select_width(n_pages, sinks, recent)
+    _page_select_kernel[(bh,)](pscores, cands, nfull, n_pages, n_cand, length, sinks, recent, PAGE=page, NPP=npp, MARK=True,
+                               num_warps=8 if npp >= 1024 else 4, **_pdl_opts(pdl))
     s_kb, s_kh, s_kp, s_kd, _ = kd_layout(kd, page)
-    steps = -(-n_cand // per_step)
-    splits = max(1, min(steps, -(-int(2 * _sms(pscores.device)) // bh)))
-    per = -(-steps // splits) * per_step
+    splits = max(1, min(n_cand, -(-int(2 * _sms(device)) // bh)))
+    per = -(-n_cand // splits)
     _rerank_score_kernel[(bh, -(-n_cand // per))](
         qsel, idx, kd, cands, pscores, length, dims, n_pages, n_cand, per, groups, s_kb, s_kh, s_kp, s_kd,
-        G=rep, GP=_gp(rep), KP=_kp(dims), PAGE=page, CP=per_step, num_warps=4, **_pdl_opts(pdl),
+        G=rep, GP=_gp(rep), KP=_kp(dims), PAGE=page, num_warps=4, **_pdl_opts(pdl),
     )
 
 
@@ -1241,15 +1224,13 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     nfull = torch.empty(bh, device=q.device, dtype=torch.int32)
     if score_waves is None:
         score_waves = 2.0 if bh <= 16 else waves
-    if bounds is not None:  # the scoring launch selects the pages, or a re-rank's candidates
-        n_cand = min(n_pages, rerank * pages_for(token_ratio, length, page) + n_forced(n_pages, sink_pages, recent_pages))
-        cands = torch.empty(bh, n_cand, device=q.device, dtype=torch.int32) if n_cand > n_sel else chosen
-        fold = (cands, nfull, cands.shape[1], sink_pages, recent_pages, n_cand > n_sel)
+    if bounds is not None:
+        fold_select = False
         pscores, qf, qsel, idx = launch_bound_scores(q, proj, bounds, dims, page, length, bound_block, score_warps,
-                                                     score_waves, new_kv, pdl, bound_page, fold)
-        fold_select = n_cand <= n_sel  # chosen already
-        if n_cand > n_sel:
-            _rerank(qsel, idx, kd, pscores, cands, rep, dims, page, length, pdl)
+                                                     score_waves, new_kv, pdl, bound_page)
+        n_cand = min(n_pages, rerank * pages_for(token_ratio, length, page) + n_forced(n_pages, sink_pages, recent_pages))
+        if rerank > 0 and n_cand > n_sel:
+            _rerank(qsel, idx, kd, pscores, rep, dims, page, length, n_cand, sink_pages, recent_pages, pdl)
     else:
         pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, score_waves,
                                          (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None, new_kv, pdl)
