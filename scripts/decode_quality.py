@@ -56,6 +56,10 @@ SETTINGS: dict[str, dict | None] = {
     "k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8),
     "bound-T8-recent8": dict(k=0.5, token_ratio=1 / 8, recent_pages=8, page_score="bound"),
     "bound-k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8, page_score="bound"),
+    # ... the rerank x budget best of them by bound ranked again by their tokens' max score
+    "rerank4-recent8": dict(k=0.5, token_ratio=1 / 16, recent_pages=8, page_score="bound", rerank=4),
+    "rerank8-recent8": dict(k=0.5, token_ratio=1 / 16, recent_pages=8, page_score="bound", rerank=8),
+    "rerank4-k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8, page_score="bound", rerank=4),
 }
 DEFAULT_4K = ["dense", "target", "dims-k0.5", "topt-k1-T16", "k0.75-T16", "k0.5-T8", "target-recent4", "target-page16"]
 DEFAULT_8K = ["dense", "target"]

@@ -1163,6 +1163,9 @@ def launch_bound_scores(q: torch.Tensor, proj: torch.Tensor, bounds: torch.Tenso
     return pscores, qf, qsel, idx
 
 
+RERANK_LAUNCH = {"waves": 2.0, "num_warps": 4, "num_stages": 3}  # the candidates' scoring (scripts/sweeps/rerank.py)
+
+
 def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: torch.Tensor, rep: int, dims: int,
             page: int, length: int, n_cand: int, sinks: int, recent: int, pdl: bool) -> None:
     """Replace the bound scores by the candidates' max scores (every other free page at -inf), in place: the
@@ -1177,11 +1180,12 @@ def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: to
     _page_select_kernel[(bh,)](pscores, cands, nfull, n_pages, n_cand, length, sinks, recent, PAGE=page, NPP=npp, MARK=True,
                                num_warps=8 if npp >= 1024 else 4, **_pdl_opts(pdl))
     s_kb, s_kh, s_kp, s_kd, _ = kd_layout(kd, page)
-    splits = max(1, min(n_cand, -(-int(2 * _sms(device)) // bh)))
+    splits = max(1, min(n_cand, -(-int(RERANK_LAUNCH["waves"] * _sms(device)) // bh)))
     per = -(-n_cand // splits)
     _rerank_score_kernel[(bh, -(-n_cand // per))](
         qsel, idx, kd, cands, pscores, length, dims, n_pages, n_cand, per, groups, s_kb, s_kh, s_kp, s_kd,
-        G=rep, GP=_gp(rep), KP=_kp(dims), PAGE=page, num_warps=4, **_pdl_opts(pdl),
+        G=rep, GP=_gp(rep), KP=_kp(dims), PAGE=page, num_warps=RERANK_LAUNCH["num_warps"],
+        num_stages=RERANK_LAUNCH["num_stages"], **_pdl_opts(pdl),
     )
 
 
