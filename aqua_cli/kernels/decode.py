@@ -1163,7 +1163,9 @@ def launch_bound_scores(q: torch.Tensor, proj: torch.Tensor, bounds: torch.Tenso
     return pscores, qf, qsel, idx
 
 
-RERANK_LAUNCH = {"waves": 2.0, "num_warps": 4, "num_stages": 3}  # the candidates' scoring (scripts/sweeps/rerank.py)
+RERANK_LAUNCH = {"waves": 4.0, "num_warps": 4, "num_stages": 3}  # the candidates' scoring: 4 programs per SM measured
+# fastest (H100, k=0.5 T=L/16: B8 x 32K 94.4 vs 100.3 us with 2, B1 x 32K 33.3 vs 34.4, B1 x 128K 65.7 vs 70.8;
+# docs/results/sweeps/rerank-h100.json)
 
 
 def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: torch.Tensor, rep: int, dims: int,
