@@ -124,6 +124,12 @@ CASES = [
     (["calibrate", "{model}", "--tokens", "1024", "--seq-len", "64", "--out", "{good}"], "--force"),
     (["calibrate", "{model}", "--tokens", "0"], "--tokens must be at least 1"),
     (["generate", "{model}", "hi", "--artifact", "{good}", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "{model}", "hi", "--tokens", "1/16", "--page-score", "mean"], "page score must be one of"),
+    (["generate", "{model}", "hi", "--page-score", "bound"], "give --tokens too"),
+    (["generate", "{model}", "hi", "--tokens", "1/16", "--rerank", "4"], "--rerank takes"),
+    (["bench", "--phase", "e2e", "--page-score", "best"], "page score must be one of"),
+    (["bench", "--bound-page", "48"], "bound_page must be a power of two"),
+    (["bench", "--rerank", "-1"], "--rerank must be"),
     # hub
     (["pull", "hf://not a repo"], "not a Hub artifact name"),
 ]

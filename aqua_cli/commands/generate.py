@@ -44,6 +44,8 @@ def generate(
     tokens: Annotated[Optional[str], typer.Option("--tokens", help="Dims + top-T: the share T/L of cached tokens (in pages) each decode step attends to, e.g. 1/16 (implies --decode).")] = None,
     sink_pages: Annotated[int, typer.Option("--sink-pages", help="With --tokens: first pages (64 tokens each) always kept (attention sinks).")] = 1,
     recent_pages: Annotated[int, typer.Option("--recent-pages", help="With --tokens: last pages always kept (the recent window; 8 = 512 tokens, measured on SmolLM2: docs/decode.md).")] = 8,
+    page_score: Annotated[str, typer.Option("--page-score", help="With --tokens: how pages are ranked: max (their tokens' best approximate score; best quality) or bound (Quest's bound from each page's min and max: reads far less, coarser; docs/decode.md).")] = "max",
+    rerank: Annotated[int, typer.Option("--rerank", help="With --page-score bound: rank the RERANK x budget best pages by bound again by max (4: between the two in speed and quality; 0: off).")] = 0,
     decode: Annotated[Optional[bool], typer.Option("--decode/--no-decode", help="Projected KV cache and, on CUDA, the fused kernels in every decode step (default: on for CUDA or with --tokens).")] = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -76,6 +78,13 @@ def generate(
     if len(ratios) > 1:
         raise AquaError("--tokens takes one ratio, e.g. 1/16")
     token_ratio = ratios[0] if ratios else None
+    from ..kernels.paged import check_page_score
+
+    check_page_score(page_score)
+    if (page_score != "max" or rerank) and token_ratio is None:
+        raise AquaError("--page-score and --rerank rank top-T's pages: give --tokens too, e.g. --tokens 1/16")
+    if rerank < 0 or (rerank and page_score != "bound"):
+        raise AquaError(f"--rerank takes a count >= 0 with --page-score bound, got {rerank}")
     with status("loading model and artifact ..."):
         model, tokenizer, handle = load_patched(model_name, artifact, k=k_value, mode=mode, revision=revision, device=device, dtype=dtype)
     if decode if decode is not None else (token_ratio is not None or next(model.parameters()).is_cuda):
@@ -83,7 +92,7 @@ def generate(
 
         handle.remove()
         handle = AquaDecode(handle.artifact, k_value, mode, token_ratio=token_ratio, sink_pages=sink_pages,
-                            recent_pages=recent_pages)(model)
+                            recent_pages=recent_pages, page_score=page_score, rerank=rerank)(model)
     elif token_ratio is not None:
         raise AquaError("--tokens needs the decode path: drop --no-decode")
     dims = handle.dims
