@@ -491,6 +491,18 @@ def _page_score_kernel(
 
 
 @_jit
+def _selected_queries(Q, IDX, bh, K, G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr):
+    """A KV group's selected projected queries ``(GP, KP)`` (zero past G rows and K slots) and their dims
+    ``(KP,)`` int64, as ``launch_select_dims`` wrote them."""
+    offs_g = tl.arange(0, GP)
+    offs_j = tl.arange(0, KP)
+    jmask = offs_j < K
+    idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
+    q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=(offs_g < G)[:, None] & jmask[None, :], other=0.0)
+    return q, idx
+
+
+@_jit
 def _bound_score_kernel(
     Q, IDX,  # as _page_score_kernel
     BND,  # bounds of sub-pages of PAGE // R tokens (``paged.page_bounds``): sub-page c of dim d, minimum at
@@ -509,12 +521,9 @@ def _bound_score_kernel(
     split = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    offs_g = tl.arange(0, GP)
-    gmask = offs_g < G
-    offs_j = tl.arange(0, KP)
-    jmask = offs_j < K
-    idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
-    q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=gmask[:, None] & jmask[None, :], other=0.0)
+    gmask = tl.arange(0, GP) < G
+    jmask = tl.arange(0, KP) < K
+    q, idx = _selected_queries(Q, IDX, bh, K, G, GP, KP)
     qf = q.to(tl.float32)
     qpos = tl.maximum(qf, 0.0).to(q.dtype)
     qneg = tl.minimum(qf, 0.0).to(q.dtype)
@@ -569,13 +578,10 @@ def _rerank_score_kernel(
     split = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    offs_g = tl.arange(0, GP)
-    gmask = offs_g < G
-    offs_j = tl.arange(0, KP)
-    jmask = offs_j < K
+    gmask = tl.arange(0, GP) < G
+    jmask = tl.arange(0, KP) < K
     offs_t = tl.arange(0, PAGE)
-    idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
-    q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=gmask[:, None] & jmask[None, :], other=0.0)
+    q, idx = _selected_queries(Q, IDX, bh, K, G, GP, KP)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + idx[:, None] * s_kd
     s0 = split * per_split
     s1 = tl.minimum(s0 + per_split, NC)
