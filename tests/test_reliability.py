@@ -18,7 +18,7 @@ from aqua_cli.commands import main
 
 from tiny_models import tiny_model
 
-LONG = ["--tokens", "400000", "--seq-len", "64", "--batch-size", "8", "--device", "cpu"]
+LONG = ["--tokens", "400000", "--seq-len", "64", "--batch-size", "1", "--device", "cpu"]  # slow enough that a signal lands mid-run
 SHORT = ["--tokens", "2048", "--seq-len", "64", "--device", "cpu"]
 
 
