@@ -18,7 +18,7 @@ from aqua_cli.commands import main
 
 from tiny_models import tiny_model
 
-LONG = ["--tokens", "400000", "--seq-len", "64", "--batch-size", "1", "--device", "cpu"]  # slow enough that a signal lands mid-run
+LONG = ["--tokens", "400000", "--seq-len", "32", "--batch-size", "1", "--device", "cpu"]  # slow enough that a signal lands mid-run
 SHORT = ["--tokens", "2048", "--seq-len", "64", "--device", "cpu"]
 
 
@@ -55,13 +55,15 @@ def start_and_wait_for_progress(target: Path, model_dir: Path) -> tuple[subproce
     )
     seen = b""
     while True:
-        chunk = proc.stderr.read1(4096)
+        chunk = proc.stderr.read1(65536)
         if not chunk:
             proc.wait(timeout=60)
             pytest.fail(f"calibration ended (exit {proc.returncode}) before any progress was seen: {seen[-2000:]!r}")
         seen += chunk
-        found = PROGRESS.findall(ANSI.sub("", seen.decode(errors="replace")))
-        if found and 0 < int(found[-1][0]) < int(found[-1][1]) // 2:
+        # only the newest output counts (parsing all of it each time fell behind the bar on a loaded machine, and a
+        # stale "under half" line sent the signal to a run that had already finished)
+        found = PROGRESS.findall(ANSI.sub("", seen[-8192:].decode(errors="replace")))
+        if found and 0 < int(found[-1][0]) < int(found[-1][1]) // 2 and proc.poll() is None:
             return proc, seen.decode(errors="replace")
 
 
