@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,14 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PROGRESS = re.compile(r"calibrating\D*?(\d+)/(\d+) tokens")
 
 
+def _as_from_a_shell() -> None:
+    """In the child before exec: SIGINT delivered and handled by default, as a shell starts a command. A child
+    inherits its parent's signal mask and ignored signals, and after earlier tests in the same pytest process
+    the main thread had SIGINT blocked: the run then finished (exit 0) with the signal pending."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_wait_for_progress(target: Path, model_dir: Path) -> tuple[subprocess.Popen, str]:
     """Start a long calibration with its progress bar on (AQUA_PROGRESS=1; TTY_COMPATIBLE=1 makes rich
     redraw it through a pipe) and return once a bar line shows tokens done but not all: the work is under
@@ -51,7 +60,7 @@ def start_and_wait_for_progress(target: Path, model_dir: Path) -> tuple[subproce
     env = {**_env(), "AQUA_PROGRESS": "1", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "aqua_cli", "calibrate", str(model_dir), *LONG, "--out", str(target)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_as_from_a_shell,
     )
     seen = b""
     while True:
@@ -71,8 +80,18 @@ def test_sigint_leaves_no_partial_artifact(model_dir, tmp_path):
     """Ctrl-C in the middle of the calibration: exit 130, no traceback, nothing written; a later run works."""
     target = tmp_path / "art"
     proc, _ = start_and_wait_for_progress(target, model_dir)
-    proc.send_signal(signal.SIGINT)
-    err = proc.stderr.read().decode(errors="replace")
+    rest: list[bytes] = []
+    reader = threading.Thread(target=lambda: rest.append(proc.stderr.read()), daemon=True)
+    reader.start()  # keep draining stderr: a child blocked on a full pipe cannot act on the signal
+    for _ in range(10):  # Ctrl-C, and again if the first press has not ended it within 3 s
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=3)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    reader.join(timeout=60)
+    err = b"".join(rest).decode(errors="replace")
     assert proc.wait(timeout=120) == 130, err[-2000:]
     assert "Traceback" not in err
     assert not target.exists()
