@@ -76,6 +76,7 @@ def _need_triton() -> None:
     if triton is None:
         raise RuntimeError("the fused AQUA kernels need the 'triton' package (pip install triton)")
 
+from ..errors import ConfigError
 from .reference import block_keep_for, project_queries, select_dims
 
 LOG2E = 1.4426950408889634
@@ -1174,16 +1175,15 @@ RERANK_LAUNCH = {"waves": 4.0, "num_warps": 4, "num_stages": 3}  # the candidate
 # docs/results/sweeps/rerank-h100.json)
 
 
-def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: torch.Tensor, rep: int, dims: int,
-            page: int, length: int, n_cand: int, sinks: int, recent: int, pdl: bool) -> None:
+def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: torch.Tensor, nfull: torch.Tensor, rep: int,
+            dims: int, page: int, length: int, n_cand: int, sinks: int, recent: int, pdl: bool) -> None:
     """Replace the bound scores by the candidates' max scores (every other free page at -inf), in place: the
     candidates' selection, then their scores from the kept dims of their keys (``qsel``, ``idx``: the dim
-    selection's outputs)."""
+    selection's outputs). ``nfull`` is scratch here: the final page selection writes it again."""
     groups = kd.shape[1]
     bh, n_pages = pscores.shape
     device = pscores.device
     cands = torch.empty(bh, n_cand, device=device, dtype=torch.int32)
-    nfull = torch.empty(bh, device=device, dtype=torch.int32)
     npp = select_width(n_pages, sinks, recent)
     _page_select_kernel[(bh,)](pscores, cands, nfull, n_pages, n_cand, length, sinks, recent, PAGE=page, NPP=npp, MARK=True,
                                num_warps=8 if npp >= 1024 else 4, **_pdl_opts(pdl))
@@ -1242,7 +1242,7 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
                                                      score_waves, new_kv, pdl, bound_page)
         n_cand = min(n_pages, rerank * pages_for(token_ratio, length, page) + n_forced(n_pages, sink_pages, recent_pages))
         if rerank > 0 and n_cand > n_sel:
-            _rerank(qsel, idx, kd, pscores, rep, dims, page, length, n_cand, sink_pages, recent_pages, pdl)
+            _rerank(qsel, idx, kd, pscores, nfull, rep, dims, page, length, n_cand, sink_pages, recent_pages, pdl)
     else:
         pscores, qf = launch_page_scores(q, proj, kd, dims, page, length, score_block, score_warps, score_stages, score_waves,
                                          (chosen, nfull, n_sel, sink_pages, recent_pages) if fold_select else None, new_kv, pdl)
@@ -1383,11 +1383,13 @@ class DecodeConfig:
             raise ValueError(f"page must be a power of two >= 16, got {self.page}")
         if self.token_ratio is not None:
             block_keep_for(self.token_ratio, self.select_block)
-        if self.page_score not in ("max", "bound"):
-            raise ValueError(f"page_score must be max or bound, got {self.page_score!r}")
-        if self.bound_page is not None and (self.bound_page < 1 or self.page % self.bound_page
-                                            or self.bound_page & (self.bound_page - 1)):
-            raise ValueError(f"bound_page must be a power of two dividing the page ({self.page}), got {self.bound_page}")
+        from .paged import check_bound_page, check_page_score
+
+        try:  # the checks of the PyTorch side, raised as this class's other ones
+            check_page_score(self.page_score)
+            check_bound_page(self.page, self.bound_page)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def dims_waves(config: DecodeConfig, kd: torch.Tensor) -> float:

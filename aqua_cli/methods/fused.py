@@ -390,27 +390,37 @@ class DecodeHook(ProjectionHook):
             kept = select_dims(qp, self.budget(groups, m), self.mode)
         else:
             kept = qp * group_dims(qp, min(int(self.k), m))
-        approx = (kept @ kd) * scale  # (B, G, rep, Q, L)
-        approx = approx.masked_fill(~visible, float("-inf"))
         if self.token_ratio is None:
-            probs = approx.softmax(-1)
+            probs = ((kept @ kd) * scale).masked_fill(~visible, float("-inf")).softmax(-1)  # (B, G, rep, Q, L)
         else:
-            pscores = None
-            if self.page_score == "bound":
-                from ..kernels.paged import pool_pages, prefix_bound_scores
-
-                sub = self.bound_page or self.page
-                pscores = pool_pages(prefix_bound_scores(kept, kd[:, :, 0].transpose(-1, -2), visible[:, :, 0], sub),
-                                     self.page // sub)
-                if self.rerank > 0:  # the best rerank x budget pages by bound, ranked by their tokens' max score
-                    cands = best_pages(pscores, visible[:, :, 0], self.token_ratio, self.page, self.sink_pages,
-                                       self.recent_pages, self.rerank)
-                    pscores = ordered_page_scores(approx.amax(2), visible[:, :, 0], self.page).masked_fill(~cands, float("-inf"))
-            keep = page_keep(approx.amax(2), visible[:, :, 0], self.token_ratio, self.page, self.sink_pages, self.recent_pages,
-                             pscores)
+            vis = visible[:, :, 0]
+            keep = page_keep(None, vis, self.token_ratio, self.page, self.sink_pages, self.recent_pages,
+                             self._page_scores(kept, kd, visible, scale))
             exact = (qp @ kd) * scale
             probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
         return probs.nan_to_num(0.0) @ v  # a fully masked row (left padding) gives zeros, not NaN
+
+
+    def _page_scores(self, kept: torch.Tensor, kd: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+        """``(B, G, Q, NP)`` top-T's page scores (pages as ``ordered_page_scores`` cuts them), as ``page_score``
+        says: the best approximate logit of each page, its bound, or the bound's best ``rerank`` x budget ranked
+        by their best logit. The logits ``(B, G, rep, Q, L)`` are only formed where a ranking reads them."""
+        vis = visible[:, :, 0]
+
+        def by_max() -> torch.Tensor:
+            approx = ((kept @ kd) * scale).masked_fill(~visible, float("-inf"))
+            return ordered_page_scores(approx.amax(2), vis, self.page)
+
+        if self.page_score != "bound":
+            return by_max()
+        from ..kernels.paged import pool_pages, prefix_bound_scores
+
+        sub = self.bound_page or self.page
+        pscores = pool_pages(prefix_bound_scores(kept, kd[:, :, 0].transpose(-1, -2), vis, sub), self.page // sub)
+        if self.rerank > 0:
+            cands = best_pages(pscores, vis, self.token_ratio, self.page, self.sink_pages, self.recent_pages, self.rerank)
+            pscores = by_max().masked_fill(~cands, float("-inf"))
+        return pscores
 
 
 def launch_for(dims: int, dim: int, ratio: float | None, tokens: int) -> dict[str, Any]:
