@@ -162,12 +162,13 @@ class _Inputs:
     v: torch.Tensor
     kd: torch.Tensor
     bounds: torch.Tensor | None = None  # page bounds of kd at pages of 64 (``paged.page_bounds``), for "bound" rows
+    planes: torch.Tensor | None = None  # kd as float16 byte planes (``reference.key_planes``), for "planes" rows
 
 
 def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, dtype: torch.dtype,
                    device: torch.device, sets: int, bound_page: int = 64) -> list[_Inputs]:
     from .kernels.paged import page_bounds
-    from .kernels.reference import project_keys
+    from .kernels.reference import key_planes, project_keys
 
     out = []
     for _ in range(sets):
@@ -175,7 +176,8 @@ def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, d
         k = torch.randn(batch, shape.num_kv_heads, seq, shape.head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
         kd = project_keys(k, proj)
-        out.append(_Inputs(q, k, v, kd, page_bounds(kd, bound_page)))
+        planes = key_planes((k.float() @ proj.to(k.device, torch.float32)[None]).transpose(-1, -2)).contiguous()
+        out.append(_Inputs(q, k, v, kd, page_bounds(kd, bound_page), planes))
     return out
 
 
@@ -227,6 +229,13 @@ def decode_impls(config: BenchConfig, shape: AttnShape, dims: int, proj: torch.T
                         lambda x, r=ratio: aqua_decode_pages_reference(x.q, x.k, x.v, x.kd, proj, dims, r, 64), pextra)
                 pcfg = DecodeConfig(dims, config.gqa, ratio, config.select_block, granularity="pages", page=64)
                 impls[f"aqua-pages-1/{round(1 / ratio)}"] = (lambda x, c=pcfg: aqua_decode(x.q, None, x.v, x.kd, proj, c), pextra)
+                # the same, the keys in float16 byte planes: pages scored on the high plane (half the scoring bytes)
+                qextra = {**pextra, "key_planes": True}
+                if run_ref:
+                    impls[f"reference-planes-1/{round(1 / ratio)}"] = (
+                        lambda x, r=ratio: aqua_decode_pages_reference(x.q, x.k, x.v, x.planes, proj, dims, r, 64), qextra)
+                impls[f"aqua-planes-1/{round(1 / ratio)}"] = (lambda x, c=pcfg: aqua_decode(x.q, None, x.v, x.planes, proj, c),
+                                                              qextra)
                 # the same pages ranked by Quest's bound from the cache's per-page min and max (a 32nd of the scoring bytes)
                 sub = config.bound_page or 64
                 bextra = {**pextra, "page_score": "bound", "bound_page": sub}
@@ -286,7 +295,8 @@ def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torc
             if extra.get("granularity") == "pages":  # whole pages are read: the bytes of the pages chosen
                 model["aqua_bytes"] = float(pages_bytes(config.batch, shape.num_kv_heads, seq, dims, shape.head_dim, ratio,
                                                         extra["page"], elem, extra.get("page_score", "max"),
-                                                        extra.get("bound_page"), extra.get("rerank", 0)))
+                                                        extra.get("bound_page"), extra.get("rerank", 0),
+                                                        1 if extra.get("key_planes") else elem))
                 model["byte_bound_speedup"] = model["dense_bytes"] / model["aqua_bytes"]
             moved = model["dense_bytes"] if name == "dense" else model["aqua_bytes"]
             row = {

@@ -21,17 +21,19 @@ def dims_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, elem
 
 
 def pages_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, page: int, elem: int = 2,
-                page_score: str = "max", bound_page: int | None = None, rerank: int = 0) -> int:
+                page_score: str = "max", bound_page: int | None = None, rerank: int = 0, score_elem: int | None = None) -> int:
     """Bytes dims + top-T *pages* must read: ``dims`` projected dims of every key (``page_score="bound"``: a
     minimum and a maximum of each dim per ``bound_page`` tokens instead, default a page, and with ``rerank`` the
-    kept dims of ``rerank`` x the chosen pages), then the chosen pages of the projected keys and of the values."""
+    kept dims of ``rerank`` x the chosen pages), then the chosen pages of the projected keys and of the values.
+    ``score_elem``: bytes a scored value (default ``elem``; 1 for key planes, whose scoring reads the high byte)."""
     from .kernels.paged import pages_for
 
     tokens = min(length, pages_for(ratio, length, page) * page)
     scored = length
     if page_score == "bound":
         scored = 2 * -(-length // (bound_page or page)) + min(length, rerank * tokens)
-    return batch * kv_heads * (scored * dims + 2 * tokens * dim) * elem
+    score_elem = elem if score_elem is None else score_elem
+    return batch * kv_heads * (scored * dims * score_elem + 2 * tokens * dim * elem)
 
 
 def topt_bytes(batch: int, kv_heads: int, length: int, dims: int, dim: int, ratio: float, elem: int = 2) -> int:

@@ -125,7 +125,8 @@ class E2EConfig:
     token_ratios: list[float] = field(default_factory=lambda: [1 / 16])
     kv_dims: float = 1.0
     page: int = 64
-    page_scores: list[str] = field(default_factory=lambda: ["max"])  # top-T rows: "max" (aqua-topt), "bound" (aqua-topt-bound)
+    page_scores: list[str] = field(default_factory=lambda: ["max"])  # top-T rows: "max" (aqua-topt), "bound"
+    # (aqua-topt-bound), "planes" (aqua-topt-planes: "max" on the high plane of float16 key planes)
     bound_page: int | None = None  # "bound": tokens a bound covers (None: the page)
     rerank: int = 0  # "bound": candidates per kept page re-ranked by max (0: off)
     model: str | None = None
@@ -144,7 +145,8 @@ class E2EConfig:
         from .kernels.paged import check_bound_page, check_page_score
 
         for score in self.page_scores:
-            check_page_score(score)
+            if score != "planes":
+                check_page_score(score)
         if self.bound_page is not None:
             check_bound_page(self.page, self.bound_page)
         for k in self.ks:
@@ -296,7 +298,7 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
     gen = torch.Generator(device=device).manual_seed(config.seed)
     impls: list[tuple[str, float | None, float | None]] = [("dense", None, None)]
     impls += [("aqua-dims", k, None) for k in config.ks]
-    impls += [("aqua-topt" if score == "max" else "aqua-topt-bound", k, r)
+    impls += [("aqua-topt" if score == "max" else f"aqua-topt-{score}", k, r)
               for score in config.page_scores for k in config.ks for r in config.token_ratios]
     rows: list[dict[str, Any]] = []
     for batch in config.batches:
@@ -313,7 +315,7 @@ def run_e2e(config: E2EConfig, on_row: Callable[[dict[str, Any]], None] | None =
                     method = AquaDecode(art, k=k, token_ratio=ratio, kv_dims=config.kv_dims, page=config.page,
                                         max_tokens=capacity, hybrid=config.hybrid, page_score="bound" if bound else "max",
                                         bound_page=config.bound_page if bound else None,
-                                        rerank=config.rerank if bound else 0)(model)
+                                        rerank=config.rerank if bound else 0, key_planes=impl.endswith("-planes"))(model)
                 try:
                     gc.collect()  # the previous path's cache (a layer and its state refer to each other)
                     if device.type == "cuda":

@@ -60,6 +60,9 @@ SETTINGS: dict[str, dict | None] = {
     "rerank4-recent8": dict(k=0.5, token_ratio=1 / 16, recent_pages=8, page_score="bound", rerank=4),
     "rerank8-recent8": dict(k=0.5, token_ratio=1 / 16, recent_pages=8, page_score="bound", rerank=8),
     "rerank4-k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8, page_score="bound", rerank=4),
+    # keys in float16 byte planes, pages scored on the high plane (an fp8 e5m2 key): half the scoring bytes
+    "planes-recent8": dict(k=0.5, token_ratio=1 / 16, recent_pages=8, key_planes=True),
+    "planes-k0.25-T32-recent8": dict(k=0.25, token_ratio=1 / 32, recent_pages=8, key_planes=True),
 }
 DEFAULT_4K = ["dense", "target", "dims-k0.5", "topt-k1-T16", "k0.75-T16", "k0.5-T8", "target-recent4", "target-page16"]
 DEFAULT_8K = ["dense", "target"]

@@ -127,7 +127,8 @@ CASES = [
     (["generate", "{model}", "hi", "--tokens", "1/16", "--page-score", "mean"], "page score must be one of"),
     (["generate", "{model}", "hi", "--page-score", "bound"], "give --tokens too"),
     (["generate", "{model}", "hi", "--tokens", "1/16", "--rerank", "4"], "--rerank takes"),
-    (["bench", "--phase", "e2e", "--page-score", "best"], "page score must be one of"),
+    (["generate", "{model}", "hi", "--key-planes"], "--key-planes halves"),
+    (["bench", "--phase", "e2e", "--page-score", "best"], "--page-score takes a comma list of max, bound and planes"),
     (["bench", "--bound-page", "48"], "bound_page must be a power of two"),
     (["bench", "--rerank", "-1"], "--rerank must be"),
     # hub

@@ -121,7 +121,8 @@ def test_page_keep_sinks_recent_and_budget():
 
 
 @pytest.mark.parametrize("score", [{}, {"page_score": "bound"}, {"page_score": "bound", "bound_page": 4},
-                                   {"page_score": "bound", "rerank": 2}])
+                                   {"page_score": "bound", "rerank": 2}, {"key_planes": True},
+                                   {"key_planes": True, "page_score": "bound", "rerank": 2}])
 def test_prefill_aqua_equals_token_by_token_decoding(full, score):
     """prefill="aqua" scores every prompt position as its own decode step would: one forward gives the logits
     that decoding token by token through the cache gives (what makes it a quality measure of the decode path);
@@ -137,6 +138,39 @@ def test_prefill_aqua_equals_token_by_token_decoding(full, score):
         dense = model(x).logits[:, 5:]
     assert rel_err(whole, steps) <= 1e-4
     assert rel_err(whole, dense) > 1e-3  # and it is an approximation
+
+
+def test_key_planes_cache_holds_float16_keys_in_two_byte_planes(full):
+    """key_planes=True: the cache holds the projected keys as float16 byte planes (the same bytes as float16 keys),
+    through prefill, decode steps and growth; dims only and exact attention read them whole (k = D and T = L stay
+    exact), page top-T scores pages on their high plane, which differs from scoring float keys."""
+    from aqua_cli.kernels.reference import key_planes, planes_keys
+
+    _, model, art = full
+    x = token_ids(batch=2, length=40, seed=4)
+    with AquaDecode(art, k=1.0, key_planes=True)(model) as method:
+        cache = method.new_cache()
+        got = stepwise(model, x, cache, prefill=7)
+    dense = DynamicCache()
+    want = stepwise(model, x, dense, prefill=7)
+    assert rel_err(got, want) <= 2e-3  # float16 keys
+    layer, ref = cache.layers[0], dense.layers[0]
+    assert layer.keys.dtype == torch.uint8 and layer.keys.shape[:3] == (2, art.num_groups, 2 * art.head_dim)
+    expected = key_planes((ref.keys.float() @ art.projections[0]).transpose(-1, -2))
+    assert (layer.keys[..., :40] == expected).float().mean() > 0.99  # float32 sums of other shapes: an ulp apart at most
+    assert torch.allclose(planes_keys(layer.keys[..., :40]).float(), (ref.keys.float() @ art.projections[0]).transpose(-1, -2),
+                          rtol=1e-3, atol=1e-3)
+    kw = dict(k=max(1, art.head_dim // 2), token_ratio=1 / 8, page=16, sink_pages=1, recent_pages=1, prefill="aqua")
+    y = token_ids(length=160, seed=9)
+    with torch.no_grad():
+        with AquaDecode(art, **kw)(model) as method:
+            plain = model(y, past_key_values=method.new_cache(), use_cache=True).logits
+        with AquaDecode(art, key_planes=True, **kw)(model) as method:
+            planes = model(y, past_key_values=method.new_cache(), use_cache=True).logits
+        with AquaDecode(art, key_planes=True, **{**kw, "token_ratio": 1.0})(model) as method:
+            whole = model(y, past_key_values=method.new_cache(), use_cache=True).logits
+    assert rel_err(planes, plain) > 1e-3  # a different page choice somewhere
+    assert rel_err(whole, model(y).logits) <= 2e-3
 
 
 def test_cache_keeps_the_bounds_of_its_keys(full):
@@ -219,7 +253,8 @@ def real_shape_gpu_model(head_scale: float = 1.0):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("ratio, score", [(None, {}), (1 / 8, {}), (1 / 8, {"page_score": "bound", "bound_page": 16}),
-                                          (1 / 16, {"page_score": "bound", "rerank": 3})])
+                                          (1 / 16, {"page_score": "bound", "rerank": 3}), (None, {"key_planes": True}),
+                                          (1 / 8, {"key_planes": True})])
 def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio, score):
     """bf16 on the GPU, a model with real head_dim (128) and GQA 4: decode steps through the fused kernels
     give the logits of the PyTorch path on the same cache, to bf16 tolerance. (With 1 recent page instead of
@@ -231,7 +266,7 @@ def test_fused_kernels_in_the_model_match_the_pytorch_path(ratio, score):
         with AquaDecode(art, k=0.5, token_ratio=ratio, page=64, hybrid=False, kernels=kernels, **score)(model) as method:
             cache = method.new_cache()
             logits[kernels] = stepwise(model, x, cache, prefill=690).float()
-            if score:  # the decode launches folded each new token into the cache's bounds
+            if score.get("page_score"):  # the decode launches folded each new token into the cache's bounds
                 from aqua_cli.kernels.paged import page_bounds
 
                 layer = cache.layers[0]

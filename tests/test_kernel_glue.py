@@ -139,6 +139,7 @@ def test_byte_counts():
     assert pages_bytes(1, 2, 100, 16, 64, 1.0, 64) == 2 * (100 * 16 + 2 * 100 * 64) * 2  # capped at the length
     assert pages_bytes(1, 2, 100, 16, 64, 0.25, 16, page_score="bound") == 2 * (2 * 7 * 16 + 2 * 32 * 64) * 2  # 7 pages, 2 bounds each
     assert pages_bytes(1, 2, 100, 16, 64, 0.25, 16, page_score="bound", rerank=2) == 2 * ((2 * 7 + 64) * 16 + 2 * 32 * 64) * 2
+    assert pages_bytes(1, 2, 100, 16, 64, 0.25, 16, score_elem=1) == 2 * (100 * 16 * 1 + 2 * 32 * 64 * 2)  # key planes
 
 
 def test_launchers_without_triton_say_what_to_install(monkeypatch):

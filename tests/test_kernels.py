@@ -448,6 +448,125 @@ def test_page_scores_and_selection_match_reference(shape, page):
     assert rel(out, ref) < 2e-2
 
 
+def _planes(k, proj):
+    from aqua_cli.kernels.reference import key_planes
+
+    return key_planes((k.float() @ proj[None].to(k.device)).transpose(-1, -2)).contiguous()
+
+
+def test_key_planes_round_trip_and_high_plane():
+    """Byte planes hold the float16 key exactly; the high plane alone is the key rounded to 2 mantissa bits
+    (at most 1/8 relative error, to nearest), never infinite; planar caches are bounded and written as float ones."""
+    from aqua_cli.kernels.decode import key_dim, write_new_kv
+    from aqua_cli.kernels.paged import page_bounds, update_page_bounds
+    from aqua_cli.kernels.reference import PLANE_MAX, key_planes, key_values, planes_keys, planes_score_keys
+
+    x = torch.randn(2, 3, 16, 200, generator=torch.Generator().manual_seed(0)) * torch.logspace(-4, 5, 200)
+    planes = key_planes(x)
+    assert planes.dtype == torch.uint8 and planes.shape == (2, 3, 32, 200) and key_dim(planes) == 16
+    want = x.clamp(-PLANE_MAX, PLANE_MAX).half()
+    assert torch.equal(planes_keys(planes).view(torch.int16), want.view(torch.int16))
+    high = planes_score_keys(planes).float()
+    assert torch.isfinite(high).all()
+    normal = want.float().abs() > 2 ** -14
+    err = ((high - want.float()).abs() / want.float().abs())[normal]
+    assert err.max() <= 0.125 + 1e-6 and err.mean() > 0.01  # coarse, but only to nearest
+    assert torch.equal(torch.sign(high[normal]), torch.sign(want.float()[normal]))
+    assert torch.equal(page_bounds(planes, 64), page_bounds(key_values(planes), 64))
+    k_new, proj = torch.randn(2, 3, 16), torch.linalg.qr(torch.randn(3, 16, 16))[0]
+    kd, v = planes.clone(), torch.zeros(2, 3, 200, 16)
+    write_new_kv((k_new, torch.ones(2, 3, 16), kd, v, 130), proj)
+    assert torch.equal(kd[..., :130], planes[..., :130]) and torch.equal(kd[..., 131:], planes[..., 131:])
+    assert torch.allclose(planes_keys(kd)[..., 130].float(), torch.einsum("bhd,hde->bhe", k_new, proj), rtol=1e-3, atol=1e-4)
+    bounds = page_bounds(planes, 64, 130)
+    bounds = torch.cat([bounds, torch.zeros_like(bounds[..., :1])], -1)
+    update_page_bounds(bounds, kd, 130, 64)
+    assert torch.equal(bounds[..., :3], page_bounds(kd, 64, 131))
+
+
+def test_key_planes_refused_where_not_read():
+    """Token top-T and the prologue variant read float keys only: planes are refused with a clear error."""
+    from aqua_cli.kernels.decode import DecodeConfig, aqua_decode
+
+    q, k, v, proj, _ = inputs(1, 4, 2, 64, 32, torch.bfloat16)
+    planes = _planes(k, proj)
+    with pytest.raises(ValueError, match="planes"):
+        aqua_decode(q, k, v, planes, proj, DecodeConfig(16, token_ratio=0.25))
+    with pytest.raises(ValueError, match="planes"):
+        aqua_decode(q, k, v, planes, proj, DecodeConfig(16, prologue=True))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_key_planes_kernels_match_reference(shape):
+    """Keys in byte planes: dims only, pages by max (scored on the high plane, as the reference does), pages by
+    bound re-ranked, the page scores themselves, and the decode write of a new token into the planes (in a CUDA
+    graph, with the bounds folded): each against its reference."""
+    from aqua_cli.kernels.decode import DecodeConfig, aqua_decode, launch_page_scores, launch_select_dims
+    from aqua_cli.kernels.paged import aqua_decode_pages_reference, page_bounds, page_scores
+    from aqua_cli.kernels.reference import approx_logits, planes_keys, score_values
+
+    batch, heads, kv_heads, length, dim = shape
+    q, k, v, proj, kd = inputs(batch, heads, kv_heads, length, dim, torch.bfloat16, "cuda", seed=13)
+    planes = _planes(k, proj)
+    for dims in (dim // 2, 3 * dim // 8 + 1, dim):
+        ref = aqua_decode_reference(q, k, v, kd, proj, dims)
+        out = aqua_decode(q, k, v, planes, proj, DecodeConfig(dims))
+        assert torch.isfinite(out).all() and rel(out, ref) < 2e-2, dims
+        ref = aqua_decode_pages_reference(q, k, v, planes, proj, dims, 1 / 16, 64, sink_pages=1, recent_pages=2)
+        cfg = DecodeConfig(dims, token_ratio=1 / 16, granularity="pages")
+        out = aqua_decode(q, None, v, planes, proj, cfg, sink_pages=1, recent_pages=2)
+        assert torch.isfinite(out).all() and rel(out, ref) < 3e-2, dims
+    assert rel(aqua_decode(q, None, v, planes, proj, DecodeConfig(dim)), dense_decode(q, k, v)) < 2e-2
+    dims, rep = dim // 2 - 3, heads // kv_heads
+    pscores, _ = launch_page_scores(q, proj, planes, dims, 64, length)
+    qsel, idx, count = launch_select_dims(q, proj, dims)
+    logits = approx_logits(qsel.view(batch, kv_heads, rep, -1), idx.view(batch, kv_heads, -1), count.view(batch, kv_heads),
+                           score_values(planes))
+    assert torch.allclose(pscores, page_scores(logits.amax(2), 64).flatten(0, 1), rtol=1e-2, atol=1e-2)
+    bnd = page_bounds(planes, 64)
+    assert bnd.dtype == torch.float16
+    ref = aqua_decode_pages_reference(q, k, v, planes, proj, dim // 2, 1 / 16, 64, sink_pages=1, recent_pages=2,
+                                      scoring="bound", rerank=4)
+    rcfg = DecodeConfig(dim // 2, token_ratio=1 / 16, granularity="pages", page_score="bound", rerank=4)
+    assert rel(aqua_decode(q, None, v, planes, proj, rcfg, sink_pages=1, recent_pages=2, bounds=bnd), ref) < 3e-2
+    pos = length - 1
+    cap = 64 * (pos // 64 + 1)
+    kdc = torch.zeros(batch, kv_heads, 2 * dim, cap, device="cuda", dtype=torch.uint8)
+    vc = torch.zeros(batch, kv_heads, cap, dim, device="cuda", dtype=v.dtype)
+    kdc[..., :pos], vc[:, :, :pos] = planes[..., :pos], v[:, :, :pos]
+    bc = torch.full((batch, kv_heads, 2, dim, cap // 64), 9.0, device="cuda", dtype=torch.float16)
+    bc[..., : -(-pos // 64)] = page_bounds(planes[..., :pos], 64)
+    kn, vn = k[:, :, pos], v[:, :, pos]
+    kdv, vv = kdc[..., : pos + 1], vc[:, :, : pos + 1]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = aqua_decode(q, None, vv, kdv, proj, rcfg, bounds=bc, new_kv=(kn, vn, kdv, vv, pos))
+    graph.replay()
+    torch.cuda.synchronize()
+    got, want = planes_keys(kdc[..., pos : pos + 1]).float(), planes_keys(planes[..., pos : pos + 1]).float()
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max() and torch.equal(vc[:, :, pos], v[:, :, pos])
+    assert torch.equal(bc[..., : pos // 64 + 1], page_bounds(kdc[..., : pos + 1], 64))
+    ref = aqua_decode_pages_reference(q, k, v, kdc[..., : pos + 1], proj, dim // 2, 1 / 16, 64, scoring="bound", rerank=4)
+    assert rel(out, ref) < 3e-2
+
+
+@gpu
+@pytest.mark.gpu
+def test_key_planes_in_paged_layout():
+    """Planes paged as ``(B, Hkv, NP, 2D, page)`` give the step of contiguous planar rows."""
+    from aqua_cli.kernels.decode import launch_pages
+
+    page, length = 32, 32 * 50
+    q, k, v, proj, _ = inputs(2, 32, 8, length, 128, torch.bfloat16, "cuda", seed=3)
+    planes = _planes(k, proj)
+    paged = planes.view(2, 8, 256, 50, page).permute(0, 1, 3, 2, 4).contiguous()
+    flat = launch_pages(q, proj, planes, v, 64, 1 / 8, 128 ** -0.5, page)
+    out = launch_pages(q, proj, paged, v.view(2, 8, 50, page, 128), 64, 1 / 8, 128 ** -0.5, page, length=length)
+    assert rel(out, flat) < 1e-3
+
+
 @gpu
 @pytest.mark.gpu
 def test_page_kernel_reads_paged_layout():
@@ -577,6 +696,29 @@ for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
             cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound", bound_block=8,
                                   bound_page=sub, rerank=2)
             assert rel(dk.aqua_decode(q, None, v, kd, proj, cfg, sink_pages=1, recent_pages=1, bounds=bnd), ref) < 3e-2
+# keys in float16 byte planes: dims, pages scored on the high plane, re-rank, and the decode write into the planes
+from aqua_cli.kernels.reference import key_planes, planes_keys
+for b, hq, hk, L, D in [(1, 4, 2, 100, 64), (2, 6, 3, 77, 32)]:
+    q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L + 3)
+    kp = key_planes((k.float() @ proj[None]).transpose(-1, -2)).contiguous()
+    for dims in (D // 2, 3 * D // 4 - 1):
+        assert rel(dk.aqua_decode(q, k, v, kp, proj, dk.DecodeConfig(dims, block_n=32)),
+                   aqua_decode_reference(q, k, v, kd, proj, dims)) < 3e-2
+        ref = aqua_decode_pages_reference(q, k, v, kp, proj, dims, 1 / 4, 16, sink_pages=1, recent_pages=1)
+        cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, score_block=32)
+        assert rel(dk.aqua_decode(q, None, v, kp, proj, cfg, sink_pages=1, recent_pages=1), ref) < 3e-2
+        ref = aqua_decode_pages_reference(q, k, v, kp, proj, dims, 1 / 4, 16, scoring="bound", sink_pages=1, recent_pages=1,
+                                          rerank=2)
+        cfg = dk.DecodeConfig(dims, token_ratio=1 / 4, granularity="pages", page=16, page_score="bound", bound_block=8, rerank=2)
+        assert rel(dk.aqua_decode(q, None, v, kp, proj, cfg, sink_pages=1, recent_pages=1, bounds=page_bounds(kp, 16)), ref) < 3e-2
+    for cfg in (dk.DecodeConfig(D // 2, block_n=32), dk.DecodeConfig(D // 2, token_ratio=1 / 4, granularity="pages", page=16)):
+        want_kd, want_v = kp.clone(), v.clone()
+        dk.write_new_kv((k[:, :, -1], v[:, :, -1], want_kd, want_v, L - 1), proj)
+        ref = dk.aqua_decode(q, None, want_v, want_kd, proj, cfg)
+        got_kd, got_v = kp.clone(), v.clone()
+        got_kd[..., -1] = 0
+        out = dk.aqua_decode(q, None, got_v, got_kd, proj, cfg, new_kv=(k[:, :, -1], v[:, :, -1], got_kd, got_v, L - 1))
+        assert (planes_keys(got_kd).float() - planes_keys(want_kd).float()).abs().max() <= 2e-2 and rel(out, ref) < 1e-2
 # the new token folded into its page's bounds by the same launch (on a fresh page at L = 49; sub-pages of 8 at L = 70)
 for b, hq, hk, L, D, sub in [(2, 4, 2, 70, 64, 16), (1, 8, 1, 49, 32, 16), (2, 4, 2, 70, 64, 8)]:
     q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L + 2)

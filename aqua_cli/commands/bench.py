@@ -44,7 +44,7 @@ def bench(
     no_hybrid: Annotated[bool, typer.Option("--no-hybrid", help="Skip the hybrid (dense below break-even) rows; e2e: top-T at every length (no switch to exact attention below its break-even).")] = False,
     layers: Annotated[Optional[int], typer.Option("--layers", help="e2e: cut the model to this many layers (default: all).")] = None,
     kv_dims: Annotated[float, typer.Option("--kv-dims", help="e2e: projected key dims stored, a ratio of head_dim (1.0 = all).")] = 1.0,
-    page_score: Annotated[str, typer.Option("--page-score", help="e2e: how top-T ranks pages, a comma list of max (their tokens' best score) and bound (Quest's bound from per-page min/max: aqua-topt-bound rows).")] = "max",
+    page_score: Annotated[str, typer.Option("--page-score", help="e2e: how top-T ranks pages, a comma list of max (their tokens' best score), bound (Quest's bound from per-page min/max: aqua-topt-bound rows) and planes (max on the high byte of float16 key planes: aqua-topt-planes rows).")] = "max",
     bound_page: Annotated[Optional[int], typer.Option("--bound-page", help="Tokens one page bound covers (a power of two dividing the page of 64; default 64): the aqua-bounds rows, and e2e with --page-score bound.")] = None,
     rerank: Annotated[int, typer.Option("--rerank", help="The aqua-rerank rows (decode) and e2e with --page-score bound: the RERANK x budget best pages by bound, ranked again by their tokens' max score (0: no re-rank).")] = 4,
     no_graphs: Annotated[bool, typer.Option("--no-graphs", help="e2e: time eager steps instead of CUDA-graph replays of one step (both paths alike).")] = False,
@@ -73,9 +73,12 @@ def bench(
         raise ConfigError(f"--select-block must be a power of two >= 16, got {select_block}")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    from ..kernels.paged import check_bound_page, check_page_score
+    from ..kernels.paged import check_bound_page
 
-    scores = [check_page_score(x.strip()) for x in page_score.split(",") if x.strip()]
+    scores = [x.strip() for x in page_score.split(",") if x.strip()]
+    for score in scores:
+        if score not in ("max", "bound", "planes"):
+            raise ConfigError(f"--page-score takes a comma list of max, bound and planes, got {score!r}")
     if bound_page is not None:
         check_bound_page(64, bound_page)
     if rerank < 0:

@@ -46,6 +46,7 @@ def generate(
     recent_pages: Annotated[int, typer.Option("--recent-pages", help="With --tokens: last pages always kept (the recent window; 8 = 512 tokens, measured on SmolLM2: docs/decode.md).")] = 8,
     page_score: Annotated[str, typer.Option("--page-score", help="With --tokens: how pages are ranked: max (their tokens' best approximate score; best quality) or bound (Quest's bound from each page's min and max: reads far less, coarser; docs/decode.md).")] = "max",
     rerank: Annotated[int, typer.Option("--rerank", help="With --page-score bound: rank the RERANK x budget best pages by bound again by max (4: between the two in speed and quality; 0: off).")] = 0,
+    key_planes: Annotated[bool, typer.Option("--key-planes", help="With --tokens: store the projected keys as float16 byte planes and score pages (by max) on the high byte only: half the scoring bytes, the same cache size, near max's quality (docs/decode.md).")] = False,
     decode: Annotated[Optional[bool], typer.Option("--decode/--no-decode", help="Projected KV cache and, on CUDA, the fused kernels in every decode step (default: on for CUDA or with --tokens).")] = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -85,6 +86,8 @@ def generate(
         raise AquaError("--page-score and --rerank rank top-T's pages: give --tokens too, e.g. --tokens 1/16")
     if rerank < 0 or (rerank and page_score != "bound"):
         raise AquaError(f"--rerank takes a count >= 0 with --page-score bound, got {rerank}")
+    if key_planes and token_ratio is None:
+        raise AquaError("--key-planes halves what top-T's page scoring reads: give --tokens too, e.g. --tokens 1/16")
     with status("loading model and artifact ..."):
         model, tokenizer, handle = load_patched(model_name, artifact, k=k_value, mode=mode, revision=revision, device=device, dtype=dtype)
     if decode if decode is not None else (token_ratio is not None or next(model.parameters()).is_cuda):
@@ -92,7 +95,7 @@ def generate(
 
         handle.remove()
         handle = AquaDecode(handle.artifact, k_value, mode, token_ratio=token_ratio, sink_pages=sink_pages,
-                            recent_pages=recent_pages, page_score=page_score, rerank=rerank)(model)
+                            recent_pages=recent_pages, page_score=page_score, rerank=rerank, key_planes=key_planes)(model)
     elif token_ratio is not None:
         raise AquaError("--tokens needs the decode path: drop --no-decode")
     dims = handle.dims

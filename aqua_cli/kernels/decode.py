@@ -77,7 +77,7 @@ def _need_triton() -> None:
         raise RuntimeError("the fused AQUA kernels need the 'triton' package (pip install triton)")
 
 from ..errors import ConfigError
-from .reference import block_keep_for, project_queries, select_dims
+from .reference import block_keep_for, key_planes, project_queries, select_dims
 
 LOG2E = 1.4426950408889634
 GROUP_PAD = 16  # tl.dot needs at least 16 rows
@@ -123,6 +123,30 @@ def _gdc_late(GDC: tl.constexpr):
     """The late trigger of ``_gdc`` mode 2, before a kernel's final stores."""
     if GDC == 2:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@_jit
+def _join_planes(hi, lo):
+    """float16 keys from their two byte planes (``reference.key_planes``): bits = high * 256 + signed low."""
+    bits = (hi.to(tl.int32) << 8) + lo.to(tl.int8, bitcast=True).to(tl.int32)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@_jit
+def _high_plane(hi):
+    """float16 value of the high plane alone (an fp8 e5m2 value): what page scoring reads of planar keys."""
+    return (hi.to(tl.int32) << 8).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@_jit
+def _split_planes(x):
+    """float32 ``x`` -> its (high, low) bytes as ``reference.key_planes`` writes them."""
+    bits = tl.minimum(tl.maximum(x, -61408.0), 61408.0).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    mag = bits & 0x7FFF
+    mag_hi = (mag + 128) >> 8
+    hi = ((bits & 0x8000) >> 8) | mag_hi
+    lo = mag - (mag_hi << 8)
+    return hi.to(tl.uint8), lo.to(tl.int8).to(tl.uint8, bitcast=True)
 
 
 @_jit
@@ -234,7 +258,7 @@ def _select_dims_kernel(
     HKV, K,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, WRITE_QF: tl.constexpr,
     FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr, WRITE_KV: tl.constexpr, GDC: tl.constexpr,
-    SCATTER: tl.constexpr, WRITE_BND: tl.constexpr = False,
+    SCATTER: tl.constexpr, WRITE_BND: tl.constexpr = False, PLANES: tl.constexpr = False,
 ):
     """Standalone dim selection (one program per KV group): measured faster than repeating it in the
     prologue of every program of the main pass (see docs/bench.md). ``SCATTER``: write the selected
@@ -265,7 +289,14 @@ def _select_dims_kernel(
     _gdc_late(GDC)
     if WRITE_KV:  # the cache write of this step's token: kP at column pos of the dim-major keys, v at row pos
         offs_dk = tl.arange(0, D).to(tl.int64)
-        tl.store(KDC + b * s_kdb + h * s_kdh + offs_dk * s_kdd + pos, kp.to(KDC.dtype.element_ty))
+        kptr = KDC + b * s_kdb + h * s_kdh + offs_dk * s_kdd + pos
+        if PLANES:  # uint8 (2D, L): the high bytes in rows [0, D), the low bytes in rows [D, 2D)
+            kp = tl.minimum(tl.maximum(kp, -61408.0), 61408.0)
+            khi, klo = _split_planes(kp)
+            tl.store(kptr, khi)
+            tl.store(kptr + D * s_kdd, klo)
+        else:
+            tl.store(kptr, kp.to(KDC.dtype.element_ty))
         vn = tl.load(VN + b * s_vnb + h * s_vnh + offs_dk)
         tl.store(VC + b * s_vcb + h * s_vch + pos.to(tl.int64) * s_vcl + offs_dk, vn)
         if WRITE_BND:  # and its page's bounds: the key alone on a new page, else folded into the min and max
@@ -284,9 +315,11 @@ def _select_dims_kernel(
 
 @_jit
 def _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, n0, L, m_i, l_i, acc, qk_scale,
-                BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, FULL_ROWS: tl.constexpr):
+                BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, FULL_ROWS: tl.constexpr,
+                PLANES: tl.constexpr = False):
     """One block of BLOCK_N tokens of the dims kernel; unmasked along tokens unless MASKED (the tail),
-    so that the loads of the full blocks are 16 bytes wide."""
+    so that the loads of the full blocks are 16 bytes wide. ``PLANES``: the keys are byte planes (the low
+    plane ``D`` rows below the high one), joined to float16; ``q`` is float16 then."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     kptr = kbase + idx[:, None] * s_kd + offs_n[None, :]
@@ -294,15 +327,22 @@ def _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, n0, L, m_i, l_i, acc, q
     if MASKED:
         nmask = offs_n < L
         if FULL_ROWS:
-            kd = tl.load(kptr, mask=nmask[None, :], other=0.0)
+            kmask = nmask[None, :]
         else:
-            kd = tl.load(kptr, mask=jmask[:, None] & nmask[None, :], other=0.0)
+            kmask = jmask[:, None] & nmask[None, :]
+        kd = tl.load(kptr, mask=kmask, other=0.0)
+        if PLANES:
+            kd = _join_planes(kd, tl.load(kptr + D * s_kd, mask=kmask, other=0.0))
         v = tl.load(vptr, mask=nmask[:, None], other=0.0)
     else:
         if FULL_ROWS:
             kd = tl.load(kptr)
+            if PLANES:
+                kd = _join_planes(kd, tl.load(kptr + D * s_kd))
         else:
             kd = tl.load(kptr, mask=jmask[:, None], other=0.0)
+            if PLANES:
+                kd = _join_planes(kd, tl.load(kptr + D * s_kd, mask=jmask[:, None], other=0.0))
         v = tl.load(vptr)
     s = _dot(q, kd) * qk_scale  # (GP, BN)
     if MASKED:
@@ -329,7 +369,7 @@ def _dims_split_kernel(
     s_kb, s_kh, s_kd, s_vb, s_vh, s_vl,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     FULL_ROWS: tl.constexpr,  # every one of the KP rows is selected (no row mask)
-    GDC: tl.constexpr,
+    GDC: tl.constexpr, PLANES: tl.constexpr = False,  # KD: uint8 byte planes (B, Hkv, 2D, L), ``_dims_block``
 ):
     _gdc(GDC)
     bh = tl.program_id(0)
@@ -349,6 +389,8 @@ def _dims_split_kernel(
         jmask = offs_j < cnt
         idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
         q = tl.load(Q + bh * G * KP + offs_g[:, None] * KP + offs_j[None, :], mask=(offs_g[:, None] < G) & jmask[None, :], other=0.0)
+    if PLANES:
+        q = q.to(tl.float16)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     blk0 = split * blocks_per_split
@@ -359,10 +401,10 @@ def _dims_split_kernel(
     acc = tl.zeros([GP, D], tl.float32)
     for blk in range(blk0, full_end):
         m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk * BLOCK_N, L, m_i, l_i, acc, qk_scale,
-                                    BLOCK_N, D, False, FULL_ROWS)
+                                    BLOCK_N, D, False, FULL_ROWS, PLANES)
     if full_end < blk1:  # the sequence's last, partial block
         m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, full_end * BLOCK_N, L, m_i, l_i, acc, qk_scale,
-                                    BLOCK_N, D, True, FULL_ROWS)
+                                    BLOCK_N, D, True, FULL_ROWS, PLANES)
     _gdc_late(GDC)
     row = (bh * nsplit + split) * G + offs_g
     gmask = offs_g < G
@@ -428,12 +470,13 @@ def _page_score_kernel(
     s_kb, s_kh, s_kp, s_kd,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
     PAGE: tl.constexpr, PPI: tl.constexpr, FULL_ROWS: tl.constexpr, CONTIG: tl.constexpr,
-    FOLD: tl.constexpr, NPP: tl.constexpr, GDC: tl.constexpr,
+    FOLD: tl.constexpr, NPP: tl.constexpr, GDC: tl.constexpr, PLANES: tl.constexpr = False,
 ):
     """Dims + top-T pages, pass 1: the approximate logits of PPI pages per step over the selected rows,
     reduced to one score per page. Only NP floats per KV group leave the kernel. ``CONTIG``: pages are
     adjacent along the rows (``s_kp == PAGE``), so a step is one contiguous run of PPI*PAGE tokens (16-byte
-    loads); otherwise PPI must be 1."""
+    loads); otherwise PPI must be 1. ``PLANES``: the keys are byte planes and only the high plane is read (one
+    byte a value)."""
     _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -448,6 +491,8 @@ def _page_score_kernel(
     else:
         idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
     q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=gmask[:, None], other=0.0)
+    if PLANES:
+        q = q.to(tl.float16)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     BN: tl.constexpr = PPI * PAGE
     offs_t = tl.arange(0, BN)
@@ -466,6 +511,8 @@ def _page_score_kernel(
             kd = tl.load(ptr)
         else:
             kd = tl.load(ptr, mask=jmask[:, None], other=0.0)
+        if PLANES:
+            kd = _high_plane(kd)
         s = _dot(q, kd)  # (GP, BN)
         s = tl.where(gmask[:, None], s, float("-inf"))
         pmax = tl.max(tl.reshape(tl.max(s, 0), (PPI, PAGE)), 1)
@@ -478,6 +525,8 @@ def _page_score_kernel(
         tmask = (pages < p1) & (tok < L)
         ptr = kbase + idx[:, None] * s_kd + (pages.to(tl.int64) * s_kp + within)[None, :]
         kd = tl.load(ptr, mask=jmask[:, None] & tmask[None, :], other=0.0)
+        if PLANES:
+            kd = _high_plane(kd)
         s = _dot(q, kd)
         s = tl.where(gmask[:, None] & tmask[None, :], s, float("-inf"))
         pmax = tl.max(tl.reshape(tl.max(s, 0), (PPI, PAGE)), 1)
@@ -526,8 +575,8 @@ def _bound_score_kernel(
     jmask = tl.arange(0, KP) < K
     q, idx = _selected_queries(Q, IDX, bh, K, G, GP, KP)
     qf = q.to(tl.float32)
-    qpos = tl.maximum(qf, 0.0).to(q.dtype)
-    qneg = tl.minimum(qf, 0.0).to(q.dtype)
+    qpos = tl.maximum(qf, 0.0).to(BND.dtype.element_ty)  # float16 bounds of key planes
+    qneg = tl.minimum(qf, 0.0).to(BND.dtype.element_ty)
     rows = BND + b.to(tl.int64) * s_bb + h.to(tl.int64) * s_bh + idx[:, None] * s_bd
     p0 = split * pages_per_split
     p1 = tl.minimum(p0 + pages_per_split, NP)
@@ -570,10 +619,11 @@ def _rerank_score_kernel(
     L, K, NP, NC, per_split, HKV,
     s_kb, s_kh, s_kp, s_kd,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, PAGE: tl.constexpr, GDC: tl.constexpr,
+    PLANES: tl.constexpr = False,
 ):
     """Dims + top-T pages by bound, re-ranked: the candidates' scores as ``_page_score_kernel`` computes them
     (the max over a page's tokens and the group's heads of the approximate logits), read from the kept dims of
-    the candidate pages only."""
+    the candidate pages only (of planar keys, the high plane)."""
     _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -583,6 +633,8 @@ def _rerank_score_kernel(
     jmask = tl.arange(0, KP) < K
     offs_t = tl.arange(0, PAGE)
     q, idx = _selected_queries(Q, IDX, bh, K, G, GP, KP)
+    if PLANES:
+        q = q.to(tl.float16)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + idx[:, None] * s_kd
     s0 = split * per_split
     s1 = tl.minimum(s0 + per_split, NC)
@@ -591,6 +643,8 @@ def _rerank_score_kernel(
         pg = tl.load(LIST + bh * NC + i)
         tmask = pg * PAGE + offs_t < L
         kd = tl.load(kbase + pg.to(tl.int64) * s_kp + offs_t[None, :], mask=jmask[:, None] & tmask[None, :], other=0.0)
+        if PLANES:
+            kd = _high_plane(kd)
         sc = _dot(q, kd)  # (GP, PAGE)
         sc = tl.where(gmask[:, None] & tmask[None, :], sc, float("-inf"))
         tl.store(PSC + bh * NP + pg, tl.max(tl.max(sc, 1), 0))
@@ -671,11 +725,12 @@ def _page_attend_kernel(
     L, NSEL, per_split, HKV, qk_scale,
     s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, GDC: tl.constexpr,
+    PLANES: tl.constexpr = False,
 ):
     """Dims + top-T pages, pass 3: exact attention over this split's share of the chosen full pages --
     ``(qP).(kP)`` on whole pages of the projected keys (the rows the scoring pass read, plus the others;
     equal to ``q.k`` for an orthogonal P) and the pages' rows of V; the last split also takes a chosen
-    partial last page (masked)."""
+    partial last page (masked). ``PLANES``: both byte planes of the keys, joined to float16."""
     _gdc(GDC)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -690,6 +745,8 @@ def _page_attend_kernel(
     offs_t = tl.arange(0, PAGE)
     gmask = offs_g < G
     q = tl.load(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    if PLANES:
+        q = q.to(tl.float16)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -697,7 +754,10 @@ def _page_attend_kernel(
     acc = tl.zeros([GP, D], tl.float32)
     for i in range(0, n_here):
         pg = tl.load(LIST + bh * NSEL + s0 + i).to(tl.int64)
-        kt = tl.load(kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :])  # (D, PAGE)
+        kptr = kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :]
+        kt = tl.load(kptr)  # (D, PAGE)
+        if PLANES:
+            kt = _join_planes(kt, tl.load(kptr + D * s_kd))
         vt = tl.load(vbase + (pg * PAGE + offs_t)[:, None] * s_vl + offs_d[None, :])  # (PAGE, D)
         s = _dot(q, kt) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -710,7 +770,10 @@ def _page_attend_kernel(
         pg = tl.load(LIST + bh * NSEL + nfull).to(tl.int64)
         tok = pg * PAGE + offs_t
         tmask = tok < L
-        kt = tl.load(kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :], mask=tmask[None, :], other=0.0)
+        kptr = kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :]
+        kt = tl.load(kptr, mask=tmask[None, :], other=0.0)
+        if PLANES:
+            kt = _join_planes(kt, tl.load(kptr + D * s_kd, mask=tmask[None, :], other=0.0))
         vt = tl.load(vbase + tok[:, None] * s_vl + offs_d[None, :], mask=tmask[:, None], other=0.0)
         s = _dot(q, kt) * qk_scale
         s = tl.where(tmask[None, :], s, float("-inf"))
@@ -979,7 +1042,8 @@ NewKV = tuple  # (k_new (B, Hkv, D), v_new (B, Hkv, D), kd (B, Hkv, D, L), v (B,
 def write_new_kv(new_kv: NewKV, proj: torch.Tensor) -> None:
     """The cache write that the dim-selection kernel does in its launch, in PyTorch (for the other paths)."""
     k_new, v_new, kd, v, pos = new_kv
-    kd[..., pos] = torch.einsum("bhd,hde->bhe", k_new.float(), proj.float()).to(kd.dtype)
+    kp = torch.einsum("bhd,hde->bhe", k_new.float(), proj.float())
+    kd[..., pos] = key_planes(kp[..., None])[..., 0] if is_planes(kd) else kp.to(kd.dtype)
     v[:, :, pos] = v_new
 
 
@@ -1014,7 +1078,7 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
     write_bnd = new_kv is not None and bounds is not None
     if write_bnd:
         bnd, page = bounds
-        assert bnd.stride(-1) == 1 and bnd.dtype == kdc.dtype
+        assert bnd.stride(-1) == 1 and bnd.dtype == (torch.float16 if is_planes(kdc) else kdc.dtype)
         bargs = (bnd, bnd.stride(0), bnd.stride(1), bnd.stride(2), bnd.stride(3), page)
     else:
         bargs = (qc, 0, 0, 0, 0, 1)
@@ -1023,7 +1087,8 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
         groups, dims,
         G=rep, GP=_gp(rep + (new_kv is not None)), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
         FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, WRITE_KV=new_kv is not None, num_warps=num_warps,
-        SCATTER=DIM_SCATTER, WRITE_BND=write_bnd, **_pdl_opts(use_pdl(q.device, pdl)),
+        SCATTER=DIM_SCATTER, WRITE_BND=write_bnd, PLANES=new_kv is not None and is_planes(kdc),
+        **_pdl_opts(use_pdl(q.device, pdl)),
     )
     return qsel, idx, count
 
@@ -1033,6 +1098,8 @@ def launch_dims_fused(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: 
                       pdl: bool | None = None) -> torch.Tensor:
     """AQUA dims only, selection folded into the main kernel: 2 launches (main pass, combine)."""
     _need_triton()
+    if is_planes(kd):
+        raise ValueError("the dims kernel with the selection in its prologue does not read key planes")
     pdl = use_pdl(q.device, pdl)
     batch, groups, dim, length = kd.shape
     rep = q.shape[1] // groups
@@ -1067,15 +1134,27 @@ def _counters(n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
+def is_planes(kd: torch.Tensor) -> bool:
+    """Whether projected keys are byte planes (``reference.key_planes``: uint8, twice the dims)."""
+    return kd.dtype == torch.uint8
+
+
+def key_dim(kd: torch.Tensor) -> int:
+    """The head dim of projected keys ``(B, Hkv, D, L)`` or ``(B, Hkv, NP, D, page)``, of planes too."""
+    rows = kd.shape[-2]
+    return rows // 2 if is_planes(kd) else rows
+
+
 def kd_layout(kd: torch.Tensor, page: int) -> tuple[int, int, int, int, int]:
     """``(B, Hkv, D, L)`` contiguous-rows or ``(B, Hkv, NP, D, page)`` paged projected keys ->
-    ``(s_kb, s_kh, s_kp, s_kd, D)``: token ``t = p*page + j`` of dim ``d`` sits at ``p*s_kp + d*s_kd + j``."""
+    ``(s_kb, s_kh, s_kp, s_kd, D)``: token ``t = p*page + j`` of dim ``d`` sits at ``p*s_kp + d*s_kd + j``
+    (byte planes: ``2D`` rows, the low plane ``D`` rows below the high one)."""
     if kd.dim() == 4:
         assert kd.stride(3) == 1, "projected keys need unit stride along tokens"
-        return kd.stride(0), kd.stride(1), page, kd.stride(2), kd.shape[2]
+        return kd.stride(0), kd.stride(1), page, kd.stride(2), key_dim(kd)
     if kd.dim() == 5:
         assert kd.shape[4] == page and kd.stride(4) == 1, f"paged keys need pages of {page} contiguous tokens"
-        return kd.stride(0), kd.stride(1), kd.stride(2), kd.stride(3), kd.shape[3]
+        return kd.stride(0), kd.stride(1), kd.stride(2), kd.stride(3), key_dim(kd)
     raise ValueError(f"projected keys must be (B, Hkv, D, L) or (B, Hkv, NP, D, page), got {tuple(kd.shape)}")
 
 
@@ -1126,7 +1205,7 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
         s_kb, s_kh, s_kp, s_kd,
         G=rep, GP=_gp(rep), KP=KP, PAGE=page, PPI=ppi, FULL_ROWS=dims == KP, CONTIG=contig,
         FOLD=fold is not None, NPP=select_width(n_pages, sinks, recent), num_warps=num_warps, num_stages=num_stages,
-        **_pdl_opts(pdl),
+        PLANES=is_planes(kd), **_pdl_opts(pdl),
     )
     return pscores, qf
 
@@ -1193,7 +1272,7 @@ def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: to
     _rerank_score_kernel[(bh, -(-n_cand // per))](
         qsel, idx, kd, cands, pscores, length, dims, n_pages, n_cand, per, groups, s_kb, s_kh, s_kp, s_kd,
         G=rep, GP=_gp(rep), KP=_kp(dims), PAGE=page, num_warps=RERANK_LAUNCH["num_warps"],
-        num_stages=RERANK_LAUNCH["num_stages"], **_pdl_opts(pdl),
+        num_stages=RERANK_LAUNCH["num_stages"], PLANES=is_planes(kd), **_pdl_opts(pdl),
     )
 
 
@@ -1257,7 +1336,8 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     _page_attend_kernel[(bh, splits2)](
         qf, chosen, nfull, kd, v, o, m, ls, length, n_sel, per2, groups, scale * LOG2E,
         s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
-        G=rep, GP=_gp(rep), D=dim, PAGE=page, num_warps=attend_warps, num_stages=attend_stages, **_pdl_opts(pdl),
+        G=rep, GP=_gp(rep), D=dim, PAGE=page, num_warps=attend_warps, num_stages=attend_stages, PLANES=is_planes(kd),
+        **_pdl_opts(pdl),
     )
     return _combine(o, m, ls, batch, q_heads, dim, v.dtype, pdl)
 
@@ -1268,7 +1348,8 @@ def launch_dims(sel: Selection, kd: torch.Tensor, v: torch.Tensor, scale: float,
     """AQUA dims only over a padded selection; -> ``(B, Hq, D)``. ``full_rows``: every one of the KP
     selection slots is valid (group selection with a power-of-two k), so rows need no mask."""
     q, idx_p, count = sel
-    batch, groups, dim, length = kd.shape
+    batch, groups, _, length = kd.shape
+    dim = key_dim(kd)
     rep, KP = q.shape[1], q.shape[2]
     blocks = -(-length // block_n)
     splits = _num_splits(batch * groups, length, block_n, _sms(kd.device), waves)
@@ -1281,7 +1362,7 @@ def launch_dims(sel: Selection, kd: torch.Tensor, v: torch.Tensor, scale: float,
         q, idx_p, count, kd, v, o, m, ls, length, per_split, groups, scale * LOG2E,
         kd.stride(0), kd.stride(1), kd.stride(2), v.stride(0), v.stride(1), v.stride(2),
         G=rep, GP=max(GROUP_PAD, _pow2(rep)), KP=KP, D=dim, BLOCK_N=block_n, FULL_ROWS=full_rows,
-        num_warps=num_warps, num_stages=num_stages, **_pdl_opts(pdl),
+        num_warps=num_warps, num_stages=num_stages, PLANES=is_planes(kd), **_pdl_opts(pdl),
     )
     return _combine(o, m, ls, batch, groups * rep, dim, v.dtype, pdl)
 
@@ -1290,6 +1371,8 @@ def launch_select(sel: Selection, kd: torch.Tensor, token_ratio: float, block: i
                   full_rows: bool = False, pdl: bool | None = None) -> tuple[torch.Tensor, int]:
     """Top-T token ids per KV head, ``(B*Hkv, nblocks * keep)`` int32, and ``keep`` (slots per block)."""
     q, idx_p, count = sel
+    if is_planes(kd):
+        raise ValueError("token top-T does not read key planes: use granularity='pages'")
     batch, groups, _, length = kd.shape
     rep, KP = q.shape[1], q.shape[2]
     keep = block_keep_for(token_ratio, block)
@@ -1409,7 +1492,7 @@ def dims_stages(config: DecodeConfig, kd: torch.Tensor) -> int:
     (``docs/results/sweeps/stages_ab-h100-run*.json``, ``dims_tiles-h100.json``)."""
     if config.num_stages is not None:
         return config.num_stages
-    return 4 if kd.shape[0] * kd.shape[1] >= 64 and _kp(min(config.dims, kd.shape[2])) <= 64 else 3
+    return 4 if kd.shape[0] * kd.shape[1] >= 64 and _kp(min(config.dims, key_dim(kd))) <= 64 else 3
 
 
 def _write_with_bounds(new_kv: NewKV, proj: torch.Tensor, bounds: torch.Tensor | None, config: DecodeConfig) -> None:
@@ -1460,6 +1543,8 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     dim = q.shape[-1]
     scale = dim ** -0.5 if scale is None else scale
     fused = config.fused_select and fused_selection_supported(q, proj, config.gqa)
+    if is_planes(kd) and ((config.token_ratio is not None and config.granularity == "tokens") or config.prologue):
+        raise ValueError("key planes are read by dims only and page top-T (not by token top-T or prologue=True)")
     if config.token_ratio is not None and config.granularity == "pages":
         if not fused:
             raise ValueError("page top-T needs the in-kernel selection: gqa='group', bf16 q, power-of-two head_dim 16..256")

@@ -28,8 +28,10 @@ from ..errors import ConfigError
 from .reference import (
     approx_logits,
     dims_scores,
+    key_values,
     project_queries,
     put_back,
+    score_values,
     select_dims,
     sparse_queries,
     take,
@@ -92,7 +94,9 @@ def pool_pages(scores: torch.Tensor, ratio: int) -> torch.Tensor:
 def page_bounds(kd: torch.Tensor, page: int, length: int | None = None) -> torch.Tensor:
     """``(B, Hkv, D, L)`` projected keys -> ``(B, Hkv, 2, D, ceil(length / page))`` in ``kd``'s dtype: per page and
     projected dim the minimum ([:, :, 0]) and the maximum ([:, :, 1]) over the page's first ``length`` tokens
-    (exact: a min or max of bf16 values is one of them). What the cache keeps beside the keys for ``"bound"``."""
+    (exact: a min or max of bf16 values is one of them). What the cache keeps beside the keys for ``"bound"``.
+    Byte planes (``reference.key_planes``) are bounded by their float16 keys."""
+    kd = key_values(kd)
     length = kd.shape[-1] if length is None else length
     full = length // page
     whole = kd[..., : full * page].unflatten(-1, (full, page))  # no copy: a cache fill bounds 32 layers of keys
@@ -107,7 +111,7 @@ def update_page_bounds(bounds: torch.Tensor, kd: torch.Tensor, pos: int, page: i
     """Fold the key at ``pos`` of ``kd`` ``(B, Hkv, D, >pos)`` into ``bounds`` (``page_bounds``' layout, enough
     pages), in place: alone on a fresh page, else into the page's min and max. What the dim-selection kernel
     does with the cache write of a decode step."""
-    key, p = kd[..., pos].to(bounds.dtype), pos // page
+    key, p = key_values(kd[..., pos : pos + 1])[..., 0].to(bounds.dtype), pos // page
     if pos % page == 0:
         bounds[:, :, 0, :, p] = key
         bounds[:, :, 1, :, p] = key
@@ -185,7 +189,8 @@ def aqua_decode_pages_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     pass uses the original ``q``, ``k`` (equal to the projected ones for an orthogonal ``P``). ``sink_pages``,
     ``recent_pages``: always kept, on top of the best ``pages_for`` pages. ``scoring``: "max" or "bound"
     (module docstring); ``bound_page``: tokens a bound covers (``check_bound_page``); ``rerank`` (with "bound"):
-    the ``rerank`` x budget best pages by bound (and the forced ones) are candidates, ranked by "max"."""
+    the ``rerank`` x budget best pages by bound (and the forced ones) are candidates, ranked by "max". ``kd`` may be
+    byte planes (``reference.key_planes``): pages are then scored on the high plane, as the kernels do."""
     batch, q_heads, dim = q.shape
     groups, length = k.shape[1], k.shape[2]
     scale = dim ** -0.5
@@ -197,10 +202,10 @@ def aqua_decode_pages_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         pscores = pool_pages(bound_scores(qsel, idx, count, page_bounds(kd, sub, length)).amax(2), page // sub)
         if rerank > 0:
             cands = select_pages_forced(pscores, rerank * budget, sink_pages, recent_pages)
-            best = page_scores(approx_logits(qsel, idx, count, kd).amax(2), page)
+            best = page_scores(approx_logits(qsel, idx, count, score_values(kd)).amax(2), page)
             pscores = best.masked_fill(~cands, float("-inf"))
     else:
-        pscores = page_scores(approx_logits(qsel, idx, count, kd).amax(2), page)  # (B, Hkv, NP)
+        pscores = page_scores(approx_logits(qsel, idx, count, score_values(kd)).amax(2), page)  # (B, Hkv, NP)
     mask = select_pages_forced(pscores, budget, sink_pages, recent_pages)
     keep = expand_pages(mask, page, length)  # (B, Hkv, L)
     exact = q.float().view(batch, groups, -1, dim) @ k.float().transpose(-1, -2) * scale

@@ -55,6 +55,52 @@ def project_keys(k: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     return (k.float() @ proj.to(k.device, torch.float32)[None]).to(k.dtype).transpose(-1, -2).contiguous()
 
 
+# Keys in two byte planes (``DecodeConfig`` reads them when ``kd`` is uint8): the projected keys in float16, each
+# value's 16 bits split into a high byte rounded to nearest (an fp8 e5m2 value: sign, 5 exponent bits, 2 mantissa
+# bits) and a signed low byte (the rest, -128..127), the planes stacked along the dims: ``(..., 2D, L)``, row ``d``
+# the high bytes of dim ``d``, row ``D + d`` its low bytes. The exact pass reads both (the float16 key, no loss);
+# page scoring reads the high plane only: half the bytes of the scored dims, at about 12% relative error per value.
+PLANE_MAX = 61408.0  # |kP| is clamped here (float16 0x7B7F): the high byte of anything larger rounds to e5m2 infinity
+
+
+def key_planes(kp: torch.Tensor) -> torch.Tensor:
+    """Projected keys ``(..., D, L)`` (any float dtype) -> ``(..., 2D, L)`` uint8 planes (see above)."""
+    bits = kp.float().clamp(-PLANE_MAX, PLANE_MAX).to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    mag = bits & 0x7FFF
+    mag_hi = (mag + 128) >> 8
+    hi = ((bits & 0x8000) >> 8) | mag_hi
+    lo = mag - (mag_hi << 8)  # -128..127
+    return torch.cat([hi.to(torch.uint8), lo.to(torch.int8).view(torch.uint8)], dim=-2)
+
+
+def _plane_halves(kd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = kd.shape[-2]
+    assert kd.dtype == torch.uint8 and rows % 2 == 0, "key planes are uint8 (..., 2D, L)"
+    return kd[..., : rows // 2, :], kd[..., rows // 2 :, :]
+
+
+def planes_keys(kd: torch.Tensor) -> torch.Tensor:
+    """``key_planes`` -> the float16 keys ``(..., D, L)``, exactly."""
+    hi, lo = _plane_halves(kd)
+    bits = (hi.to(torch.int32) << 8) + lo.view(torch.int8).to(torch.int32)
+    return bits.to(torch.int16).view(torch.float16)
+
+
+def planes_score_keys(kd: torch.Tensor) -> torch.Tensor:
+    """``key_planes`` -> ``(..., D, L)`` float16 of the high plane alone (what page scoring reads)."""
+    return (_plane_halves(kd)[0].to(torch.int32) << 8).to(torch.int16).view(torch.float16)
+
+
+def key_values(kd: torch.Tensor) -> torch.Tensor:
+    """Projected keys as values: ``kd`` itself, or its planes joined (float16)."""
+    return planes_keys(kd) if kd.dtype == torch.uint8 else kd
+
+
+def score_values(kd: torch.Tensor) -> torch.Tensor:
+    """The projected keys that page scoring reads: ``kd`` itself, or the high plane of its planes."""
+    return planes_score_keys(kd) if kd.dtype == torch.uint8 else kd
+
+
 def project_queries(q: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     """``(B, Hq, D)`` -> ``(B, Hkv, G, D)`` float32 projected queries."""
     batch, q_heads, dim = q.shape

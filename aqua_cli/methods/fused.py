@@ -85,8 +85,9 @@ class ProjectedKVLayer(InPlaceLayer):
     projected keys ``(B, Hkv, m, L)`` and the values ``(B, Hkv, L, D)`` as views of the buffers."""
 
     def __init__(self, projection: torch.Tensor, kv_dims: int, state: DecodeState, layer_idx: int = 0,
-                 max_tokens: int | None = None, page: int = 64, bound_page: int | None = None):
+                 max_tokens: int | None = None, page: int = 64, bound_page: int | None = None, key_planes: bool = False):
         super().__init__(max_tokens)
+        self.key_planes = key_planes  # keys as float16 byte planes (``reference.key_planes``): uint8 (B, Hkv, 2m, cap)
         self.projection = projection.float()
         self.kv_dims, self.state, self.layer_idx, self.page = kv_dims, state, layer_idx, page
         self.bound_page = bound_page  # keep per-sub-page min/max of the keys (``paged.page_bounds``) for bound scoring
@@ -107,10 +108,12 @@ class ProjectedKVLayer(InPlaceLayer):
         # whole pages: a dimension-major row of keys then starts 16-byte aligned (a capacity that is not a
         # multiple of 16 tokens made Triton drop its vector loads: the kernels ran ~25% slower in a model)
         cap = self.page * -(-self.max_tokens // self.page) if self.max_tokens else 0
-        self.keys = key_states.new_zeros((batch, groups, self.kv_dims, cap))
+        rows = 2 * self.kv_dims if self.key_planes else self.kv_dims
+        self.keys = key_states.new_zeros((batch, groups, rows, cap), dtype=torch.uint8 if self.key_planes else None)
         self.values = value_states.new_zeros((batch, groups, cap, head_dim))
-        if self.bound_page:
-            self.bounds = key_states.new_zeros((batch, groups, 2, self.kv_dims, cap // self.bound_page))
+        if self.bound_page:  # of planes: float16, as the keys they bound
+            self.bounds = key_states.new_zeros((batch, groups, 2, self.kv_dims, cap // self.bound_page),
+                                               dtype=torch.float16 if self.key_planes else None)
 
     def _reserve(self, needed: int) -> None:
         if self.max_tokens is not None and needed > self.max_tokens:
@@ -145,7 +148,7 @@ class ProjectedKVLayer(InPlaceLayer):
             self.deferred = (key_states[:, :, 0], value_states[:, :, 0], start)
         else:
             projected = self._project(key_states)  # (B, G, n, m)
-            self.keys[..., start : start + new] = projected.transpose(-1, -2)
+            self.keys[..., start : start + new] = self._stored(projected.transpose(-1, -2))
             self.values[:, :, start : start + new] = value_states
             self._rebound(start, start + new)
         self.length = start + new
@@ -163,7 +166,7 @@ class ProjectedKVLayer(InPlaceLayer):
         deferred = self.take_deferred()
         if deferred is not None:
             key, value, pos = deferred
-            self.keys[..., pos] = self._project(key[:, :, None])[:, :, 0]
+            self.keys[..., pos : pos + 1] = self._stored(self._project(key[:, :, None]).transpose(-1, -2))
             self.values[:, :, pos] = value
             self._rebound(pos, pos + 1)
 
@@ -177,13 +180,23 @@ class ProjectedKVLayer(InPlaceLayer):
         self.bounds[..., first : -(-end // self.bound_page)] = page_bounds(
             self.keys[..., first * self.bound_page : end], self.bound_page)
 
+    def _stored(self, kd: torch.Tensor) -> torch.Tensor:
+        """Dimension-major projected keys as the buffer holds them: themselves, or their byte planes."""
+        if self.key_planes:
+            from ..kernels.reference import key_planes
+
+            return key_planes(kd)
+        return kd
+
     def _project(self, key_states: torch.Tensor) -> torch.Tensor:
         """``kP`` in the cache's dtype. On CUDA in half precision one matmul in that dtype (float32
         accumulation): a decode step writes one token per layer, and the float32 round trip was three
-        extra launches a layer; elsewhere float32, so the CPU path stays exact at ``m = D``."""
+        extra launches a layer; elsewhere float32, so the CPU path stays exact at ``m = D`` (key planes: float32,
+        rounded once to their float16)."""
         if self._basis_half is not None:
             return key_states @ self._basis_half
-        return (key_states.float() @ self._basis).to(self.keys.dtype)
+        projected = key_states.float() @ self._basis
+        return projected if self.key_planes else projected.to(self.keys.dtype)
 
     def reset(self) -> None:
         self.length, self.fresh, self.deferred = 0, None, None
@@ -219,8 +232,8 @@ class ProjectedKVCache(ModelBoundCache):
     fix = "build the cache with the model's own AquaDecode"
 
     def __init__(self, artifact: Any, kv_dims: int, states: list[DecodeState], max_tokens: int | None = None, page: int = 64,
-                 bound_page: int | None = None):
-        super().__init__(layers=[ProjectedKVLayer(p, kv_dims, s, i, max_tokens, page, bound_page)
+                 bound_page: int | None = None, key_planes: bool = False):
+        super().__init__(layers=[ProjectedKVLayer(p, kv_dims, s, i, max_tokens, page, bound_page, key_planes)
                                  for i, (p, s) in enumerate(zip(artifact.projections, states))])
         self.kv_dims, self.model_id = kv_dims, artifact.model_id
 
@@ -326,7 +339,9 @@ class DecodeHook(ProjectionHook):
     def _kernel_ready(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
         if not (self.kernels and query.is_cuda and query.shape[2] == 1 and self.mode == "dynamic"):
             return False
-        if isinstance(self.k, torch.Tensor) or key.shape[2] != query.shape[-1] or query.dtype != torch.bfloat16:
+        from ..kernels.decode import key_dim
+
+        if isinstance(self.k, torch.Tensor) or key_dim(key) != query.shape[-1] or query.dtype != torch.bfloat16:
             return False  # per-group budgets and truncated keys (m < D) run the reference
         if mask is not None:
             return False  # transformers passes no mask to a decode step without padding; with one, the reference
@@ -369,20 +384,25 @@ class DecodeHook(ProjectionHook):
     # -- the same math in PyTorch -----------------------------------------------------------------------
     def _reference(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
-        """query ``(B, Hq, Q, D)``; key ``(B, Hkv, m, L)`` projected, dimension-major; value ``(B, Hkv, L, D)``."""
+        """query ``(B, Hq, Q, D)``; key ``(B, Hkv, m, L)`` projected, dimension-major (or its byte planes,
+        ``(B, Hkv, 2m, L)`` uint8); value ``(B, Hkv, L, D)``."""
+        from ..kernels.reference import key_values, score_values
+
         batch, q_heads, q_len, dim = query.shape
-        groups, m, length = key.shape[1], key.shape[2], key.shape[3]
+        kd = key_values(key).float()[:, :, None]  # (B, G, 1, m, L)
+        ks = score_values(key).float()[:, :, None] if key.dtype == torch.uint8 else kd  # what page scoring reads
+        groups, m, length = kd.shape[1], kd.shape[3], kd.shape[4]
         proj = self._projection_on(query.device)[..., :m]
         qp = query.float().view(batch, groups, q_heads // groups, q_len, dim) @ proj[:, None]  # (B, G, rep, Q, m)
-        kd, v = key.float()[:, :, None], value.float()[:, :, None]  # (B, G, 1, m, L), (B, G, 1, L, D)
+        v = value.float()[:, :, None]  # (B, G, 1, L, D)
         visible = visible_keys(mask, batch, q_len, length, query.device)[:, :, None]  # (B, 1, 1, Q, L)
-        outs = [self._attend_chunk(qp[:, :, :, i : i + self.query_chunk], kd, v, visible[:, :, :, i : i + self.query_chunk], m, scale)
-                for i in range(0, q_len, self.query_chunk)]
+        outs = [self._attend_chunk(qp[:, :, :, i : i + self.query_chunk], kd, ks, v, visible[:, :, :, i : i + self.query_chunk],
+                                   m, scale) for i in range(0, q_len, self.query_chunk)]
         out = torch.cat(outs, dim=3)  # (B, G, rep, Q, D)
         return out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).to(query.dtype)
 
-    def _attend_chunk(self, qp: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, m: int,
-                      scale: float) -> torch.Tensor:
+    def _attend_chunk(self, qp: torch.Tensor, kd: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                      m: int, scale: float) -> torch.Tensor:
         groups = qp.shape[1]
         if self.mode == "dense":
             kept = qp
@@ -395,20 +415,22 @@ class DecodeHook(ProjectionHook):
         else:
             vis = visible[:, :, 0]
             keep = page_keep(None, vis, self.token_ratio, self.page, self.sink_pages, self.recent_pages,
-                             self._page_scores(kept, kd, visible, scale))
+                             self._page_scores(kept, kd, ks, visible, scale))
             exact = (qp @ kd) * scale
             probs = exact.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1)
         return probs.nan_to_num(0.0) @ v  # a fully masked row (left padding) gives zeros, not NaN
 
 
-    def _page_scores(self, kept: torch.Tensor, kd: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    def _page_scores(self, kept: torch.Tensor, kd: torch.Tensor, ks: torch.Tensor, visible: torch.Tensor,
+                     scale: float) -> torch.Tensor:
         """``(B, G, Q, NP)`` top-T's page scores (pages as ``ordered_page_scores`` cuts them), as ``page_score``
         says: the best approximate logit of each page, its bound, or the bound's best ``rerank`` x budget ranked
-        by their best logit. The logits ``(B, G, rep, Q, L)`` are only formed where a ranking reads them."""
+        by their best logit. The logits ``(B, G, rep, Q, L)`` are only formed where a ranking reads them, from
+        ``ks``: the keys as scoring reads them (``kd`` itself, or the high plane of key planes)."""
         vis = visible[:, :, 0]
 
         def by_max() -> torch.Tensor:
-            approx = ((kept @ kd) * scale).masked_fill(~visible, float("-inf"))
+            approx = ((kept @ ks) * scale).masked_fill(~visible, float("-inf"))
             return ordered_page_scores(approx.amax(2), vis, self.page)
 
         if self.page_score != "bound":
@@ -463,7 +485,10 @@ class AquaDecode(Aqua):
     every key) or "bound" (Quest's bound from the per-page min and max of the projected keys, which the cache
     then keeps: reads 2 values a kept dim per ``bound_page`` tokens, default ``page``; faster, coarser: see
     docs/decode.md for both on SmolLM2); ``rerank`` (with "bound"): the ``rerank`` x budget best pages by bound
-    are ranked again by "max", which reads only their keys. Pass ``new_cache()`` as ``past_key_values``.
+    are ranked again by "max", which reads only their keys; ``key_planes``: the cache stores the projected keys
+    in float16 split into two byte planes (``kernels.reference.key_planes``), and "max" scores pages on the high
+    plane only (an fp8 e5m2 key: half the scoring bytes, same cache size; docs/decode.md for its cost). Pass
+    ``new_cache()`` as ``past_key_values``.
     """
 
     token_ratio: float | None = None
@@ -479,6 +504,7 @@ class AquaDecode(Aqua):
     page_score: str = "max"
     bound_page: int | None = None
     rerank: int = 0
+    key_planes: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -530,7 +556,8 @@ class AquaDecode(Aqua):
             raise ConfigError("install AquaDecode on a model before building its cache")
         for state in self.states:
             state.pending = None
-        return ProjectedKVCache(self.artifact, self.m, self.states, self.max_tokens, self.page, self.bound_page)
+        return ProjectedKVCache(self.artifact, self.m, self.states, self.max_tokens, self.page, self.bound_page,
+                                self.key_planes)
 
     def remove(self) -> None:
         for state in self.states:
@@ -540,5 +567,5 @@ class AquaDecode(Aqua):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "kv_dims": self.kv_dims, "token_ratio": self.token_ratio, "page": self.page,
                 "sink_pages": self.sink_pages, "recent_pages": self.recent_pages, "page_score": self.page_score,
-                "bound_page": self.bound_page, "rerank": self.rerank}
+                "bound_page": self.bound_page, "rerank": self.rerank, "key_planes": self.key_planes}
 
