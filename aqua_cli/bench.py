@@ -176,8 +176,7 @@ def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, d
         k = torch.randn(batch, shape.num_kv_heads, seq, shape.head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
         kd = project_keys(k, proj)
-        planes = key_planes((k.float() @ proj.to(k.device, torch.float32)[None]).transpose(-1, -2)).contiguous()
-        out.append(_Inputs(q, k, v, kd, page_bounds(kd, bound_page), planes))
+        out.append(_Inputs(q, k, v, kd, page_bounds(kd, bound_page), key_planes(kd)))  # bf16 kd: exact in float16
     return out
 
 

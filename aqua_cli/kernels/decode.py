@@ -491,8 +491,8 @@ def _page_score_kernel(
     else:
         idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
     q = tl.load(Q + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], mask=gmask[:, None], other=0.0)
-    if PLANES:
-        q = q.to(tl.float16)
+    if PLANES:  # the high plane shifted into float16 bits (as fast as an fp8 e5m2 read and convert; fp8 dots of a
+        q = q.to(tl.float16)  # 3-term split query were slower: sweeps/planes_mode-h100.json)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     BN: tl.constexpr = PPI * PAGE
     offs_t = tl.arange(0, BN)

@@ -64,7 +64,13 @@ PLANE_MAX = 61408.0  # |kP| is clamped here (float16 0x7B7F): the high byte of a
 
 
 def key_planes(kp: torch.Tensor) -> torch.Tensor:
-    """Projected keys ``(..., D, L)`` (any float dtype) -> ``(..., 2D, L)`` uint8 planes (see above)."""
+    """Projected keys ``(..., D, L)`` (any float dtype) -> ``(..., 2D, L)`` uint8 planes (see above). Large inputs
+    are split along their first axis: the int32 work tensors of a whole cache fill would be 4x its keys."""
+    if kp.dim() > 2 and kp.numel() > (1 << 24):
+        out = torch.empty(*kp.shape[:-2], 2 * kp.shape[-2], kp.shape[-1], dtype=torch.uint8, device=kp.device)
+        for i in range(kp.shape[0]):
+            out[i] = key_planes(kp[i])
+        return out
     bits = kp.float().clamp(-PLANE_MAX, PLANE_MAX).to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
     mag = bits & 0x7FFF
     mag_hi = (mag + 128) >> 8
