@@ -17,6 +17,9 @@ Cache layout the kernels read (what the projected KV cache should store)
   ``k / D`` of the key bytes, coalesced. A chosen page is ``D`` runs of ``PAGE`` tokens: the exact top-T pass
   reads the *same* projected keys (``q.k = (qP).(kP)`` for orthogonal ``P``), so no token-major copy of the
   keys is kept.
+* **Or keys in two byte planes** (``reference.key_planes``, uint8, ``2D`` rows): the float16 key's rounded high
+  byte (an fp8 e5m2 value) in rows ``[0, D)``, its signed low byte in rows ``[D, 2D)``, same strides. Page scoring
+  reads the high plane only (half the bytes); the exact pass and the dims kernel join both (``PLANES``).
 * **Values: token-major** ``(B, Hkv, L, D)``, or paged ``(B, Hkv, NP, PAGE, D)`` with a head's pages adjacent.
 * Only the token top-T path (``granularity="tokens"``) still reads a token-major ``k`` (gathering single
   tokens from dimension-major rows would read a 32-byte sector per 2-byte value).
@@ -1529,6 +1532,7 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     ``q`` ``(B, Hq, D)``; ``k``, ``v`` ``(B, Hkv, L, D)`` token-major (``k`` only read for token top-T; pass
     None otherwise); ``kd`` ``(B, Hkv, D, L)`` projected keys (``project_keys``), or paged for pages;
     ``proj`` ``(Hkv, D, D)`` float32 (orthogonal for pages: their exact pass computes ``(qP).(kP)``).
+    ``kd`` may be key planes (uint8, ``reference.key_planes``) for dims only and page top-T.
     ``scale``: softmax scale (default ``D**-0.5``); ``sink_pages``/``recent_pages`` (pages only): the first and
     last pages are always kept, on top of the best ``pages_for`` pages. ``new_kv``: this step's token, not yet in
     ``kd``/``v`` (``(k_new, v_new, kd_buffer, v_buffer, pos)``): written by the dim-selection launch before any

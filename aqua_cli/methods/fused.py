@@ -8,6 +8,9 @@ score and costs no extra memory. :class:`ProjectedKVLayer` keeps, per layer,
   bytes), truncated to the first ``m`` projected dims (``kv_dims``; ``m = D`` keeps everything, exact);
 * ``values``: ``(batch, num_kv_heads, capacity, D)`` as they are.
 
+With ``key_planes`` the keys are float16 in two byte planes (``kernels.reference.key_planes``: uint8, ``2m`` rows),
+so that top-T's page scoring reads one byte a value.
+
 Keys are projected once, when written (prefill and each new token), never again. ``capacity`` is fixed
 when ``max_tokens`` is given (a static shape) and grows by whole pages otherwise.
 
