@@ -554,28 +554,17 @@ def test_key_planes_kernels_match_reference(shape):
 
 @gpu
 @pytest.mark.gpu
-def test_key_planes_in_paged_layout():
-    """Planes paged as ``(B, Hkv, NP, 2D, page)`` give the step of contiguous planar rows."""
-    from aqua_cli.kernels.decode import launch_pages
-
-    page, length = 32, 32 * 50
-    q, k, v, proj, _ = inputs(2, 32, 8, length, 128, torch.bfloat16, "cuda", seed=3)
-    planes = _planes(k, proj)
-    paged = planes.view(2, 8, 256, 50, page).permute(0, 1, 3, 2, 4).contiguous()
-    flat = launch_pages(q, proj, planes, v, 64, 1 / 8, 128 ** -0.5, page)
-    out = launch_pages(q, proj, paged, v.view(2, 8, 50, page, 128), 64, 1 / 8, 128 ** -0.5, page, length=length)
-    assert rel(out, flat) < 1e-3
-
-
-@gpu
-@pytest.mark.gpu
-def test_page_kernel_reads_paged_layout():
-    """The same result from (B, Hkv, D, L) keys and from paged (B, Hkv, NP, D, page) keys + values."""
+@pytest.mark.parametrize("planes", [False, True])
+def test_page_kernel_reads_paged_layout(planes):
+    """The same result from (B, Hkv, D, L) keys and from paged (B, Hkv, NP, D, page) keys + values (key planes:
+    (B, Hkv, NP, 2D, page), a page's two planes one block)."""
     from aqua_cli.kernels.decode import launch_pages
 
     page, length = 32, 32 * 50
     q, k, v, proj, kd = inputs(2, 32, 8, length, 128, torch.bfloat16, "cuda", seed=2)
-    kd_paged = kd.view(2, 8, 128, 50, page).permute(0, 1, 3, 2, 4).contiguous()  # (B, Hkv, NP, D, page)
+    if planes:
+        kd = _planes(k, proj)
+    kd_paged = kd.view(2, 8, kd.shape[2], 50, page).permute(0, 1, 3, 2, 4).contiguous()  # (B, Hkv, NP, D, page)
     v_paged = v.view(2, 8, 50, page, 128)
     flat = launch_pages(q, proj, kd, v, 64, 1 / 8, 128 ** -0.5, page)
     paged = launch_pages(q, proj, kd_paged, v_paged, 64, 1 / 8, 128 ** -0.5, page, length=length)
