@@ -49,11 +49,14 @@ def test_cli_phase_e2e(capsys, tmp_path):
     target = tmp_path / "e2e.json"
     code, out, _ = run(capsys, "bench", "--phase", "e2e", "--model", "smollm2-135m", "--layers", "1", "--seq", "32",
                        "--batch", "1", "--device", "cpu", "--repeats", "1", "--tokens", "1/4", "--kv-dims", "0.5",
-                       "--json", str(target))
+                       "--page-score", "max,planes", "--json", str(target))
     assert code == 0 and "aqua-topt" in out
     rows = json.loads(target.read_text())["rows"]
     dense, dims = rows[0], rows[1]
     assert dims["kv_cache_bytes"] * 4 == dense["kv_cache_bytes"] * 3  # (1 + m/D) / 2 at m = D/2
+    assert [r["impl"] for r in rows[2:]] == ["aqua-topt", "aqua-topt-planes"]
+    keys = rows[2]["kv_cache_bytes"] - dense["kv_cache_bytes"] // 2  # float32 here: values are half of dense's bytes
+    assert rows[3]["kv_cache_bytes"] == rows[2]["kv_cache_bytes"] - keys // 2  # key planes: 2 bytes a value (float16's)
 
 
 @pytest.mark.parametrize("args, needle", [
