@@ -35,6 +35,16 @@ from transformers.cache_utils import Cache
 from .errors import ConfigError
 from .methods.fused import InPlaceLayer
 
+E2E_PAGE_SCORES = ("max", "bound", "planes")  # "planes": "max" on the high plane of float16 key planes
+
+
+def check_e2e_page_score(score: str) -> str:
+    """One value of ``aqua bench --phase e2e --page-score`` (the rows it adds: aqua-topt, -bound, -planes)."""
+    if score not in E2E_PAGE_SCORES:
+        raise ConfigError(f"--page-score takes a comma list of max, bound and planes, got {score!r}")
+    return score
+
+
 E2E_PRESETS: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
@@ -142,11 +152,10 @@ class E2EConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
             raise ConfigError("--repeats (decode steps) must be at least 1")
-        from .kernels.paged import check_bound_page, check_page_score
+        from .kernels.paged import check_bound_page
 
         for score in self.page_scores:
-            if score != "planes":
-                check_page_score(score)
+            check_e2e_page_score(score)
         if self.bound_page is not None:
             check_bound_page(self.page, self.bound_page)
         for k in self.ks:

@@ -73,12 +73,10 @@ def bench(
         raise ConfigError(f"--select-block must be a power of two >= 16, got {select_block}")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    from ..e2e import check_e2e_page_score
     from ..kernels.paged import check_bound_page
 
-    scores = [x.strip() for x in page_score.split(",") if x.strip()]
-    for score in scores:
-        if score not in ("max", "bound", "planes"):
-            raise ConfigError(f"--page-score takes a comma list of max, bound and planes, got {score!r}")
+    scores = [check_e2e_page_score(x.strip()) for x in page_score.split(",") if x.strip()]
     if bound_page is not None:
         check_bound_page(64, bound_page)
     if rerank < 0:

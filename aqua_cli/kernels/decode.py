@@ -80,7 +80,7 @@ def _need_triton() -> None:
         raise RuntimeError("the fused AQUA kernels need the 'triton' package (pip install triton)")
 
 from ..errors import ConfigError
-from .reference import block_keep_for, key_planes, project_queries, select_dims
+from .reference import block_keep_for, is_planes, key_dim, key_planes, project_queries, select_dims
 
 LOG2E = 1.4426950408889634
 GROUP_PAD = 16  # tl.dot needs at least 16 rows
@@ -143,8 +143,9 @@ def _high_plane(hi):
 
 @_jit
 def _split_planes(x):
-    """float32 ``x`` -> its (high, low) bytes as ``reference.key_planes`` writes them."""
-    bits = tl.minimum(tl.maximum(x, -61408.0), 61408.0).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    """float32 ``x``, already clamped to +-``reference.PLANE_MAX`` -> its (high, low) bytes as
+    ``reference.key_planes`` writes them."""
+    bits = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     mag = bits & 0x7FFF
     mag_hi = (mag + 128) >> 8
     hi = ((bits & 0x8000) >> 8) | mag_hi
@@ -294,7 +295,7 @@ def _select_dims_kernel(
         offs_dk = tl.arange(0, D).to(tl.int64)
         kptr = KDC + b * s_kdb + h * s_kdh + offs_dk * s_kdd + pos
         if PLANES:  # uint8 (2D, L): the high bytes in rows [0, D), the low bytes in rows [D, 2D)
-            kp = tl.minimum(tl.maximum(kp, -61408.0), 61408.0)
+            kp = tl.minimum(tl.maximum(kp, -61408.0), 61408.0)  # reference.PLANE_MAX: the bounds below take it too
             khi, klo = _split_planes(kp)
             tl.store(kptr, khi)
             tl.store(kptr + D * s_kdd, klo)
@@ -1090,7 +1091,7 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
         groups, dims,
         G=rep, GP=_gp(rep + (new_kv is not None)), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
         FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, WRITE_KV=new_kv is not None, num_warps=num_warps,
-        SCATTER=DIM_SCATTER, WRITE_BND=write_bnd, PLANES=new_kv is not None and is_planes(kdc),
+        SCATTER=DIM_SCATTER, WRITE_BND=write_bnd, PLANES=is_planes(kdc),
         **_pdl_opts(use_pdl(q.device, pdl)),
     )
     return qsel, idx, count
@@ -1135,17 +1136,6 @@ def _counters(n: int, device: torch.device) -> torch.Tensor:
         buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
         _COUNTERS[key] = buf
     return buf
-
-
-def is_planes(kd: torch.Tensor) -> bool:
-    """Whether projected keys are byte planes (``reference.key_planes``: uint8, twice the dims)."""
-    return kd.dtype == torch.uint8
-
-
-def key_dim(kd: torch.Tensor) -> int:
-    """The head dim of projected keys ``(B, Hkv, D, L)`` or ``(B, Hkv, NP, D, page)``, of planes too."""
-    rows = kd.shape[-2]
-    return rows // 2 if is_planes(kd) else rows
 
 
 def kd_layout(kd: torch.Tensor, page: int) -> tuple[int, int, int, int, int]:

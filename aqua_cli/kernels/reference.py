@@ -63,6 +63,17 @@ def project_keys(k: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
 PLANE_MAX = 61408.0  # |kP| is clamped here (float16 0x7B7F): the high byte of anything larger rounds to e5m2 infinity
 
 
+def is_planes(kd: torch.Tensor) -> bool:
+    """Whether projected keys are byte planes (``key_planes``: uint8, twice the dims)."""
+    return kd.dtype == torch.uint8
+
+
+def key_dim(kd: torch.Tensor) -> int:
+    """The head dim of projected keys ``(B, Hkv, D, L)`` or ``(B, Hkv, NP, D, page)``, of planes too."""
+    rows = kd.shape[-2]
+    return rows // 2 if is_planes(kd) else rows
+
+
 def key_planes(kp: torch.Tensor) -> torch.Tensor:
     """Projected keys ``(..., D, L)`` (any float dtype) -> ``(..., 2D, L)`` uint8 planes (see above). Large inputs
     are split along their first axis: the int32 work tensors of a whole cache fill would be 4x its keys."""
@@ -81,7 +92,7 @@ def key_planes(kp: torch.Tensor) -> torch.Tensor:
 
 def _plane_halves(kd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = kd.shape[-2]
-    assert kd.dtype == torch.uint8 and rows % 2 == 0, "key planes are uint8 (..., 2D, L)"
+    assert is_planes(kd) and rows % 2 == 0, "key planes are uint8 (..., 2D, L)"
     return kd[..., : rows // 2, :], kd[..., rows // 2 :, :]
 
 
@@ -99,12 +110,12 @@ def planes_score_keys(kd: torch.Tensor) -> torch.Tensor:
 
 def key_values(kd: torch.Tensor) -> torch.Tensor:
     """Projected keys as values: ``kd`` itself, or its planes joined (float16)."""
-    return planes_keys(kd) if kd.dtype == torch.uint8 else kd
+    return planes_keys(kd) if is_planes(kd) else kd
 
 
 def score_values(kd: torch.Tensor) -> torch.Tensor:
     """The projected keys that page scoring reads: ``kd`` itself, or the high plane of its planes."""
-    return planes_score_keys(kd) if kd.dtype == torch.uint8 else kd
+    return planes_score_keys(kd) if is_planes(kd) else kd
 
 
 def project_queries(q: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:

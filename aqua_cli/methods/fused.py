@@ -41,7 +41,7 @@ from ..attention import full_attention_only
 from ..budgets import parse_kv_dims
 from ..errors import ConfigError
 from ..kernels.hybrid import DEFAULT_MIN_SEQ_TOPT, min_seq_for
-from ..kernels.reference import visible_keys
+from ..kernels.reference import is_planes, key_dim, visible_keys
 from .aqua import Aqua, ProjectionHook, select_dims
 from .base import AttentionHook
 from .kv import ModelBoundCache, check_key_shape
@@ -342,8 +342,6 @@ class DecodeHook(ProjectionHook):
     def _kernel_ready(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
         if not (self.kernels and query.is_cuda and query.shape[2] == 1 and self.mode == "dynamic"):
             return False
-        from ..kernels.decode import key_dim
-
         if isinstance(self.k, torch.Tensor) or key_dim(key) != query.shape[-1] or query.dtype != torch.bfloat16:
             return False  # per-group budgets and truncated keys (m < D) run the reference
         if mask is not None:
@@ -393,7 +391,7 @@ class DecodeHook(ProjectionHook):
 
         batch, q_heads, q_len, dim = query.shape
         kd = key_values(key).float()[:, :, None]  # (B, G, 1, m, L)
-        ks = score_values(key).float()[:, :, None] if key.dtype == torch.uint8 else kd  # what page scoring reads
+        ks = score_values(key).float()[:, :, None] if is_planes(key) else kd  # what page scoring reads
         groups, m, length = kd.shape[1], kd.shape[3], kd.shape[4]
         proj = self._projection_on(query.device)[..., :m]
         qp = query.float().view(batch, groups, q_heads // groups, q_len, dim) @ proj[:, None]  # (B, G, rep, Q, m)
