@@ -155,19 +155,25 @@ def _split_planes(x):
 
 @_jit
 def _kth_key_pos(key, K, FAN: tl.constexpr, ITERS: tl.constexpr):
-    """The K-th largest of int32 keys in [0, 0x7f800000] (the bits of non-negative floats): int32 arithmetic,
-    candidates ``lo + j * ceil(width / FAN)``; 7 rounds of 32 cover the range exactly."""
+    """A threshold ``t`` on int32 keys in [0, 0x7f800000] (the bits of non-negative floats) with exactly K keys
+    >= ``t`` and more than K > ``t`` never -- the K-th largest key, or any value between it and the next: int32
+    arithmetic, candidates ``lo + j * ceil(width / FAN)``; ITERS rounds of FAN cover the range exactly. The search
+    stops as soon as a candidate has exactly K keys at or above it (after 2-4 of the 8 rounds on typical scores)."""
     lo = tl.min(key, 0)
     hi = tl.max(key, 0) + 1
     frac = tl.arange(0, FAN) + 1
-    for _ in tl.static_range(ITERS):
+    n_lo = K + 1  # keys >= lo; > K until a round lands exactly on K (the value only steers the loop)
+    it = 0
+    while (it < ITERS) & (hi - lo > 1) & (n_lo != K):
         step = (hi - lo + FAN - 1) // FAN
         cand = tl.minimum(lo + step * frac, hi)
         cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
         ok = cnt >= K
         new_lo = tl.max(tl.where(ok, cand, lo), 0)
+        n_lo = tl.min(tl.where(ok, cnt, K + 1), 0)  # the count at new_lo when a candidate moved it
         hi = tl.min(tl.where(ok, hi, cand), 0)
         lo = new_lo
+        it += 1
     return lo
 
 
@@ -669,13 +675,17 @@ def _top_band(x, valid, K, FAN: tl.constexpr, ITERS: tl.constexpr):
     hi = tl.max(tl.where(valid, x, float("-inf")), 0)  # count(x > hi) == 0 < K
     xs = tl.where(valid, x, float("-inf"))
     frac = (tl.arange(0, FAN) + 1).to(tl.float32) / FAN
-    for _ in tl.static_range(ITERS):
+    n_lo = tl.sum((xs >= lo).to(tl.int32), 0)  # the finite values: when they are exactly K, no round is needed
+    it = 0
+    while (it < ITERS) & (n_lo != K):  # a round that lands on exactly K values ends the search: they are the K
         cand = lo + (hi - lo) * frac  # the last candidate is hi
         cnt = tl.sum((xs[None, :] >= cand[:, None]).to(tl.int32), 1)
         ok = cnt >= K
         new_lo = tl.max(tl.where(ok, cand, lo), 0)
+        n_lo = tl.min(tl.where(ok, cnt, K + 1), 0)
         hi = tl.min(tl.where(ok, hi, cand), 0)
         lo = new_lo
+        it += 1
     above = xs > hi
     n_above = tl.sum(above.to(tl.int32), 0)
     band = valid & (xs >= lo) & (xs <= hi)
