@@ -271,48 +271,70 @@ def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torc
     set_bytes = 2 * config.batch * shape.num_kv_heads * seq * shape.head_dim * elem
     sets = max(1, min(8, -(-config.rotate_bytes // set_bytes))) if device.type == "cuda" else 1
     inputs = _decode_inputs(shape, config.batch, seq, proj, dtype, device, sets, config.bound_page or 64)
-    rows: list[dict[str, Any]] = []
-    dense_us = None
+    runs = []  # (k, dims, name, step, fields) for every k; the composed PyTorch references last: their float32
+    # temporaries of the whole cache, once allocated, were seen to slow the kernels timed after them on one H100
+    # (docs/bench.md, "a timing trap")
     for k in config.ks:
         dims = max(1, min(shape.head_dim, round(k * shape.head_dim)))
-        impls = decode_impls(config, shape, dims, proj, device, seq)
-        refs: dict[float | None, torch.Tensor] = {}
-        for name, (fn, extra) in impls.items():
-            if name == "dense" and dense_us is not None:
-                continue
-            ratio = extra.get("token_ratio")
-            out = fn(inputs[0])
-            if name.startswith("reference"):
-                refs[ratio] = out
-            slow = name.startswith("reference")
-            # the composed reference makes host->device copies that a CUDA graph cannot capture: time it eagerly
-            latency = time_us(_rotating(fn, inputs), device, config.warmup, max(3, config.repeats // 4) if slow else config.repeats,
-                              graph=not slow) / sets
-            if name == "dense":
-                dense_us = latency
-            model = cost_model(shape, config.batch, seq, "decode", dims if name != "dense" else shape.head_dim, ratio, elem)
-            if extra.get("granularity") == "pages":  # whole pages are read: the bytes of the pages chosen
-                model["aqua_bytes"] = float(pages_bytes(config.batch, shape.num_kv_heads, seq, dims, shape.head_dim, ratio,
-                                                        extra["page"], elem, extra.get("page_score", "max"),
-                                                        extra.get("bound_page"), extra.get("rerank", 0),
-                                                        1 if extra.get("key_planes") else elem))
-                model["byte_bound_speedup"] = model["dense_bytes"] / model["aqua_bytes"]
-            moved = model["dense_bytes"] if name == "dense" else model["aqua_bytes"]
-            row = {
-                "seq": seq, "batch": config.batch, "phase": "decode", "impl": name,
-                "k": 1.0 if name == "dense" else k, "dims": shape.head_dim if name == "dense" else dims,
-                "gqa": config.gqa, "token_ratio": ratio, "latency_us": round(latency, 2),
-                "speedup_vs_dense": round(dense_us / latency, 4) if dense_us else None,
-                "model_bytes": model["dense_bytes"] if name == "dense" else model["aqua_bytes"],
-                "model_flops": model["dense_flops"] if name == "dense" else model["aqua_flops"],
-                "byte_bound_speedup": 1.0 if name == "dense" else round(model["byte_bound_speedup"], 4),
-                "achieved_tb_s": round(moved / latency / 1e6, 3),
-                **{key: val for key, val in extra.items() if key not in ("token_ratio",)},
-            }
-            if not slow and ratio in refs and name != "dense" and extra.get("uses_aqua", True):
-                row["rel_err_vs_reference"] = _rel_err(out, refs[ratio])
-            rows.append(row)
-    return rows
+        for name, (fn, extra) in decode_impls(config, shape, dims, proj, device, seq).items():
+            if name != "dense" or not runs:
+                runs.append((k, dims, name, fn, extra))
+    runs.sort(key=lambda run: run[2].startswith("reference"))
+    rows: list[dict[str, Any]] = []
+    outs: list[torch.Tensor] = []
+    refs: dict[tuple[float, str], torch.Tensor] = {}
+    dense_us = None
+    for k, dims, name, fn, extra in runs:
+        out = fn(inputs[0])
+        slow = name.startswith("reference")
+        if slow:
+            refs[(k, name)] = out
+        # the composed reference makes host->device copies that a CUDA graph cannot capture: time it eagerly
+        latency = time_us(_rotating(fn, inputs), device, config.warmup, max(3, config.repeats // 4) if slow else config.repeats,
+                          graph=not slow) / sets
+        if name == "dense":
+            dense_us = latency
+        rows.append(_decode_row(config, shape, seq, name, k, dims, extra, latency, dense_us, elem))
+        outs.append(out)
+    for row, out, (k, _, name, _, extra) in zip(rows, outs, runs):  # errors against the reference of the same selection
+        ref = refs.get((k, _reference_of(name)))
+        if ref is not None and extra.get("uses_aqua", True):
+            row["rel_err_vs_reference"] = _rel_err(out, ref)
+    return sorted(rows, key=lambda row: config.ks.index(row["k"]) if row["impl"] != "dense" else -1)
+
+
+def _reference_of(impl: str) -> str:
+    """The reference row an implementation is checked against: ``aqua-pages-1/16`` -> ``reference-pages-1/16``,
+    the dims rows (``aqua-dims``, ``hybrid-dims``) -> ``reference``; dense and the references themselves -> none."""
+    kind, _, rest = impl.partition("-")
+    if kind not in ("aqua", "hybrid"):
+        return ""
+    return "reference" if rest == "dims" else f"reference-{rest}"
+
+
+def _decode_row(config: BenchConfig, shape: AttnShape, seq: int, name: str, k: float, dims: int, extra: dict[str, Any],
+                latency: float, dense_us: float | None, elem: int) -> dict[str, Any]:
+    """One decode row: the latency, its ratio to dense, and the byte and FLOP model of what the step must read."""
+    ratio = extra.get("token_ratio")
+    model = cost_model(shape, config.batch, seq, "decode", dims if name != "dense" else shape.head_dim, ratio, elem)
+    if extra.get("granularity") == "pages":  # whole pages are read: the bytes of the pages chosen
+        model["aqua_bytes"] = float(pages_bytes(config.batch, shape.num_kv_heads, seq, dims, shape.head_dim, ratio,
+                                                extra["page"], elem, extra.get("page_score", "max"),
+                                                extra.get("bound_page"), extra.get("rerank", 0),
+                                                1 if extra.get("key_planes") else elem))
+        model["byte_bound_speedup"] = model["dense_bytes"] / model["aqua_bytes"]
+    moved = model["dense_bytes"] if name == "dense" else model["aqua_bytes"]
+    return {
+        "seq": seq, "batch": config.batch, "phase": "decode", "impl": name,
+        "k": 1.0 if name == "dense" else k, "dims": shape.head_dim if name == "dense" else dims,
+        "gqa": config.gqa, "token_ratio": ratio, "latency_us": round(latency, 2),
+        "speedup_vs_dense": round(dense_us / latency, 4) if dense_us else None,
+        "model_bytes": model["dense_bytes"] if name == "dense" else model["aqua_bytes"],
+        "model_flops": model["dense_flops"] if name == "dense" else model["aqua_flops"],
+        "byte_bound_speedup": 1.0 if name == "dense" else round(model["byte_bound_speedup"], 4),
+        "achieved_tb_s": round(moved / latency / 1e6, 3),
+        **{key: val for key, val in extra.items() if key not in ("token_ratio",)},
+    }
 
 
 def bench_prefill_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torch.Tensor, device: torch.device,
