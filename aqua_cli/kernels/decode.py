@@ -485,7 +485,7 @@ def _page_score_kernel(
     """Dims + top-T pages, pass 1: the approximate logits of PPI pages per step over the selected rows,
     reduced to one score per page. Only NP floats per KV group leave the kernel. ``CONTIG``: pages are
     adjacent along the rows (``s_kp == PAGE``), so a step is one contiguous run of PPI*PAGE tokens (16-byte
-    loads); otherwise a step reads PPI runs of PAGE tokens, ``s_kp`` apart. ``PLANES``: the keys are byte planes and only the high plane is read (one
+    loads); otherwise PPI must be 1. ``PLANES``: the keys are byte planes and only the high plane is read (one
     byte a value)."""
     _gdc(GDC)
     bh = tl.program_id(0)
@@ -515,8 +515,8 @@ def _page_score_kernel(
         pp = p0 + it * PPI
         if CONTIG:
             ptr = kbase + idx[:, None] * s_kd + (pp * PAGE + offs_t)[None, :]
-        else:  # PPI pages s_kp apart, PAGE contiguous tokens each
-            ptr = kbase + idx[:, None] * s_kd + ((pp + offs_t // PAGE).to(tl.int64) * s_kp + offs_t % PAGE)[None, :]
+        else:
+            ptr = kbase + idx[:, None] * s_kd + pp.to(tl.int64) * s_kp + offs_t[None, :]
         if FULL_ROWS:
             kd = tl.load(ptr)
         else:
@@ -737,7 +737,7 @@ def _page_attend_kernel(
     KD, V,  # projected keys (as _page_score_kernel), values (B, Hkv, L, D) token-major
     O, M, LS,  # partials (B*Hkv, S, G, D), (B*Hkv, S, G)
     L, NSEL, per_split, HKV, qk_scale,
-    s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl, s_lo,
+    s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, GDC: tl.constexpr,
     PLANES: tl.constexpr = False,
 ):
@@ -771,7 +771,7 @@ def _page_attend_kernel(
         kptr = kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :]
         kt = tl.load(kptr)  # (D, PAGE)
         if PLANES:
-            kt = _join_planes(kt, tl.load(kptr + s_lo))
+            kt = _join_planes(kt, tl.load(kptr + D * s_kd))
         vt = tl.load(vbase + (pg * PAGE + offs_t)[:, None] * s_vl + offs_d[None, :])  # (PAGE, D)
         s = _dot(q, kt) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -787,7 +787,7 @@ def _page_attend_kernel(
         kptr = kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :]
         kt = tl.load(kptr, mask=tmask[None, :], other=0.0)
         if PLANES:
-            kt = _join_planes(kt, tl.load(kptr + s_lo, mask=tmask[None, :], other=0.0))
+            kt = _join_planes(kt, tl.load(kptr + D * s_kd, mask=tmask[None, :], other=0.0))
         vt = tl.load(vbase + tok[:, None] * s_vl + offs_d[None, :], mask=tmask[:, None], other=0.0)
         s = _dot(q, kt) * qk_scale
         s = tl.where(tmask[None, :], s, float("-inf"))
@@ -1161,14 +1161,6 @@ def kd_layout(kd: torch.Tensor, page: int) -> tuple[int, int, int, int, int]:
     raise ValueError(f"projected keys must be (B, Hkv, D, L) or (B, Hkv, NP, D, page), got {tuple(kd.shape)}")
 
 
-SCORE_STRIDED_STEPS = False  # paged layouts: score PPI pages a step (strided runs) instead of one
-
-
-def low_plane_offset(kd: torch.Tensor, s_kd: int) -> int:
-    """Elements from a key-plane value's high byte to its low byte: ``D`` rows down (``reference.key_planes``)."""
-    return key_dim(kd) * s_kd if is_planes(kd) else 0
-
-
 def _v_rows(v: torch.Tensor, page: int) -> tuple[int, int, int]:
     """Values ``(B, Hkv, L, D)`` or paged ``(B, Hkv, NP, page, D)`` (pages adjacent) -> ``(s_vb, s_vh, s_vl)``."""
     if v.dim() == 5:
@@ -1199,7 +1191,7 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     pdl = use_pdl(q.device, pdl)
     qsel, idx, _ = launch_select_dims(q, proj, dims, qf, new_kv=new_kv, pdl=pdl)
     contig = s_kp == page
-    ppi = max(1, score_block // page) if contig or SCORE_STRIDED_STEPS else 1
+    ppi = max(1, score_block // page) if contig else 1
     steps = -(-n_pages // ppi)
     splits = max(1, min(steps, -(-int(waves * _sms(q.device)) // bh)))
     per_split = -(-steps // splits) * ppi
@@ -1346,7 +1338,7 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     o, m, ls = _partials(bh, splits2, rep, dim, q.device)
     _page_attend_kernel[(bh, splits2)](
         qf, chosen, nfull, kd, v, o, m, ls, length, n_sel, per2, groups, scale * LOG2E,
-        s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl, low_plane_offset(kd, s_kd),
+        s_kb, s_kh, s_kp, s_kd, s_vb, s_vh, s_vl,
         G=rep, GP=_gp(rep), D=dim, PAGE=page, num_warps=attend_warps, num_stages=attend_stages, PLANES=is_planes(kd),
         **_pdl_opts(pdl),
     )

@@ -6,7 +6,10 @@ scored one page a step (as shipped) or 4 pages a step (``SCORE_STRIDED_STEPS``).
 k=0.25 T=L/32, 1 sink + 8 recent pages) and the scoring launch alone, 3 interleaved repeats. Output:
 $OUT/interleave.json
 
-    PYTHONPATH=$PWD OUT=docs/results/sweeps python3 scripts/sweeps/interleave.py   (GPU)
+    PYTHONPATH=$PWD OUT=docs/results/sweeps python3 scripts/sweeps/interleave.py   (GPU, at commit 65ed0b1)
+
+Ran at commit 65ed0b1, whose kernels had the two hooks this needs (``decode.low_plane_offset``, the exact pass's
+low-plane offset, and ``decode.SCORE_STRIDED_STEPS``); neither layout was kept and the hooks were removed after.
 """
 # ruff: noqa: E731, F821  (timed lambdas run before their inputs are deleted, as in the other sweeps)
 import json
