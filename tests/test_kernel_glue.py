@@ -116,6 +116,24 @@ def test_launch_geometry_helpers():
     assert decode.dims_stages(DecodeConfig(8, num_stages=2), kd8) == 2
 
 
+def test_page_scoring_launch_by_layout():
+    """Page scoring on key planes takes the measured planar launch (8 KB tiles: 128 tokens a step at 64 kept dims, 256
+    at 32; 2 warps, 2 stages, 8 programs per SM); bf16 keys, pages ranked by bound and unmeasured widths the bf16 one;
+    what a caller sets wins."""
+    from aqua_cli.kernels.reference import key_planes
+
+    bf16 = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16)
+    planes = key_planes(bf16)
+    assert decode.score_launch(planes, 64, 8, 4.0) == (128, 2, 2, 8.0)
+    assert decode.score_launch(planes, 32, 64, 4.0) == (256, 2, 2, 8.0)
+    assert decode.score_launch(planes, 96, 8, 4.0) == (256, 4, 3, 2.0)  # 128 kept slots: not measured
+    assert decode.score_launch(planes, 64, 8, 4.0, by_max=False) == (256, 4, 3, 2.0)
+    assert decode.score_launch(bf16, 64, 8, 4.0) == (256, 4, 3, 2.0)
+    assert decode.score_launch(bf16, 64, 64, 4.0) == (256, 4, 3, 4.0)
+    assert decode.score_launch(planes, 64, 8, 4.0, block=512, warps=8, stages=3, score_waves=1.0) == (512, 8, 3, 1.0)
+    assert DecodeConfig(64, token_ratio=1 / 16, granularity="pages").score_block is None  # resolved at launch
+
+
 def test_projected_key_layouts():
     kd = torch.zeros(2, 3, 16, 40)
     assert kd_layout(kd, 8) == (kd.stride(0), kd.stride(1), 8, kd.stride(2), 16)

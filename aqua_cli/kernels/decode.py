@@ -1213,6 +1213,26 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     return pscores, qf
 
 
+# page scoring on key planes, by kept dims (KP): 8 KB tiles (one byte a value) with 2 warps, 2 stages and 8 programs
+# per SM. H100, k=0.5 T=L/16 and k=0.25 T=L/32, 1 sink + 8 recent pages, 3 interleaved repeats, against 256-token
+# steps, 4 warps, 3 stages: B8 x 32K 113.7 -> 110.7 us (KP 64), 74.1 -> 71.8 (KP 32); B1 x 32K 33.1 -> 32.0; B1 x 128K
+# 67.6 -> 67.6 (docs/results/sweeps/planes_warps-h100.json). Other KP were not measured: the bf16 launch.
+PLANES_SCORE = {64: (128, 2, 2, 8.0), 32: (256, 2, 2, 8.0)}
+
+
+def score_launch(kd: torch.Tensor, dims: int, bh: int, waves: float, block: int | None = None, warps: int | None = None,
+                 stages: int | None = None, score_waves: float | None = None,
+                 by_max: bool = True) -> tuple[int, int, int, float]:
+    """(tokens a step, warps, stages, programs per SM) of the page scoring pass; what is None comes from the measured
+    defaults: ``PLANES_SCORE`` where pages are ranked by max (``by_max``) on key planes, else 256 tokens, 4 warps,
+    3 stages and 2 programs per SM at up to 16 KV groups a step (``waves`` above)."""
+    if by_max and is_planes(kd) and _kp(min(dims, key_dim(kd))) in PLANES_SCORE:
+        d_block, d_warps, d_stages, d_waves = PLANES_SCORE[_kp(min(dims, key_dim(kd)))]
+    else:
+        d_block, d_warps, d_stages, d_waves = 256, 4, 3, 2.0 if bh <= 16 else waves
+    return (block or d_block, warps or d_warps, stages or d_stages, d_waves if score_waves is None else score_waves)
+
+
 def launch_bound_scores(q: torch.Tensor, proj: torch.Tensor, bounds: torch.Tensor, dims: int, page: int, length: int,
                         block: int = 128, num_warps: int = 4, waves: float = 2.0, new_kv: NewKV | None = None,
                         pdl: bool | None = None, bound_page: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -1280,8 +1300,9 @@ def _rerank(qsel: torch.Tensor, idx: torch.Tensor, kd: torch.Tensor, pscores: to
 
 
 def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch.Tensor, dims: int, token_ratio: float,
-                 scale: float, page: int = 64, length: int | None = None, score_block: int = 256, score_warps: int = 4,
-                 score_stages: int = 3, attend_warps: int = 4, attend_stages: int = 3, waves: float = 4.0,
+                 scale: float, page: int = 64, length: int | None = None, score_block: int | None = None,
+                 score_warps: int | None = None, score_stages: int | None = None, attend_warps: int = 4,
+                 attend_stages: int = 3, waves: float = 4.0,
                  attend_waves: float = 2.0, fold_select: bool = False, sink_pages: int = 0,
                  recent_pages: int = 0, score_waves: float | None = None, new_kv: NewKV | None = None,
                  pdl: bool | None = None, bounds: torch.Tensor | None = None, bound_block: int = 128,
@@ -1316,8 +1337,8 @@ def launch_pages(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, v: torch
     pdl = use_pdl(q.device, pdl)
     chosen = torch.empty(bh, n_sel, device=q.device, dtype=torch.int32)
     nfull = torch.empty(bh, device=q.device, dtype=torch.int32)
-    if score_waves is None:
-        score_waves = 2.0 if bh <= 16 else waves
+    score_block, score_warps, score_stages, score_waves = score_launch(kd, dims, bh, waves, score_block, score_warps,
+                                                                      score_stages, score_waves, by_max=bounds is None)
     if bounds is not None:
         fold_select = False
         pscores, qf, qsel, idx = launch_bound_scores(q, proj, bounds, dims, page, length, bound_block, score_warps,
@@ -1444,11 +1465,12 @@ class DecodeConfig:
     prologue: bool = False  # measured: a launch of its own is faster (docs/bench.md)
     granularity: str = "tokens"
     page: int = 64  # tokens per page (granularity="pages")
-    score_block: int = 256  # tokens per step of the page scoring kernel
+    score_block: int | None = None  # tokens per step of the page scoring kernel; None: 256, or ``PLANES_SCORE``'s
     score_waves: float | None = None  # None: 2 programs per SM at up to 16 KV groups a step, else ``waves`` (H100, batch 1
-    # x 32K / 64K / 128K: 17.5 / 36.9 / 59.3 us against 20.6 / 37.6 / 60.2 with 4; batch 8 x 32K: 4 is faster, 110 vs 116)
-    score_warps: int = 4
-    score_stages: int = 3
+    # x 32K / 64K / 128K: 17.5 / 36.9 / 59.3 us against 20.6 / 37.6 / 60.2 with 4; batch 8 x 32K: 4 is faster, 110 vs 116);
+    # on key planes ``PLANES_SCORE``'s
+    score_warps: int | None = None  # None: 4, or ``PLANES_SCORE``'s
+    score_stages: int | None = None  # None: 3, or ``PLANES_SCORE``'s
     attend_warps: int = 4
     attend_stages: int = 3  # 3 vs 2: no measurable difference in an interleaved A/B (H100: B8 x 32K 143.7 vs 143.9 us)
     attend_waves: float = 2.0
