@@ -117,20 +117,19 @@ def test_launch_geometry_helpers():
 
 
 def test_page_scoring_launch_by_layout():
-    """Page scoring on key planes takes the measured planar launch (8 KB tiles: 128 tokens a step at 64 kept dims, 256
-    at 32; 2 warps, 2 stages, 8 programs per SM); bf16 keys, pages ranked by bound and unmeasured widths the bf16 one;
-    what a caller sets wins."""
+    """Page scoring on key planes at 32 kept dims takes the measured planar launch (2 warps, 2 stages, 8 programs per
+    SM); other widths, bf16 keys and pages ranked by bound the bf16 one; what a caller sets wins."""
     from aqua_cli.kernels.reference import key_planes
 
     bf16 = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16)
     planes = key_planes(bf16)
-    assert decode.score_launch(planes, 64, 8, 4.0) == (128, 2, 2, 8.0)
     assert decode.score_launch(planes, 32, 64, 4.0) == (256, 2, 2, 8.0)
-    assert decode.score_launch(planes, 96, 8, 4.0) == (256, 4, 3, 2.0)  # 128 kept slots: not measured
-    assert decode.score_launch(planes, 64, 8, 4.0, by_max=False) == (256, 4, 3, 2.0)
+    assert decode.score_launch(planes, 30, 8, 4.0) == (256, 2, 2, 8.0)  # 30 dims: 32 slots
+    assert decode.score_launch(planes, 64, 8, 4.0) == (256, 4, 3, 2.0)  # measured no better at B8 x 128K
+    assert decode.score_launch(planes, 32, 8, 4.0, by_max=False) == (256, 4, 3, 2.0)
     assert decode.score_launch(bf16, 64, 8, 4.0) == (256, 4, 3, 2.0)
     assert decode.score_launch(bf16, 64, 64, 4.0) == (256, 4, 3, 4.0)
-    assert decode.score_launch(planes, 64, 8, 4.0, block=512, warps=8, stages=3, score_waves=1.0) == (512, 8, 3, 1.0)
+    assert decode.score_launch(planes, 32, 8, 4.0, block=512, warps=8, stages=3, score_waves=1.0) == (512, 8, 3, 1.0)
     assert DecodeConfig(64, token_ratio=1 / 16, granularity="pages").score_block is None  # resolved at launch
 
 

@@ -1213,11 +1213,13 @@ def launch_page_scores(q: torch.Tensor, proj: torch.Tensor, kd: torch.Tensor, di
     return pscores, qf
 
 
-# page scoring on key planes, by kept dims (KP): 8 KB tiles (one byte a value) with 2 warps, 2 stages and 8 programs
-# per SM. H100, k=0.5 T=L/16 and k=0.25 T=L/32, 1 sink + 8 recent pages, 3 interleaved repeats, against 256-token
-# steps, 4 warps, 3 stages: B8 x 32K 113.7 -> 110.7 us (KP 64), 74.1 -> 71.8 (KP 32); B1 x 32K 33.1 -> 32.0; B1 x 128K
-# 67.6 -> 67.6 (docs/results/sweeps/planes_warps-h100.json). Other KP were not measured: the bf16 launch.
-PLANES_SCORE = {64: (128, 2, 2, 8.0), 32: (256, 2, 2, 8.0)}
+# page scoring on key planes, by kept dims (KP): at 32 (k = d/4 of 128), 2 warps, 2 stages and 8 programs per SM.
+# H100, 3 interleaved repeats, 1 sink + 8 recent pages, against 4 warps, 3 stages: k=0.25 T=L/32 B8 x 32K 74.1 ->
+# 71.8 us (docs/results/sweeps/planes_warps-h100.json); in `aqua bench` B8 x 32K 74.2 -> 70.9, B8 x 128K 211.9 ->
+# 210.3, B1 x 32K 24.2 -> 23.6, B1 x 128K 51.7 -> 50.9. At 64 (k = d/2) the sweep's best (128-token steps, same
+# warps, stages and programs) measured 113.7 -> 110.7 us at B8 x 32K but 365.8 -> 397.2 in `aqua bench` at B8 x
+# 128K: not kept. Other widths were not measured: they take the bf16 launch.
+PLANES_SCORE = {32: (256, 2, 2, 8.0)}
 
 
 def score_launch(kd: torch.Tensor, dims: int, bh: int, waves: float, block: int | None = None, warps: int | None = None,
