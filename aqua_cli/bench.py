@@ -166,7 +166,9 @@ class _Inputs:
 
 
 def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, dtype: torch.dtype,
-                   device: torch.device, sets: int, bound_page: int = 64) -> list[_Inputs]:
+                   device: torch.device, sets: int, bound_page: int = 64, pages: bool = True) -> list[_Inputs]:
+    """``sets`` random inputs; ``pages``: also the page bounds and key planes that only the page rows read (each
+    as large as the projected keys: built only where such rows run)."""
     from .kernels.paged import page_bounds
     from .kernels.reference import key_planes, project_keys
 
@@ -176,7 +178,10 @@ def _decode_inputs(shape: AttnShape, batch: int, seq: int, proj: torch.Tensor, d
         k = torch.randn(batch, shape.num_kv_heads, seq, shape.head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
         kd = project_keys(k, proj)
-        out.append(_Inputs(q, k, v, kd, page_bounds(kd, bound_page), key_planes(kd)))  # bf16 kd: exact in float16
+        if pages:
+            out.append(_Inputs(q, k, v, kd, page_bounds(kd, bound_page), key_planes(kd)))  # bf16 kd: exact in float16
+        else:
+            out.append(_Inputs(q, k, v, kd))
     return out
 
 
@@ -270,7 +275,8 @@ def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torc
     elem = torch.finfo(dtype).bits // 8
     set_bytes = 2 * config.batch * shape.num_kv_heads * seq * shape.head_dim * elem
     sets = max(1, min(8, -(-config.rotate_bytes // set_bytes))) if device.type == "cuda" else 1
-    inputs = _decode_inputs(shape, config.batch, seq, proj, dtype, device, sets, config.bound_page or 64)
+    inputs = _decode_inputs(shape, config.batch, seq, proj, dtype, device, sets, config.bound_page or 64,
+                            pages=bool(config.token_ratios) and config.gqa == "group")  # as decode_impls adds page rows
     runs = []  # (k, dims, name, step, fields) for every k; the composed PyTorch references last: their float32
     # temporaries of the whole cache, once allocated, were seen to slow the kernels timed after them on one H100
     # (docs/bench.md, "a timing trap")

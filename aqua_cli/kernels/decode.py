@@ -1228,8 +1228,9 @@ def score_launch(kd: torch.Tensor, dims: int, bh: int, waves: float, block: int 
     """(tokens a step, warps, stages, programs per SM) of the page scoring pass; what is None comes from the measured
     defaults: ``PLANES_SCORE`` where pages are ranked by max (``by_max``) on key planes, else 256 tokens, 4 warps,
     3 stages and 2 programs per SM at up to 16 KV groups a step (``waves`` above)."""
-    if by_max and is_planes(kd) and _kp(min(dims, key_dim(kd))) in PLANES_SCORE:
-        d_block, d_warps, d_stages, d_waves = PLANES_SCORE[_kp(min(dims, key_dim(kd)))]
+    width = _kp(min(dims, key_dim(kd)))
+    if by_max and is_planes(kd) and width in PLANES_SCORE:
+        d_block, d_warps, d_stages, d_waves = PLANES_SCORE[width]
     else:
         d_block, d_warps, d_stages, d_waves = 256, 4, 3, 2.0 if bh <= 16 else waves
     return (block or d_block, warps or d_warps, stages or d_stages, d_waves if score_waves is None else score_waves)

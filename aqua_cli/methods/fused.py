@@ -41,7 +41,7 @@ from ..attention import full_attention_only
 from ..budgets import parse_kv_dims
 from ..errors import ConfigError
 from ..kernels.hybrid import DEFAULT_MIN_SEQ_TOPT, min_seq_for
-from ..kernels.reference import is_planes, key_dim, visible_keys
+from ..kernels.reference import is_planes, key_dim, key_planes, key_values, score_values, visible_keys
 from .aqua import Aqua, ProjectionHook, select_dims
 from .base import AttentionHook
 from .kv import ModelBoundCache, check_key_shape
@@ -185,11 +185,7 @@ class ProjectedKVLayer(InPlaceLayer):
 
     def _stored(self, kd: torch.Tensor) -> torch.Tensor:
         """Dimension-major projected keys as the buffer holds them: themselves, or their byte planes."""
-        if self.key_planes:
-            from ..kernels.reference import key_planes
-
-            return key_planes(kd)
-        return kd
+        return key_planes(kd) if self.key_planes else kd
 
     def _project(self, key_states: torch.Tensor) -> torch.Tensor:
         """``kP`` in the cache's dtype. On CUDA in half precision one matmul in that dtype (float32
@@ -387,8 +383,6 @@ class DecodeHook(ProjectionHook):
                    scale: float) -> torch.Tensor:
         """query ``(B, Hq, Q, D)``; key ``(B, Hkv, m, L)`` projected, dimension-major (or its byte planes,
         ``(B, Hkv, 2m, L)`` uint8); value ``(B, Hkv, L, D)``."""
-        from ..kernels.reference import key_values, score_values
-
         batch, q_heads, q_len, dim = query.shape
         kd = key_values(key).float()[:, :, None]  # (B, G, 1, m, L)
         ks = score_values(key).float()[:, :, None] if is_planes(key) else kd  # what page scoring reads
