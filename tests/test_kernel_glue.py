@@ -198,3 +198,25 @@ def test_unfused_and_token_kernels_under_triton_interpreter():
     proc = subprocess.run([sys.executable, "-c", INTERP_PATHS.format(tests=tests)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "INTERPRETER OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("groups,length,block,programs", [(64, 32768, 128, 132), (8, 32768, 128, 132), (3, 77, 32, 2),
+                                                          (6, 4097, 128, 264), (1, 33, 32, 8), (64, 100, 128, 132)])
+def test_stream_layout_deals_every_block_once(groups, length, block, programs):
+    """The balanced dims kernel's split: every block of every KV group in exactly one program, programs at most as
+    asked, and no group touched by more programs than it has partial slots."""
+    nb, w, progs, slots = decode.stream_layout(groups, length, block, programs)
+    assert nb == -(-length // block) and progs <= max(1, programs) and (progs - 1) * w < groups * nb <= progs * w
+    owner = [g // w for g in range(groups * nb)]  # program of each block
+    assert sorted(set(owner)) == list(range(progs))
+    for bh in range(groups):
+        touching = set(owner[bh * nb:(bh + 1) * nb])
+        assert len(touching) <= slots and touching == set(range(bh * nb // w, ((bh + 1) * nb - 1) // w + 1))
+
+
+def test_dims_stream_from_batch_eight():
+    """Dims only takes the balanced kernel from ``STREAM_MIN_GROUPS`` KV groups a step (batch 8 of an 8-KV-head
+    model), the split kernel below; what a caller sets wins."""
+    many, few = torch.empty(8, 8, 1, 1), torch.empty(1, 8, 1, 1)
+    assert decode.dims_stream(DecodeConfig(64), many) and not decode.dims_stream(DecodeConfig(64), few)
+    assert not decode.dims_stream(DecodeConfig(64, stream=False), many) and decode.dims_stream(DecodeConfig(64, stream=True), few)

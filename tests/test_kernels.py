@@ -133,6 +133,30 @@ def test_dims_kernel_matches_reference(shape, gqa, ratio):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 1.0])
+def test_dims_stream_kernel_matches_reference(shape, ratio):
+    """The balanced (stream-K) dims kernel: programs that cross KV groups, one to many programs a group, the
+    partials merged in the launch or by the combine launch, the selection in front or in its prologue."""
+    from aqua_cli.kernels.decode import _kp, launch_dims_stream, launch_select_dims
+
+    batch, heads, kv_heads, length, dim = shape
+    q, k, v, proj, kd = inputs(batch, heads, kv_heads, length, dim, torch.bfloat16, "cuda", seed=length + 1)
+    dims = round(ratio * dim)
+    ref = aqua_decode_reference(q, k, v, kd, proj, dims)
+    sel = launch_select_dims(q, proj, dims)
+    stages = 2 if dim * _kp(dims) > 128 * 64 else 3
+    for ctas in (0.05, 1, 2):
+        for fuse in (True, False):
+            out = launch_dims_stream(sel, kd, v, dim ** -0.5, num_stages=stages, ctas=ctas, full_rows=dims == _kp(dims),
+                                     fuse=fuse)
+            assert torch.isfinite(out).all() and rel(out, ref) < 2e-2, (ctas, fuse, rel(out, ref))
+        out = launch_dims_stream(None, kd, v, dim ** -0.5, num_stages=stages, ctas=ctas, q=q, proj=proj, dims=dims)
+        assert torch.isfinite(out).all() and rel(out, ref) < 2e-2, (ctas, "prologue", rel(out, ref))
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_dims_kernel_full_k_is_dense(shape):
     from aqua_cli.kernels.decode import DecodeConfig, aqua_decode
@@ -730,6 +754,7 @@ for b, hq, hk, L, D, sub in [(2, 4, 2, 70, 64, 16), (1, 8, 1, 49, 32, 16), (2, 4
 for b, hq, hk, L, D in [(2, 4, 2, 70, 64), (1, 8, 1, 50, 32)]:
     q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L + 1)
     for cfg in (dk.DecodeConfig(D // 2, block_n=32), dk.DecodeConfig(D, block_n=32),
+                dk.DecodeConfig(D // 2, block_n=32, stream=True, stream_ctas=0.25),
                 dk.DecodeConfig(D // 2, block_n=32, prologue=True), dk.DecodeConfig(D, block_n=32, prologue=True),
                 dk.DecodeConfig(D // 2, token_ratio=1 / 4, granularity="pages", page=16, score_block=32)):
         want_kd, want_v = kd.clone(), v.clone()
@@ -741,6 +766,25 @@ for b, hq, hk, L, D in [(2, 4, 2, 70, 64), (1, 8, 1, 50, 32)]:
         out = dk.aqua_decode(q, None, got_v, got_kd, proj, cfg, new_kv=(k[:, :, -1], v[:, :, -1], got_kd, got_v, L - 1))
         assert torch.equal(got_v, want_v) and (got_kd.float() - want_kd.float()).abs().max() <= 2e-2, cfg
         assert rel(out, ref) < 1e-2, (cfg, rel(out, ref))
+# dims only balanced to the block (stream-K): programs spanning 1-3 KV groups or a part of one, merged in the launch
+# or by the combine launch, the selection in front or in the prologue, bf16 keys and key planes
+for b, hq, hk, L, D in [(2, 6, 3, 77, 32), (1, 4, 4, 33, 32)]:
+    q, k, v, proj, kd = inputs(b, hq, hk, L, D, torch.bfloat16, "cpu", seed=L + 4)
+    sel = dk.launch_select_dims(q, proj, D // 2)
+    want = dk.launch_dims(sel, kd, v, D ** -0.5, block_n=32, full_rows=True)
+    assert rel(want, aqua_decode_reference(q, k, v, kd, proj, D // 2)) < 3e-2
+    for ctas in (0.125, 0.25, 1, 8):  # 1, 2, 8 and 64 programs (8 "SMs" under the interpreter)
+        for fuse in (True, False):
+            out = dk.launch_dims_stream(sel, kd, v, D ** -0.5, block_n=32, ctas=ctas, full_rows=True, fuse=fuse)
+            assert rel(out, want) < 1e-2, (ctas, fuse, rel(out, want))
+    out = dk.launch_dims_stream(None, kd, v, D ** -0.5, block_n=32, ctas=0.25, q=q, proj=proj, dims=D // 2)
+    assert rel(out, want) < 1e-2
+    sel = dk.launch_select_dims(q, proj, 3 * D // 4 - 1)  # k not a power of two: masked rows
+    out = dk.launch_dims_stream(sel, kd, v, D ** -0.5, block_n=32, ctas=0.25)
+    assert rel(out, aqua_decode_reference(q, k, v, kd, proj, 3 * D // 4 - 1)) < 3e-2
+    kp = key_planes(kd.float())
+    out = dk.launch_dims_stream(dk.launch_select_dims(q, proj, D // 2), kp, v, D ** -0.5, block_n=32, ctas=0.25, full_rows=True)
+    assert rel(out, dk.launch_dims(dk.launch_select_dims(q, proj, D // 2), kp, v, D ** -0.5, block_n=32, full_rows=True)) < 1e-2
 from aqua_cli.kernels.paged import n_forced, select_pages_forced
 for n_pages, keep, sinks, recent in [(1, 1, 1, 1), (7, 2, 0, 0), (50, 5, 1, 2), (300, 19, 4, 4), (64, 60, 1, 1), (33, 1, 0, 33), (33, 3, 40, 2),
                                       (20, 2, 3, 30), (18, 5, 1, 1), (40, 40, 2, 3)]:

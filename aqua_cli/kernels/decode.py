@@ -471,6 +471,111 @@ def _dims_fused_kernel(
 
 
 @_jit
+def _merge_partials(O, M, LS, OUT, bh, S, n, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+    """A KV group's output from its ``n`` partial softmax sums (slots ``[0, n)`` of ``S``), all ``G`` heads at
+    once. The partials were written by other programs of the same launch: read past L1 (``.cg``)."""
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    m = tl.full([GP], float("-inf"), tl.float32)
+    l = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for s in range(0, n):
+        row = (bh * S + s) * G + offs_g
+        m_s = tl.load(M + row, mask=gmask, other=0.0, cache_modifier=".cg")
+        l_s = tl.load(LS + row, mask=gmask, other=0.0, cache_modifier=".cg")
+        o_s = tl.load(O + row[:, None] * D + offs_d[None, :], mask=gmask[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, m_s)
+        a = tl.exp2(m - m_new)
+        b = tl.exp2(m_s - m_new)
+        acc = acc * a[:, None] + o_s * b[:, None]
+        l = l * a + l_s * b
+        m = m_new
+    out = acc / tl.where(gmask, l, 1.0)[:, None]
+    tl.store(OUT + (bh * G + offs_g[:, None]) * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None])
+
+
+@_jit
+def _dims_stream_kernel(
+    Q,  # (B*Hkv, G, KP) selected projected queries; with PROLOGUE the raw queries (B, Hq, D) bf16
+    IDX, CNT,  # (B*Hkv, KP) int32 selected dims, (B*Hkv,) their count (unused with PROLOGUE)
+    PS,  # PROLOGUE: (3, Hkv, D, D) bf16 split projection
+    KD, V, O, M, LS,  # as in _dims_split_kernel; partials (B*Hkv, S, G, ...) by slot
+    CNTR,  # FUSE: (B*Hkv,) int32 arrival counters (zero, left zero)
+    OUT,  # FUSE: (B, Hq, D) output
+    L, K, NB, W, TOTAL, HKV, S, qk_scale,
+    s_kb, s_kh, s_kd, s_vb, s_vh, s_vl,
+    G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    FULL_ROWS: tl.constexpr, GDC: tl.constexpr, PLANES: tl.constexpr, FUSE: tl.constexpr,
+    PROLOGUE: tl.constexpr, CK: tl.constexpr, FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr,
+):
+    """AQUA dims only, balanced to the block (stream-K): the ``TOTAL = B*Hkv*NB`` blocks of ``BLOCK_N`` tokens are
+    one sequence, and program ``p`` streams blocks ``[p*W, (p+1)*W)``, which may cross from one KV group into the
+    next (a partial sum per group it touches, in slot ``p - first program of the group``). Launched with about
+    one program per SM slot, so that every SM streams the same number of blocks in one go: no wave of programs
+    ending and restarting its pipeline, no last wave part-full. ``FUSE``: the last program to finish a group
+    merges its partials into the output (no combine launch). ``PROLOGUE``: the group's dims are selected here
+    (``_group_select``) instead of by a launch of their own."""
+    _gdc(GDC)
+    pid = tl.program_id(0)
+    g0 = pid * W
+    g1 = tl.minimum(g0 + W, TOTAL)
+    bh0 = g0 // NB
+    nseg = (g1 - 1) // NB - bh0 + 1
+    nfull = L // BLOCK_N
+    offs_j = tl.arange(0, KP)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    for seg in range(0, nseg):
+        bh = bh0 + seg
+        b = bh // HKV
+        h = bh % HKV
+        if PROLOGUE:
+            _, q, idx, _ = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL, Q, 0, False)
+            jmask = offs_j < K
+            idx = idx.to(tl.int64)
+        elif FULL_ROWS:
+            jmask = offs_j < KP
+            idx = tl.load(IDX + bh * KP + offs_j).to(tl.int64)
+            q = tl.load(Q + bh * G * KP + offs_g[:, None] * KP + offs_j[None, :], mask=gmask[:, None], other=0.0)
+        else:
+            jmask = offs_j < tl.load(CNT + bh)
+            idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
+            q = tl.load(Q + bh * G * KP + offs_g[:, None] * KP + offs_j[None, :], mask=gmask[:, None] & jmask[None, :],
+                        other=0.0)
+        if PLANES:
+            q = q.to(tl.float16)
+        kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+        vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+        blk0 = tl.maximum(g0 - bh * NB, 0)
+        blk1 = tl.minimum(g1 - bh * NB, NB)
+        full_end = tl.maximum(tl.minimum(blk1, nfull), blk0)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for blk in range(blk0, full_end):
+            m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk * BLOCK_N, L, m_i, l_i, acc,
+                                        qk_scale, BLOCK_N, D, False, FULL_ROWS, PLANES)
+        if full_end < blk1:  # the group's last, partial block
+            m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, full_end * BLOCK_N, L, m_i, l_i, acc,
+                                        qk_scale, BLOCK_N, D, True, FULL_ROWS, PLANES)
+        first = (bh * NB) // W
+        row = (bh * S + pid - first) * G + offs_g
+        tl.store(M + row, m_i, mask=gmask)
+        tl.store(LS + row, l_i, mask=gmask)
+        tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+        if FUSE:  # the last of the group's programs to arrive merges
+            tl.debug_barrier()
+            n = ((bh + 1) * NB - 1) // W - first + 1
+            arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
+            if arrived == n - 1:
+                _merge_partials(O, M, LS, OUT, bh, S, n, G, GP, D)
+                tl.store(CNTR + bh, 0)
+    _gdc_late(GDC)
+
+
+@_jit
 def _page_score_kernel(
     Q, IDX,  # (B*Hkv, G, KP) selected projected queries, (B*Hkv, KP) int32 their dims (launch_select_dims)
     KD,  # projected keys: token t = p*PAGE + j of dim d at p*s_kp + d*s_kd + j (contiguous or paged layout)
@@ -920,6 +1025,7 @@ def _combine_kernel(
     O, M, LS,  # partials (B*Hkv, S, G, D), (B*Hkv, S, G)
     OUT,  # (B*Hkv*G, D) = (B, Hq, D) output in the input dtype
     S, G: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, GDC: tl.constexpr,
+    NB=1, W=1, STREAM: tl.constexpr = False,  # STREAM: partials of ``_dims_stream_kernel`` (a count per group)
 ):
     _gdc(GDC)
     pid = tl.program_id(0)  # (b, h, g)
@@ -927,7 +1033,10 @@ def _combine_kernel(
     g = pid % G
     offs_s = tl.arange(0, SP)
     offs_d = tl.arange(0, D)
-    smask = offs_s < S
+    if STREAM:
+        smask = offs_s < ((bh + 1) * NB - 1) // W - (bh * NB) // W + 1
+    else:
+        smask = offs_s < S
     rows = (bh * S + offs_s) * G + g
     m = tl.load(M + rows, mask=smask, other=float("-inf"))
     l = tl.load(LS + rows, mask=smask, other=0.0)
@@ -978,16 +1087,20 @@ def use_pdl(device: torch.device, pdl: bool | None = None) -> bool:
 PDL_EARLY = False  # the trigger of ``_gdc``: True at a kernel's start (mode 1), False before its final stores (2)
 
 
-def _pdl_opts(pdl: bool) -> dict:
-    """Launch options for a kernel taking ``GDC``: the constexpr and, when on, Triton's ``launch_pdl``."""
-    return {"GDC": 1 if PDL_EARLY else 2, "launch_pdl": True} if pdl else {"GDC": 0}
+def _pdl_opts(pdl: bool, early: bool = False) -> dict:
+    """Launch options for a kernel taking ``GDC``: the constexpr and, when on, Triton's ``launch_pdl``; ``early``:
+    trigger the next launch at this kernel's start (mode 1) whatever ``PDL_EARLY`` says."""
+    return {"GDC": 1 if PDL_EARLY or early else 2, "launch_pdl": True} if pdl else {"GDC": 0}
 
 
 def _combine(o: torch.Tensor, m: torch.Tensor, ls: torch.Tensor, batch: int, q_heads: int, dim: int, dtype: torch.dtype,
-             pdl: bool = False) -> torch.Tensor:
+             pdl: bool = False, stream: tuple[int, int] | None = None) -> torch.Tensor:
+    """The combine launch; ``stream`` = (blocks a group, blocks a program) for ``_dims_stream_kernel``'s partials."""
     bhk, splits, group = m.shape
     out = torch.empty(batch, q_heads, dim, device=o.device, dtype=dtype)
-    _combine_kernel[(bhk * group,)](o, m, ls, out, splits, G=group, SP=_pow2(splits), D=dim, num_warps=4, **_pdl_opts(pdl))
+    nb, w = stream or (1, 1)
+    _combine_kernel[(bhk * group,)](o, m, ls, out, splits, G=group, SP=_pow2(splits), D=dim, num_warps=4,
+                                    NB=nb, W=w, STREAM=stream is not None, **_pdl_opts(pdl))
     return out
 
 
@@ -1064,7 +1177,7 @@ def write_new_kv(new_kv: NewKV, proj: torch.Tensor) -> None:
 def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch.Tensor | None = None,
                        num_warps: int = 4, fan: int | None = None, iters: int | None = None,
                        new_kv: NewKV | None = None, pdl: bool | None = None,
-                       bounds: tuple[torch.Tensor, int] | None = None) -> Selection:
+                       bounds: tuple[torch.Tensor, int] | None = None, early: bool = False) -> Selection:
     """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
     up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
     ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there.
@@ -1102,7 +1215,7 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
         G=rep, GP=_gp(rep + (new_kv is not None)), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
         FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, WRITE_KV=new_kv is not None, num_warps=num_warps,
         SCATTER=DIM_SCATTER, WRITE_BND=write_bnd, PLANES=is_planes(kdc),
-        **_pdl_opts(use_pdl(q.device, pdl)),
+        **_pdl_opts(use_pdl(q.device, pdl), early),
     )
     return qsel, idx, count
 
@@ -1394,6 +1507,58 @@ def launch_dims(sel: Selection, kd: torch.Tensor, v: torch.Tensor, scale: float,
     return _combine(o, m, ls, batch, groups * rep, dim, v.dtype, pdl)
 
 
+STREAM_CTAS = 1  # programs per SM of ``_dims_stream_kernel``
+
+
+def stream_layout(groups: int, length: int, block_n: int, programs: int) -> tuple[int, int, int, int]:
+    """How ``_dims_stream_kernel`` deals out ``groups x ceil(length / block_n)`` blocks to about ``programs``
+    programs: (blocks a group ``NB``, blocks a program ``W``, programs, partial slots a group ``S``)."""
+    nb = -(-length // block_n)
+    total = groups * nb
+    w = -(-total // max(1, min(total, programs)))
+    return nb, w, -(-total // w), -(-nb // w) + 1
+
+
+def launch_dims_stream(sel: Selection | None, kd: torch.Tensor, v: torch.Tensor, scale: float, block_n: int = 128,
+                       num_warps: int = 4, num_stages: int = 3, ctas: float | None = None, full_rows: bool = False,
+                       fuse: bool = True, pdl: bool | None = None, q: torch.Tensor | None = None,
+                       proj: torch.Tensor | None = None, dims: int | None = None) -> torch.Tensor:
+    """AQUA dims only by ``_dims_stream_kernel``: about ``ctas`` programs per SM, each streaming the same number of
+    blocks; ``fuse``: the partials merged in the same launch (else a combine launch). With ``sel`` None, the
+    selection runs in the kernel too, from ``q``, ``proj`` and ``dims``: one launch a step."""
+    _need_triton()
+    batch, groups, _, length = kd.shape
+    dim = key_dim(kd)
+    prologue = sel is None
+    if prologue:
+        rep = q.shape[1] // groups
+        dims = min(dims, dim)
+        KP = _kp(dims)
+        qarg, idx_p, count, ps = q.contiguous(), q, q, _proj_split(proj)
+        full_rows = dims == KP
+    else:
+        qarg, idx_p, count = sel
+        rep, KP = qarg.shape[1], qarg.shape[2]
+        ps, dims = qarg, KP
+    bhk = batch * groups
+    nb, w, programs, slots = stream_layout(bhk, length, block_n, max(1, round(_sms(kd.device) * (ctas or STREAM_CTAS))))
+    o, m, ls = _partials(bhk, slots, rep, dim, kd.device)
+    out = torch.empty(batch, groups * rep, dim, device=kd.device, dtype=v.dtype)
+    pdl = use_pdl(kd.device, pdl)
+    assert kd.stride(3) == 1 and v.stride(3) == 1
+    _dims_stream_kernel[(programs,)](
+        qarg, idx_p, count, ps, kd, v, o, m, ls, _counters(bhk, kd.device), out,
+        length, dims, nb, w, bhk * nb, groups, slots, scale * LOG2E,
+        kd.stride(0), kd.stride(1), kd.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        G=rep, GP=_gp(rep), KP=KP, D=dim, BLOCK_N=block_n, FULL_ROWS=full_rows, PLANES=is_planes(kd), FUSE=fuse,
+        PROLOGUE=prologue, CK=min(dim, 64), FAN=DIM_FAN, ITERS=DIM_ITERS, ALL=dims == dim,
+        num_warps=num_warps, num_stages=num_stages, **_pdl_opts(pdl),
+    )
+    if fuse:
+        return out
+    return _combine(o, m, ls, batch, groups * rep, dim, v.dtype, pdl, stream=(nb, w))
+
+
 def launch_select(sel: Selection, kd: torch.Tensor, token_ratio: float, block: int, num_warps: int | None = None,
                   full_rows: bool = False, pdl: bool | None = None) -> tuple[torch.Tensor, int]:
     """Top-T token ids per KV head, ``(B*Hkv, nblocks * keep)`` int32, and ``keep`` (slots per block)."""
@@ -1484,6 +1649,8 @@ class DecodeConfig:
     bound_page: int | None = None  # tokens one bound covers (a power-of-two divisor of ``page``; None: ``page``)
     rerank: int = 0  # "bound": re-rank the rerank x budget best pages by bound by their tokens' max score (0: off)
     pdl: bool | None = None  # programmatic dependent launch between the step's kernels (``use_pdl``; None: where it exists)
+    stream: bool | None = None  # dims only: the balanced kernel (``_dims_stream_kernel``); None: ``dims_stream``
+    stream_ctas: float = 1.0  # its programs per SM
 
     def __post_init__(self) -> None:
         if self.select_block < 16 or self.select_block & (self.select_block - 1):
@@ -1521,6 +1688,19 @@ def dims_stages(config: DecodeConfig, kd: torch.Tensor) -> int:
     if config.num_stages is not None:
         return config.num_stages
     return 4 if kd.shape[0] * kd.shape[1] >= 64 and _kp(min(config.dims, key_dim(kd))) <= 64 else 3
+
+
+STREAM_MIN_GROUPS = 64  # dims only takes the balanced kernel from this many KV groups a step (``dims_stream``)
+
+
+def dims_stream(config: DecodeConfig, kd: torch.Tensor) -> bool:
+    """Whether dims only runs ``_dims_stream_kernel`` (selection launch, then one balanced launch that also merges)
+    instead of the split kernel and a combine launch: ``config.stream``, else from ``STREAM_MIN_GROUPS`` KV groups a
+    step. H100, interleaved (``docs/results/sweeps/stream-h100.json``): batch 8 x 32K k=0.5 292.8 -> 278.1 us,
+    k=0.75 333.0 -> 324.7, 128K 1120 -> 1054; at batch 1 the split kernel is as fast or faster (48.5 vs 49.9 us)."""
+    if config.stream is not None:
+        return config.stream
+    return kd.shape[0] * kd.shape[1] >= STREAM_MIN_GROUPS
 
 
 def _write_with_bounds(new_kv: NewKV, proj: torch.Tensor, bounds: torch.Tensor | None, config: DecodeConfig) -> None:
@@ -1597,6 +1777,9 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
         return launch_dims_fused(q, proj, kd, v, config.dims, scale, config.block_n, config.num_warps, config.num_stages or 3,
                                  config.waves or 4.0, config.pdl)
     sel, full_rows = select_for_kernels(q, proj, config, new_kv, bounds)
+    if config.token_ratio is None and dims_stream(config, kd):
+        return launch_dims_stream(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages or 3,
+                                  config.stream_ctas, full_rows, pdl=config.pdl)
     if config.token_ratio is None:
         return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, dims_stages(config, kd), dims_waves(config, kd), full_rows,
                            config.pdl)
