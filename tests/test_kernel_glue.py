@@ -220,3 +220,14 @@ def test_dims_stream_from_batch_eight():
     many, few = torch.empty(8, 8, 1, 1), torch.empty(1, 8, 1, 1)
     assert decode.dims_stream(DecodeConfig(64), many) and not decode.dims_stream(DecodeConfig(64), few)
     assert not decode.dims_stream(DecodeConfig(64, stream=False), many) and decode.dims_stream(DecodeConfig(64, stream=True), few)
+
+
+def test_stream_tile_fits_shared_memory():
+    """256 tokens a step at head_dim 128 (k = d/2 and 3d/4 measured), halved where a stage would pass
+    ``STREAM_TILE_BYTES`` (head_dim 256); a caller's smaller block is kept."""
+    kd128, kd256 = torch.empty(1, 1, 128, 8), torch.empty(1, 1, 256, 8)
+    assert decode.stream_tile(DecodeConfig(64), kd128) == 256 and decode.stream_tile(DecodeConfig(96), kd128) == 256
+    assert decode.stream_tile(DecodeConfig(128), kd256) == 128 and decode.stream_tile(DecodeConfig(64, stream_block=64), kd128) == 64
+    for dims, kd in ((256, kd256), (8, kd128), (1, kd256)):
+        block = decode.stream_tile(DecodeConfig(dims), kd)
+        assert (decode._kp(min(dims, kd.shape[2])) + kd.shape[2]) * 2 * block <= decode.STREAM_TILE_BYTES

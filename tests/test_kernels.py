@@ -138,7 +138,7 @@ def test_dims_kernel_matches_reference(shape, gqa, ratio):
 def test_dims_stream_kernel_matches_reference(shape, ratio):
     """The balanced (stream-K) dims kernel: programs that cross KV groups, one to many programs a group, the
     partials merged in the launch or by the combine launch, the selection in front or in its prologue."""
-    from aqua_cli.kernels.decode import _kp, launch_dims_stream, launch_select_dims
+    from aqua_cli.kernels.decode import DecodeConfig, _kp, aqua_decode, launch_dims_stream, launch_select_dims
 
     batch, heads, kv_heads, length, dim = shape
     q, k, v, proj, kd = inputs(batch, heads, kv_heads, length, dim, torch.bfloat16, "cuda", seed=length + 1)
@@ -153,6 +153,8 @@ def test_dims_stream_kernel_matches_reference(shape, ratio):
             assert torch.isfinite(out).all() and rel(out, ref) < 2e-2, (ctas, fuse, rel(out, ref))
         out = launch_dims_stream(None, kd, v, dim ** -0.5, num_stages=stages, ctas=ctas, q=q, proj=proj, dims=dims)
         assert torch.isfinite(out).all() and rel(out, ref) < 2e-2, (ctas, "prologue", rel(out, ref))
+    out = aqua_decode(q, k, v, kd, proj, DecodeConfig(dims, stream=True))  # the step's own tile and stages
+    assert torch.isfinite(out).all() and rel(out, ref) < 2e-2
 
 
 @gpu

@@ -1651,6 +1651,8 @@ class DecodeConfig:
     pdl: bool | None = None  # programmatic dependent launch between the step's kernels (``use_pdl``; None: where it exists)
     stream: bool | None = None  # dims only: the balanced kernel (``_dims_stream_kernel``); None: ``dims_stream``
     stream_ctas: float = 1.0  # its programs per SM
+    stream_block: int = 256  # its tokens a step (``stream_tile``); stages: ``num_stages``, else ``stream_stages``
+    stream_stages: int = 2
 
     def __post_init__(self) -> None:
         if self.select_block < 16 or self.select_block & (self.select_block - 1):
@@ -1701,6 +1703,20 @@ def dims_stream(config: DecodeConfig, kd: torch.Tensor) -> bool:
     if config.stream is not None:
         return config.stream
     return kd.shape[0] * kd.shape[1] >= STREAM_MIN_GROUPS
+
+
+STREAM_TILE_BYTES = 128 * 1024  # a stage of the balanced kernel (the kept key rows and the values of one step) at most
+
+
+def stream_tile(config: DecodeConfig, kd: torch.Tensor) -> int:
+    """Tokens a step of the balanced dims kernel: ``config.stream_block``, halved while a stage's tile (``KP`` key rows
+    and ``D`` value columns, 2 bytes each) is over ``STREAM_TILE_BYTES`` (head_dim 256), at least 32."""
+    dim = key_dim(kd)
+    rows = _kp(min(config.dims, dim)) + dim
+    block = config.stream_block
+    while block > 32 and rows * 2 * block > STREAM_TILE_BYTES:
+        block //= 2
+    return block
 
 
 def _write_with_bounds(new_kv: NewKV, proj: torch.Tensor, bounds: torch.Tensor | None, config: DecodeConfig) -> None:
@@ -1778,8 +1794,8 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
                                  config.waves or 4.0, config.pdl)
     sel, full_rows = select_for_kernels(q, proj, config, new_kv, bounds)
     if config.token_ratio is None and dims_stream(config, kd):
-        return launch_dims_stream(sel, kd, v, scale, config.block_n, config.num_warps, config.num_stages or 3,
-                                  config.stream_ctas, full_rows, pdl=config.pdl)
+        return launch_dims_stream(sel, kd, v, scale, stream_tile(config, kd), config.num_warps,
+                                  config.num_stages or config.stream_stages, config.stream_ctas, full_rows, pdl=config.pdl)
     if config.token_ratio is None:
         return launch_dims(sel, kd, v, scale, config.block_n, config.num_warps, dims_stages(config, kd), dims_waves(config, kd), full_rows,
                            config.pdl)
