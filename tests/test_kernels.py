@@ -153,6 +153,11 @@ def test_dims_stream_kernel_matches_reference(shape, ratio):
             assert torch.isfinite(out).all() and rel(out, ref) < 2e-2, (ctas, fuse, rel(out, ref))
         out = launch_dims_stream(None, kd, v, dim ** -0.5, num_stages=stages, ctas=ctas, q=q, proj=proj, dims=dims)
         assert torch.isfinite(out).all() and rel(out, ref) < 2e-2, (ctas, "prologue", rel(out, ref))
+        for prefetch in (0, 2):
+            for _ in range(2):  # the claims and flags are left zero for the next step
+                out = launch_dims_stream(None, kd, v, dim ** -0.5, num_stages=stages, ctas=ctas, q=q, proj=proj, dims=dims,
+                                         claim=True, prefetch=prefetch)
+                assert torch.isfinite(out).all() and rel(out, ref) < 2e-2, (ctas, "claim", prefetch, rel(out, ref))
     out = aqua_decode(q, k, v, kd, proj, DecodeConfig(dims, stream=True))  # the step's own tile and stages
     assert torch.isfinite(out).all() and rel(out, ref) < 2e-2
 
@@ -781,6 +786,11 @@ for b, hq, hk, L, D in [(2, 6, 3, 77, 32), (1, 4, 4, 33, 32)]:
             assert rel(out, want) < 1e-2, (ctas, fuse, rel(out, want))
     out = dk.launch_dims_stream(None, kd, v, D ** -0.5, block_n=32, ctas=0.25, q=q, proj=proj, dims=D // 2)
     assert rel(out, want) < 1e-2
+    for ctas in (0.125, 1, 8):  # the first program to reach a group selects its dims for all; twice: claims reset
+        for _ in range(2):
+            out = dk.launch_dims_stream(None, kd, v, D ** -0.5, block_n=32, ctas=ctas, q=q, proj=proj, dims=D // 2, claim=True)
+            assert rel(out, want) < 1e-2, (ctas, rel(out, want))
+    assert int(dk._counters(1, kd.device)[:64].abs().sum()) == 0
     sel = dk.launch_select_dims(q, proj, 3 * D // 4 - 1)  # k not a power of two: masked rows
     out = dk.launch_dims_stream(sel, kd, v, D ** -0.5, block_n=32, ctas=0.25)
     assert rel(out, aqua_decode_reference(q, k, v, kd, proj, 3 * D // 4 - 1)) < 3e-2
