@@ -273,13 +273,6 @@ def _scatter_selection(qpq, QSEL, IDX, bh, K, G: tl.constexpr, GP: tl.constexpr,
 
 
 @_jit
-def _prefetch_l2(ptrs):
-    """Ask for the 128-byte lines at ``ptrs`` to be brought into L2 (no data returned; the addresses are in range).
-    Only for data no launch before this one writes late: the values of the cache, read while the selection runs."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@_jit
 def _select_dims_kernel(
     Q,  # (B, Hq, D) queries (bf16), contiguous; query head h*G + g reads KV head h
     PS,  # (3, Hkv, D, D) bf16: the projection split in hi + mid + lo terms (``_proj_split``)
@@ -515,41 +508,29 @@ def _merge_partials(O, M, LS, OUT, bh, S, n, G: tl.constexpr, GP: tl.constexpr, 
 
 @_jit
 def _dims_stream_kernel(
-    Q,  # (B*Hkv, G, KP) selected projected queries (written here with CLAIM); with PROLOGUE the raw queries
-    IDX, CNT,  # (B*Hkv, KP) int32 selected dims (written here with CLAIM), (B*Hkv,) their count (unused with PROLOGUE)
-    QR,  # CLAIM: the raw queries (B, Hq, D) bf16
-    PS,  # PROLOGUE, CLAIM: (3, Hkv, D, D) bf16 split projection
+    Q,  # (B*Hkv, G, KP) selected projected queries (unscaled)
+    IDX, CNT,  # (B*Hkv, KP) int32 selected dims, (B*Hkv,) their count
     KD, V, O, M, LS,  # as in _dims_split_kernel; partials (B*Hkv, S, G, ...) by slot
-    CNTR,  # FUSE: (B*Hkv,) int32 arrival counters (zero, left zero); CLAIM: then claims, then ready flags (as many)
+    CNTR,  # FUSE: (B*Hkv,) int32 arrival counters (zero, left zero)
     OUT,  # FUSE: (B, Hq, D) output
-    L, K, NB, W, TOTAL, HKV, S, qk_scale,
+    L, NB, W, TOTAL, HKV, S, qk_scale,
     s_kb, s_kh, s_kd, s_vb, s_vh, s_vl,
     G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     FULL_ROWS: tl.constexpr, GDC: tl.constexpr, PLANES: tl.constexpr, FUSE: tl.constexpr,
-    PROLOGUE: tl.constexpr, CK: tl.constexpr, FAN: tl.constexpr, ITERS: tl.constexpr, ALL: tl.constexpr,
-    CLAIM: tl.constexpr = False, BHK=1, PF: tl.constexpr = 0, LINE: tl.constexpr = 64,
 ):
     """AQUA dims only, balanced to the block (stream-K): the ``TOTAL = B*Hkv*NB`` blocks of ``BLOCK_N`` tokens are
     one sequence, and program ``p`` streams blocks ``[p*W, (p+1)*W)``, which may cross from one KV group into the
     next (a partial sum per group it touches, in slot ``p - first program of the group``). Launched with about
-    one program per SM slot, so that every SM streams the same number of blocks in one go: no wave of programs
+    one program per SM, so that every SM streams the same number of blocks in one go: no wave of programs
     ending and restarting its pipeline, no last wave part-full. ``FUSE``: the last program to finish a group
-    merges its partials into the output (no combine launch). ``PROLOGUE``: the group's dims are selected here
-    (``_group_select``) instead of by a launch of their own. ``CLAIM`` (with FUSE): the first program to reach a group
-    claims it (an atomic), selects its dims and publishes them (``_scatter_selection``, then a flag); the others wait
-    for the flag (only for a program that is running: no deadlock whatever the grid). One launch a step; ``PF``:
-    blocks of V each program asks L2 for before its first selection (V does not depend on the dims)."""
+    merges its partials into the output (no combine launch). The selection stays a launch of its own: selecting in
+    the programs (each for its groups, or the first to reach a group for all, published by a flag) measured slower
+    (``docs/bench.md``, eighth round)."""
     _gdc(GDC)
     pid = tl.program_id(0)
     g0 = pid * W
     g1 = tl.minimum(g0 + W, TOTAL)
     bh0 = g0 // NB
-    if PF > 0:  # the first blocks of V, fetched while the dims are chosen
-        NL: tl.constexpr = PF * BLOCK_N * D // LINE
-        lines = tl.arange(0, NL)
-        tok = tl.minimum((g0 - bh0 * NB) * BLOCK_N + lines // (D // LINE), L - 1)
-        _prefetch_l2(V + (bh0 // HKV).to(tl.int64) * s_vb + (bh0 % HKV).to(tl.int64) * s_vh + tok.to(tl.int64) * s_vl
-                     + (lines % (D // LINE)) * LINE)
     nseg = (g1 - 1) // NB - bh0 + 1
     nfull = L // BLOCK_N
     offs_j = tl.arange(0, KP)
@@ -560,26 +541,7 @@ def _dims_stream_kernel(
         bh = bh0 + seg
         b = bh // HKV
         h = bh % HKV
-        if CLAIM:
-            if tl.atomic_cas(CNTR + BHK + bh, 0, 1, sem="acq_rel") == 0:
-                qpq, _ = _group_qp(QR, PS, bh, h, HKV, G, GP, D, CK, QR, 0, False)
-                _scatter_selection(qpq, Q, IDX, bh, K, G, GP, KP, D, FAN, ITERS)
-                tl.debug_barrier()
-                tl.atomic_xchg(CNTR + 2 * BHK + bh, 1, sem="release")
-            else:
-                ready = tl.atomic_add(CNTR + 2 * BHK + bh, 0, sem="acquire")
-                while ready == 0:
-                    ready = tl.atomic_add(CNTR + 2 * BHK + bh, 0, sem="acquire")
-            tl.debug_barrier()
-            jmask = offs_j < K
-            idx = tl.load(IDX + bh * KP + offs_j, cache_modifier=".cg").to(tl.int64)
-            q = tl.load(Q + bh * G * KP + offs_g[:, None] * KP + offs_j[None, :], mask=gmask[:, None], other=0.0,
-                        cache_modifier=".cg")
-        elif PROLOGUE:
-            _, q, idx, _ = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL, Q, 0, False)
-            jmask = offs_j < K
-            idx = idx.to(tl.int64)
-        elif FULL_ROWS:
+        if FULL_ROWS:
             jmask = offs_j < KP
             idx = tl.load(IDX + bh * KP + offs_j).to(tl.int64)
             q = tl.load(Q + bh * G * KP + offs_g[:, None] * KP + offs_j[None, :], mask=gmask[:, None], other=0.0)
@@ -616,9 +578,6 @@ def _dims_stream_kernel(
             if arrived == n - 1:
                 _merge_partials(O, M, LS, OUT, bh, S, n, G, GP, D)
                 tl.store(CNTR + bh, 0)
-                if CLAIM:  # every program of the group is past its claim: ready for the next step
-                    tl.store(CNTR + BHK + bh, 0)
-                    tl.store(CNTR + 2 * BHK + bh, 0)
     _gdc_late(GDC)
 
 
@@ -1134,10 +1093,9 @@ def use_pdl(device: torch.device, pdl: bool | None = None) -> bool:
 PDL_EARLY = False  # the trigger of ``_gdc``: True at a kernel's start (mode 1), False before its final stores (2)
 
 
-def _pdl_opts(pdl: bool, early: bool = False) -> dict:
-    """Launch options for a kernel taking ``GDC``: the constexpr and, when on, Triton's ``launch_pdl``; ``early``:
-    trigger the next launch at this kernel's start (mode 1) whatever ``PDL_EARLY`` says."""
-    return {"GDC": 1 if PDL_EARLY or early else 2, "launch_pdl": True} if pdl else {"GDC": 0}
+def _pdl_opts(pdl: bool) -> dict:
+    """Launch options for a kernel taking ``GDC``: the constexpr and, when on, Triton's ``launch_pdl``."""
+    return {"GDC": 1 if PDL_EARLY else 2, "launch_pdl": True} if pdl else {"GDC": 0}
 
 
 def _combine(o: torch.Tensor, m: torch.Tensor, ls: torch.Tensor, batch: int, q_heads: int, dim: int, dtype: torch.dtype,
@@ -1224,7 +1182,7 @@ def write_new_kv(new_kv: NewKV, proj: torch.Tensor) -> None:
 def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch.Tensor | None = None,
                        num_warps: int = 4, fan: int | None = None, iters: int | None = None,
                        new_kv: NewKV | None = None, pdl: bool | None = None,
-                       bounds: tuple[torch.Tensor, int] | None = None, early: bool = False) -> Selection:
+                       bounds: tuple[torch.Tensor, int] | None = None) -> Selection:
     """Per-KV-group dim selection in one launch (``gqa="group"``, bf16 ``q``): the same set as ``select_dims``
     up to exact ties of ``sum_g |qP|`` (broken here by the lower index). ``q`` ``(B, Hq, D)``, ``proj``
     ``(Hkv, D, D)`` float32 on q's device. ``qf`` ``(B*Hkv, G, D)``: also write all projected queries there.
@@ -1262,7 +1220,7 @@ def launch_select_dims(q: torch.Tensor, proj: torch.Tensor, dims: int, qf: torch
         G=rep, GP=_gp(rep + (new_kv is not None)), KP=KP, D=dim, CK=min(dim, 64), WRITE_QF=qf is not None,
         FAN=fan or DIM_FAN, ITERS=iters or DIM_ITERS, ALL=dims == dim, WRITE_KV=new_kv is not None, num_warps=num_warps,
         SCATTER=DIM_SCATTER, WRITE_BND=write_bnd, PLANES=is_planes(kdc),
-        **_pdl_opts(use_pdl(q.device, pdl), early),
+        **_pdl_opts(use_pdl(q.device, pdl)),
     )
     return qsel, idx, count
 
@@ -1566,56 +1524,28 @@ def stream_layout(groups: int, length: int, block_n: int, programs: int) -> tupl
     return nb, w, -(-total // w), -(-nb // w) + 1
 
 
-def launch_dims_stream(sel: Selection | None, kd: torch.Tensor, v: torch.Tensor, scale: float, block_n: int = 128,
+def launch_dims_stream(sel: Selection, kd: torch.Tensor, v: torch.Tensor, scale: float, block_n: int = 128,
                        num_warps: int = 4, num_stages: int = 3, ctas: float | None = None, full_rows: bool = False,
-                       fuse: bool = True, pdl: bool | None = None, q: torch.Tensor | None = None,
-                       proj: torch.Tensor | None = None, dims: int | None = None, claim: bool = False,
-                       prefetch: int = 0) -> torch.Tensor:
-    """AQUA dims only by ``_dims_stream_kernel``: about ``ctas`` programs per SM, each streaming the same number of
-    blocks; ``fuse``: the partials merged in the same launch (else a combine launch). With ``sel`` None, the
-    selection runs in the kernel too, from ``q``, ``proj`` and ``dims``: one launch a step, each program selecting
-    the dims of the groups it streams (``claim`` False) or the first to reach a group selecting them for all
-    (``claim``; ``prefetch`` blocks of V asked of L2 meanwhile)."""
+                       fuse: bool = True, pdl: bool | None = None) -> torch.Tensor:
+    """AQUA dims only by ``_dims_stream_kernel`` over a padded selection; -> ``(B, Hq, D)``. About ``ctas`` programs
+    per SM (``STREAM_CTAS``), each streaming the same number of blocks; ``fuse``: the partials merged in the same
+    launch (else a combine launch)."""
     _need_triton()
+    q, idx_p, count = sel
     batch, groups, _, length = kd.shape
     dim = key_dim(kd)
-    prologue = sel is None and not claim
-    qraw = q
-    if sel is None:
-        rep = q.shape[1] // groups
-        dims = min(dims, dim)
-        KP = _kp(dims)
-        full_rows = dims == KP
-        ps = _proj_split(proj)
-        if claim:
-            qraw = q.contiguous()
-            qarg = torch.empty(batch * groups, rep, KP, device=q.device, dtype=q.dtype)
-            idx_p = torch.empty(batch * groups, KP, device=q.device, dtype=torch.int32)
-            count = idx_p
-        else:
-            qarg, idx_p, count = q.contiguous(), q, q
-    else:
-        qarg, idx_p, count = sel
-        rep, KP = qarg.shape[1], qarg.shape[2]
-        ps, dims, qraw = qarg, KP, qarg
+    rep, KP = q.shape[1], q.shape[2]
     bhk = batch * groups
     nb, w, programs, slots = stream_layout(bhk, length, block_n, max(1, round(_sms(kd.device) * (ctas or STREAM_CTAS))))
     o, m, ls = _partials(bhk, slots, rep, dim, kd.device)
     out = torch.empty(batch, groups * rep, dim, device=kd.device, dtype=v.dtype)
     pdl = use_pdl(kd.device, pdl)
     assert kd.stride(3) == 1 and v.stride(3) == 1
-    if claim and not fuse:
-        raise ValueError("the claimed selection is reset by the merge in the launch: claim needs fuse")
-    line = max(1, 128 // v.element_size())
-    pf = min(prefetch, w)
-    pf = 0 if os.environ.get("TRITON_INTERPRET") == "1" or not claim or dim % line or pf < 1 else 1 << (pf.bit_length() - 1)
     _dims_stream_kernel[(programs,)](
-        qarg, idx_p, count, qraw, ps, kd, v, o, m, ls, _counters(3 * bhk if claim else bhk, kd.device), out,
-        length, dims, nb, w, bhk * nb, groups, slots, scale * LOG2E,
+        q, idx_p, count, kd, v, o, m, ls, _counters(bhk, kd.device), out,
+        length, nb, w, bhk * nb, groups, slots, scale * LOG2E,
         kd.stride(0), kd.stride(1), kd.stride(2), v.stride(0), v.stride(1), v.stride(2),
         G=rep, GP=_gp(rep), KP=KP, D=dim, BLOCK_N=block_n, FULL_ROWS=full_rows, PLANES=is_planes(kd), FUSE=fuse,
-        PROLOGUE=prologue, CK=min(dim, 64), FAN=DIM_FAN, ITERS=DIM_ITERS, ALL=dims == dim,
-        CLAIM=claim, BHK=bhk, PF=pf, LINE=line,
         num_warps=num_warps, num_stages=num_stages, **_pdl_opts(pdl),
     )
     if fuse:

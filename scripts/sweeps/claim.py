@@ -6,6 +6,9 @@ through ``aqua_decode``, same run, interleaved, 3 repeats; k=0.25/0.5/0.75, batc
 Output: $OUT/claim.json
 
     PYTHONPATH=$PWD OUT=docs/results/sweeps python3 scripts/sweeps/claim.py   (GPU)
+Ran at commit 2688759 (H100: no gain over the two-launch stream path, docs/bench.md eighth round); the claim mode
+was removed afterwards, so this script needs that commit. Its run stopped at its time limit before writing the JSON:
+docs/results/sweeps/claim-h100.json holds the rows it printed.
 """
 # ruff: noqa: F821  (timed lambdas run before their inputs are deleted, as in the other sweeps)
 import json

@@ -7,6 +7,8 @@ per SM, 2-4 stages, the combine fused or launched. Outputs are checked against t
 Output: $OUT/stream.json
 
     PYTHONPATH=$PWD OUT=docs/results/sweeps python3 scripts/sweeps/stream.py   (GPU)
+Ran at commit 1ad1153; the prologue variant (``launch_dims_stream(None, ..., q=, proj=, dims=)``) was removed at the end
+of session 9 (slower), so those rows need a commit from 1ad1153 to 2688759.
 """
 # ruff: noqa: F821  (timed lambdas run before their inputs are deleted, as in the other sweeps)
 import json

@@ -6,6 +6,8 @@ kernel (``stream=False``) vs balanced (``stream=True``) through ``aqua_decode``,
 Output: $OUT/stream2.json
 
     PYTHONPATH=$PWD OUT=docs/results/sweeps python3 scripts/sweeps/stream2.py   (GPU)
+Ran at commit ae2daed (the selection's ``early`` option, removed at the end of session 9 as slower, is needed
+by the ``stream-early`` rows: any commit from 1ad1153 to 2688759).
 """
 # ruff: noqa: F821  (timed lambdas run before their inputs are deleted, as in the other sweeps)
 import json
