@@ -255,24 +255,6 @@ def _group_qp(Q, PS, bh, h, HKV, G: tl.constexpr, GP: tl.constexpr, D: tl.conste
 
 
 @_jit
-def _scatter_selection(qpq, QSEL, IDX, bh, K, G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr,
-                       FAN: tl.constexpr, ITERS: tl.constexpr):
-    """The group's top K dims of ``qpq`` (``_top_dims``) written straight to their slots: dims to ``IDX``, the chosen
-    columns of qP to ``QSEL`` (a masked scatter store), zeros in the slots past K (the page scores read them)."""
-    offs_g = tl.arange(0, GP)
-    offs_j = tl.arange(0, KP)
-    offs_d = tl.arange(0, D)
-    gmask = offs_g < G
-    keep, slot = _top_dims(qpq, K, FAN, ITERS)
-    pad = offs_j >= K
-    tl.store(IDX + bh * KP + offs_j, tl.zeros([KP], tl.int32), mask=pad)
-    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], tl.zeros([GP, KP], QSEL.dtype.element_ty),
-             mask=gmask[:, None] & pad[None, :])
-    tl.store(IDX + bh * KP + slot, offs_d, mask=keep)
-    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + slot[None, :], qpq, mask=gmask[:, None] & keep[None, :])
-
-
-@_jit
 def _select_dims_kernel(
     Q,  # (B, Hq, D) queries (bf16), contiguous; query head h*G + g reads KV head h
     PS,  # (3, Hkv, D, D) bf16: the projection split in hi + mid + lo terms (``_proj_split``)
@@ -301,7 +283,14 @@ def _select_dims_kernel(
     gmask = offs_g < G
     if SCATTER and not ALL:
         qpq, kp = _group_qp(Q, PS, bh, h, HKV, G, GP, D, CK, KN, b * s_knb + h * s_knh, WRITE_KV)
-        _scatter_selection(qpq, QSEL, IDX, bh, K, G, GP, KP, D, FAN, ITERS)
+        offs_d = tl.arange(0, D)
+        keep, slot = _top_dims(qpq, K, FAN, ITERS)
+        pad = offs_j >= K  # slots past K hold zeros (the page scores read qsel rows unmasked)
+        tl.store(IDX + bh * KP + offs_j, tl.zeros([KP], tl.int32), mask=pad)
+        tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], tl.zeros([GP, KP], QSEL.dtype.element_ty),
+                 mask=gmask[:, None] & pad[None, :])
+        tl.store(IDX + bh * KP + slot, offs_d, mask=keep)
+        tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + slot[None, :], qpq, mask=gmask[:, None] & keep[None, :])
     else:
         qpq, qsel, idx, kp = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL,
                                            KN, b * s_knb + h * s_knh, WRITE_KV)
