@@ -34,6 +34,9 @@ Kernels
   ``G`` query heads of the group at once (GQA-packed, rows padded to 16 for ``tl.dot``): logits over the
   selected rows of ``kd``, online softmax, times ``v``; partial results per split (flash-decoding).
   ``_dims_fused_kernel`` is the same with the selection in its prologue (measured no faster).
+  ``_dims_stream_kernel`` (from ``STREAM_MIN_GROUPS`` KV groups a step, ``dims_stream``): the same blocks dealt out
+  as one sequence to about one program per SM (stream-K; a program's range may cross KV groups), the partials
+  merged by each group's last program in the same launch (no combine launch).
 * Page top-T (Quest-style granularity, ``paged.py`` is the reference): ``_page_score_kernel`` (approximate
   logits of whole pages on the selected dims, one max per page; only ``NP`` floats leave it),
   ``_page_select_kernel`` (the best pages per KV group, plus sink/recent pages; or folded into the scoring
@@ -43,7 +46,7 @@ Kernels
   block's share) and ``_tokens_split_kernel`` (exact attention over token-major ``k``, ``v``).
 * ``_combine_kernel``: merges the splits' partial softmax sums.
 
-Launches per step: dims 3, pages 5, tokens 4; no host synchronisation (CUDA-graph capturable). On Hopper and
+Launches per step: dims 3 (2 with the balanced kernel), pages 5, tokens 4; no host synchronisation (CUDA-graph capturable). On Hopper and
 later they launch with programmatic dependent launch (``_gdc``, ``use_pdl``): each kernel's programs become resident
 while the previous kernel finishes, and wait for its writes before touching memory.
 Importing this module does not need Triton (the glue runs anywhere); launching a kernel does, and a CUDA GPU
@@ -1744,9 +1747,9 @@ def aqua_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, kd: to
     ``kd`` (``paged.page_bounds`` of ``config.bound_page`` tokens, ``(B, Hkv, 2, D, >= NS)``), needed by
     ``page_score="bound"``; on every path a ``new_kv`` token is folded into them (in the same launch where the
     selection is fused).
-    Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue``); pages 5 (dim selection,
-    page scores, page selection, exact pass, combine; 4 with ``fold_select``); token top-T 4 (selection,
-    scoring, exact pass, combine).
+    Launches: dims 3 (dim selection, main pass, combine; 2 with ``prologue`` or the balanced kernel, ``dims_stream``);
+    pages 5 (dim selection, page scores, page selection, exact pass, combine; 4 with ``fold_select``); token top-T 4
+    (selection, scoring, exact pass, combine).
     """
     dim = q.shape[-1]
     scale = dim ** -0.5 if scale is None else scale
