@@ -26,3 +26,19 @@ def input_sets(batch: int, seq: int, n: int = 2) -> tuple[list, float]:
         sets.append((q, k, torch.randn_like(k), project_keys(k, PROJ).to(torch.bfloat16)))
     dense = us(lambda: [dense_decode(q, k, v) for q, k, v, _ in sets]) / n
     return sets, dense
+
+
+def variant_rows(batch: int, seq: int, dense: float, errs: dict, times: dict) -> list[dict]:
+    """The session-9 sweeps' rows: one per ``(dims, variant)`` of ``errs`` (its error against the sweep's baseline, or
+    why it did not run) with the median of its ``times`` and the ratio to dense; each printed as it is made."""
+    import statistics
+
+    rows = []
+    for (dims, name), err in errs.items():
+        ts = times.get((dims, name))
+        r = dict(batch=batch, seq=seq, dims=dims, variant=name, dense_us=dense, err_vs_split=err,
+                 us_median=statistics.median(ts) if ts else None, us_all=ts,
+                 x=dense / statistics.median(ts) if ts else None, device=torch.cuda.get_device_name())
+        rows.append(r)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("us_all", "device")}, flush=True)
+    return rows

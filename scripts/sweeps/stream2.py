@@ -12,13 +12,12 @@ by the ``stream-early`` rows: any commit from 1ad1153 to 2688759).
 # ruff: noqa: F821  (timed lambdas run before their inputs are deleted, as in the other sweeps)
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import PROJ as proj, input_sets, us  # noqa: E402
+from _shared import PROJ as proj, input_sets, us, variant_rows  # noqa: E402
 from aqua_cli.kernels import decode as dk  # noqa: E402
 
 SCALE = 128 ** -0.5
@@ -74,13 +73,7 @@ for B, L in [(8, 32768), (8, 131072), (4, 32768), (2, 32768), (4, 131072)]:
                 else:
                     t = us(lambda fn=fn: [fn(q, v, kd) for q, _, v, kd in sets])
                 res.setdefault((dims, name), []).append(t / len(sets))
-    for (dims, name), err in errs.items():
-        ts = res.get((dims, name))
-        r = dict(batch=B, seq=L, dims=dims, variant=name, dense_us=dense, err_vs_split=err,
-                 us_median=statistics.median(ts) if ts else None, us_all=ts,
-                 x=dense / statistics.median(ts) if ts else None, device=torch.cuda.get_device_name())
-        rows.append(r)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("us_all", "device")}, flush=True)
+    rows += variant_rows(B, L, dense, errs, res)
     del sets
     torch.cuda.empty_cache()
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "stream2.json"), "w"), indent=1)
