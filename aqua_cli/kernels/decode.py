@@ -369,6 +369,55 @@ def _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, n0, L, m_i, l_i, acc, q
 
 
 @_jit
+def _dims_range(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk0, blk1, L, qk_scale, GP: tl.constexpr,
+                BLOCK_N: tl.constexpr, D: tl.constexpr, FULL_ROWS: tl.constexpr, PLANES: tl.constexpr = False):
+    """Blocks ``[blk0, blk1)`` of one KV group through ``_dims_block``: the full ones unmasked, the group's last,
+    partial block masked; -> the online-softmax state ``(m, l, acc)`` of the range."""
+    full_end = tl.maximum(tl.minimum(blk1, L // BLOCK_N), blk0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for blk in range(blk0, full_end):
+        m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk * BLOCK_N, L, m_i, l_i, acc, qk_scale,
+                                    BLOCK_N, D, False, FULL_ROWS, PLANES)
+    if full_end < blk1:  # the sequence's last, partial block
+        m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, full_end * BLOCK_N, L, m_i, l_i, acc, qk_scale,
+                                    BLOCK_N, D, True, FULL_ROWS, PLANES)
+    return m_i, l_i, acc
+
+
+@_jit
+def _dims_selection(Q, IDX, CNT, bh, G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, FULL_ROWS: tl.constexpr,
+                    PLANES: tl.constexpr):
+    """A KV group's selection as the dims kernels read it: ``_selected_queries`` (all ``KP`` slots with
+    ``FULL_ROWS``, else the count ``launch_select_dims`` wrote), float16 for key planes, and the valid-slot mask."""
+    cnt = KP if FULL_ROWS else tl.load(CNT + bh)
+    q, idx = _selected_queries(Q, IDX, bh, cnt, G, GP, KP)
+    if PLANES:
+        q = q.to(tl.float16)
+    return q, idx, tl.arange(0, KP) < cnt
+
+
+@_jit
+def _store_partial(O, M, LS, slot, m_i, l_i, acc, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+    """One split's partial softmax sums for the ``G`` heads of a KV group at ``slot`` (rows ``slot * G + g`` of the
+    partials that ``_combine_kernel`` and ``_merge_partials`` read)."""
+    offs_g = tl.arange(0, GP)
+    gmask = offs_g < G
+    row = slot * G + offs_g
+    tl.store(M + row, m_i, mask=gmask)
+    tl.store(LS + row, l_i, mask=gmask)
+    tl.store(O + row[:, None] * D + tl.arange(0, D)[None, :], acc, mask=gmask[:, None])
+
+
+@_jit
+def _stream_slots(bh, NB, W):
+    """``_dims_stream_kernel``'s programs of a KV group: the first one and how many (each writes one slot)."""
+    first = (bh * NB) // W
+    return first, ((bh + 1) * NB - 1) // W - first + 1
+
+
+@_jit
 def _dims_split_kernel(
     Q,  # (B*Hkv, G, KP) selected projected queries (unscaled)
     IDX,  # (B*Hkv, KP) int32 selected dims
@@ -390,40 +439,15 @@ def _dims_split_kernel(
     nsplit = tl.num_programs(1)
     b = bh // HKV
     h = bh % HKV
-    offs_j = tl.arange(0, KP)
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    if FULL_ROWS:
-        jmask = offs_j < KP
-        idx = tl.load(IDX + bh * KP + offs_j).to(tl.int64)
-        q = tl.load(Q + bh * G * KP + offs_g[:, None] * KP + offs_j[None, :], mask=offs_g[:, None] < G, other=0.0)
-    else:
-        cnt = tl.load(CNT + bh)
-        jmask = offs_j < cnt
-        idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
-        q = tl.load(Q + bh * G * KP + offs_g[:, None] * KP + offs_j[None, :], mask=(offs_g[:, None] < G) & jmask[None, :], other=0.0)
-    if PLANES:
-        q = q.to(tl.float16)
+    q, idx, jmask = _dims_selection(Q, IDX, CNT, bh, G, GP, KP, FULL_ROWS, PLANES)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     blk0 = split * blocks_per_split
     blk1 = tl.minimum(blk0 + blocks_per_split, tl.cdiv(L, BLOCK_N))
-    full_end = tl.maximum(tl.minimum(blk1, L // BLOCK_N), blk0)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    for blk in range(blk0, full_end):
-        m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk * BLOCK_N, L, m_i, l_i, acc, qk_scale,
-                                    BLOCK_N, D, False, FULL_ROWS, PLANES)
-    if full_end < blk1:  # the sequence's last, partial block
-        m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, full_end * BLOCK_N, L, m_i, l_i, acc, qk_scale,
-                                    BLOCK_N, D, True, FULL_ROWS, PLANES)
+    m_i, l_i, acc = _dims_range(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk0, blk1, L, qk_scale, GP, BLOCK_N, D,
+                                FULL_ROWS, PLANES)
     _gdc_late(GDC)
-    row = (bh * nsplit + split) * G + offs_g
-    gmask = offs_g < G
-    tl.store(M + row, m_i, mask=gmask)
-    tl.store(LS + row, l_i, mask=gmask)
-    tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+    _store_partial(O, M, LS, bh * nsplit + split, m_i, l_i, acc, G, GP, D)
 
 
 @_jit
@@ -446,31 +470,16 @@ def _dims_fused_kernel(
     b = bh // HKV
     h = bh % HKV
     _, q, idx, _ = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL, Q, 0, False)
-    offs_j = tl.arange(0, KP)
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    jmask = offs_j < K
+    jmask = tl.arange(0, KP) < K
     idx = idx.to(tl.int64)
     kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     blk0 = split * blocks_per_split
     blk1 = tl.minimum(blk0 + blocks_per_split, tl.cdiv(L, BLOCK_N))
-    full_end = tl.maximum(tl.minimum(blk1, L // BLOCK_N), blk0)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    for blk in range(blk0, full_end):
-        m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk * BLOCK_N, L, m_i, l_i, acc, qk_scale,
-                                    BLOCK_N, D, False, FULL_ROWS)
-    if full_end < blk1:
-        m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, full_end * BLOCK_N, L, m_i, l_i, acc, qk_scale,
-                                    BLOCK_N, D, True, FULL_ROWS)
+    m_i, l_i, acc = _dims_range(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk0, blk1, L, qk_scale, GP, BLOCK_N, D,
+                                FULL_ROWS)
     _gdc_late(GDC)
-    row = (bh * nsplit + split) * G + offs_g
-    gmask = offs_g < G
-    tl.store(M + row, m_i, mask=gmask)
-    tl.store(LS + row, l_i, mask=gmask)
-    tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+    _store_partial(O, M, LS, bh * nsplit + split, m_i, l_i, acc, G, GP, D)
 
 
 @_jit
@@ -524,48 +533,19 @@ def _dims_stream_kernel(
     g1 = tl.minimum(g0 + W, TOTAL)
     bh0 = g0 // NB
     nseg = (g1 - 1) // NB - bh0 + 1
-    nfull = L // BLOCK_N
-    offs_j = tl.arange(0, KP)
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    gmask = offs_g < G
     for seg in range(0, nseg):
         bh = bh0 + seg
         b = bh // HKV
         h = bh % HKV
-        if FULL_ROWS:
-            jmask = offs_j < KP
-            idx = tl.load(IDX + bh * KP + offs_j).to(tl.int64)
-            q = tl.load(Q + bh * G * KP + offs_g[:, None] * KP + offs_j[None, :], mask=gmask[:, None], other=0.0)
-        else:
-            jmask = offs_j < tl.load(CNT + bh)
-            idx = tl.load(IDX + bh * KP + offs_j, mask=jmask, other=0).to(tl.int64)
-            q = tl.load(Q + bh * G * KP + offs_g[:, None] * KP + offs_j[None, :], mask=gmask[:, None] & jmask[None, :],
-                        other=0.0)
-        if PLANES:
-            q = q.to(tl.float16)
+        q, idx, jmask = _dims_selection(Q, IDX, CNT, bh, G, GP, KP, FULL_ROWS, PLANES)
         kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
         vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-        blk0 = tl.maximum(g0 - bh * NB, 0)
-        blk1 = tl.minimum(g1 - bh * NB, NB)
-        full_end = tl.maximum(tl.minimum(blk1, nfull), blk0)
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
-        for blk in range(blk0, full_end):
-            m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, blk * BLOCK_N, L, m_i, l_i, acc,
-                                        qk_scale, BLOCK_N, D, False, FULL_ROWS, PLANES)
-        if full_end < blk1:  # the group's last, partial block
-            m_i, l_i, acc = _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, full_end * BLOCK_N, L, m_i, l_i, acc,
-                                        qk_scale, BLOCK_N, D, True, FULL_ROWS, PLANES)
-        first = (bh * NB) // W
-        row = (bh * S + pid - first) * G + offs_g
-        tl.store(M + row, m_i, mask=gmask)
-        tl.store(LS + row, l_i, mask=gmask)
-        tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+        m_i, l_i, acc = _dims_range(q, idx, jmask, kbase, vbase, s_kd, s_vl, tl.maximum(g0 - bh * NB, 0),
+                                    tl.minimum(g1 - bh * NB, NB), L, qk_scale, GP, BLOCK_N, D, FULL_ROWS, PLANES)
+        first, n = _stream_slots(bh, NB, W)
+        _store_partial(O, M, LS, bh * S + pid - first, m_i, l_i, acc, G, GP, D)
         if FUSE:  # the last of the group's programs to arrive merges
             tl.debug_barrier()
-            n = ((bh + 1) * NB - 1) // W - first + 1
             arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
             if arrived == n - 1:
                 _merge_partials(O, M, LS, OUT, bh, S, n, G, GP, D)
@@ -901,10 +881,7 @@ def _page_attend_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
         m_i = m_new
     _gdc_late(GDC)
-    row = (bh * nsplit + split) * G + offs_g
-    tl.store(M + row, m_i, mask=gmask)
-    tl.store(LS + row, l_i, mask=gmask)
-    tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+    _store_partial(O, M, LS, bh * nsplit + split, m_i, l_i, acc, G, GP, D)
 
 
 @_jit
@@ -1011,11 +988,7 @@ def _tokens_split_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         m_i = m_new
     _gdc_late(GDC)
-    row = (bh * nsplit + split) * G + offs_g
-    gmask = offs_g < G
-    tl.store(M + row, m_i, mask=gmask)
-    tl.store(LS + row, l_i, mask=gmask)
-    tl.store(O + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+    _store_partial(O, M, LS, bh * nsplit + split, m_i, l_i, acc, G, GP, D)
 
 
 @_jit
@@ -1032,7 +1005,7 @@ def _combine_kernel(
     offs_s = tl.arange(0, SP)
     offs_d = tl.arange(0, D)
     if STREAM:
-        smask = offs_s < ((bh + 1) * NB - 1) // W - (bh * NB) // W + 1
+        smask = offs_s < _stream_slots(bh, NB, W)[1]
     else:
         smask = offs_s < S
     rows = (bh * S + offs_s) * G + g
@@ -1636,7 +1609,7 @@ class DecodeConfig:
     rerank: int = 0  # "bound": re-rank the rerank x budget best pages by bound by their tokens' max score (0: off)
     pdl: bool | None = None  # programmatic dependent launch between the step's kernels (``use_pdl``; None: where it exists)
     stream: bool | None = None  # dims only: the balanced kernel (``_dims_stream_kernel``); None: ``dims_stream``
-    stream_ctas: float = 1.0  # its programs per SM
+    stream_ctas: float | None = None  # its programs per SM; None: ``STREAM_CTAS``
     stream_block: int = 256  # its tokens a step (``stream_tile``); stages: ``num_stages``, else ``stream_stages``
     stream_stages: int = 2
 
