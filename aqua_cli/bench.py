@@ -203,7 +203,7 @@ def decode_impls(config: BenchConfig, shape: AttnShape, dims: int, proj: torch.T
     run_ref = seq <= config.reference_max_seq
     if run_ref:
         impls["reference"] = (lambda x: aqua_decode_reference(x.q, x.k, x.v, x.kd, proj, dims, config.gqa), {})
-    use_kernels = config.kernels and device.type == "cuda"
+    use_kernels = config.kernels and device.type in ("cuda", "meta")  # meta: recorded, not run (kernels.resources)
     if use_kernels:
         from .kernels.decode import DecodeConfig, aqua_decode
 
