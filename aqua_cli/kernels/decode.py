@@ -233,9 +233,10 @@ def _top_dims(qpq, K, FAN: tl.constexpr, ITERS: tl.constexpr):
 
 @_jit
 def _group_qp(Q, PS, bh, h, HKV, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
-              KN, kn_off, WRITE_KV: tl.constexpr):
+              KN, kn_off, WRITE_KV: tl.constexpr, TERMS: tl.constexpr = 3):
     """``qP`` of one KV group's query heads (``(GP, D)`` in q's dtype, rows past G zero) and, with ``WRITE_KV``,
-    the new key's ``kP`` (``(D,)`` float32), as ``_group_select`` describes."""
+    the new key's ``kP`` (``(D,)`` float32), as ``_group_select`` describes. ``TERMS``: how many of the split
+    projection's terms enter (3: float32 accuracy; 2: hi + mid, ``P`` to ~2^-17, far under q's bf16 rounding)."""
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, CK)
@@ -246,9 +247,12 @@ def _group_qp(Q, PS, bh, h, HKV, G: tl.constexpr, GP: tl.constexpr, D: tl.conste
         if WRITE_KV:  # rows are disjoint: the sum is exact
             qc += tl.load(KN + kn_off + (c0 + offs_c)[None, :] + 0 * offs_g[:, None], mask=(offs_g == G)[:, None], other=0.0)
         poff = h * D * D + (c0 + offs_c)[:, None] * D + offs_d[None, :]
-        qp = _dot_acc(qc, tl.load(PS + poff), qp)
-        qp = _dot_acc(qc, tl.load(PS + HKV * D * D + poff), qp)
-        qp = _dot_acc(qc, tl.load(PS + 2 * HKV * D * D + poff), qp)
+        if TERMS >= 1:
+            qp = _dot_acc(qc, tl.load(PS + poff), qp)
+        if TERMS >= 2:
+            qp = _dot_acc(qc, tl.load(PS + HKV * D * D + poff), qp)
+        if TERMS >= 3:
+            qp = _dot_acc(qc, tl.load(PS + 2 * HKV * D * D + poff), qp)
     qpq = qp.to(Q.dtype.element_ty)
     kp = tl.zeros([D], tl.float32)
     if WRITE_KV:
