@@ -406,6 +406,29 @@ def run_bench(config: BenchConfig, shape: AttnShape, projection: torch.Tensor | 
     return rows
 
 
+def launch_resources(config: BenchConfig, shape: AttnShape, seq: int, sms: int = 132,
+                     capability: int = 90) -> list[dict[str, Any]]:
+    """One row per launch of every fused implementation of ``decode_impls`` (the catalog and configs of a timed run)
+    at ``config.batch`` x ``seq`` for each of ``config.ks``: impl, k, then what the launch's program occupies on an
+    SM (``kernels.resources``: the launchers run on meta tensors, each launch compiled offline for sm_{capability})."""
+    from .kernels.resources import step_resources
+
+    meta = torch.device("meta")
+    proj = random_projection(shape.num_kv_heads, shape.head_dim, torch.Generator().manual_seed(config.seed)).to(meta)
+    inputs = _decode_inputs(shape, config.batch, seq, proj, getattr(torch, config.dtype), meta, 1,
+                            config.bound_page or 64, bool(config.token_ratios))[0]
+    rows: list[dict[str, Any]] = []
+    cache: dict[str, Any] = {}
+    for k in config.ks:
+        dims = max(1, min(shape.head_dim, round(k * shape.head_dim)))
+        for name, (fn, _) in decode_impls(config, shape, dims, proj, meta, seq).items():
+            if not name.startswith("aqua-"):
+                continue
+            for r in step_resources(lambda fn=fn: fn(inputs), sms, capability, cache):
+                rows.append({"impl": name, "k": k, "dims": dims, "seq": seq, "batch": config.batch, **r.as_dict()})
+    return rows
+
+
 def measured_break_even(rows: Sequence[dict[str, Any]], impl: str, k: float | None = None) -> int | None:
     """Smallest measured length from which ``impl`` (at ``k``) is at least as fast as dense at every longer
     length (None if it never is)."""

@@ -5,7 +5,7 @@
 
 For each ``aqua bench`` implementation (the same catalog and configs as a timed run) the step's launchers run on
 ``meta`` tensors with the kernels recorded instead of launched, and each launch is compiled for sm_90 offline, as
-Triton's JIT would specialize it (``aqua_cli.kernels.resources``). Printed per launch: grid, warps, stages, shared
+Triton's JIT would specialize it (``aqua_cli.bench.launch_resources``, ``aqua_cli.kernels.resources``). Printed per launch: grid, warps, stages, shared
 memory a program, registers and local (spilled) bytes a thread, asynchronous copies in the PTX (0: the loads were
 not pipelined through shared memory), programs an SM can hold, and whether two programs of the launch fit on one
 SM (``x2``: a one-program-per-SM layout relies on the scheduler spreading them) and whether one fits beside a
@@ -35,10 +35,10 @@ def main() -> int:
 
     import triton
 
-    from aqua_cli.bench import BenchConfig, parse_seq
+    from aqua_cli.bench import BenchConfig, launch_resources, parse_seq
     from aqua_cli.cli import number_list, ratio_list
     from aqua_cli.errors import AquaError
-    from aqua_cli.kernels.resources import HOPPER, Resources, bench_resources, fit_together
+    from aqua_cli.kernels.resources import HOPPER, Resources, fit_together
     from aqua_cli.models import resolve_shape
 
     try:
@@ -55,7 +55,7 @@ def main() -> int:
         config = BenchConfig(seqs=seqs, batch=batch, ks=ks, token_ratios=ratios, hybrid=False, rerank=args.rerank,
                              dtype="bfloat16")
         for seq in seqs:
-            rows += bench_resources(config, shape, seq, args.sms, args.capability)
+            rows += launch_resources(config, shape, seq, args.sms, args.capability)
     fields = [f.name for f in Resources.__dataclass_fields__.values()]
     prev = None
     for r in rows:  # pairs: two programs of one launch, and a program beside one of the launch before it

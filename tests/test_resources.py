@@ -12,7 +12,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from aqua_cli.bench import BenchConfig, random_projection  # noqa: E402
+from aqua_cli.bench import BenchConfig, launch_resources, random_projection  # noqa: E402
 from aqua_cli.kernels import decode as dk  # noqa: E402
 from aqua_cli.kernels import resources as rs  # noqa: E402
 from aqua_cli.models import AttnShape  # noqa: E402
@@ -77,10 +77,10 @@ def test_offline_compile_of_the_balanced_kernel():
         assert rs.fit_together(select, stream)
 
 
-def test_bench_resources_covers_the_fused_catalog():
+def test_launch_resources_cover_the_fused_catalog():
     shape = AttnShape("tiny", 8, 2, 64)
     config = BenchConfig(seqs=[1024], batch=2, ks=[0.5], token_ratios=[1 / 8], hybrid=False, rerank=2)
-    rows = rs.bench_resources(config, shape, 1024, sms=8)
+    rows = launch_resources(config, shape, 1024, sms=8)
     impls = {r["impl"] for r in rows}
     assert {"aqua-dims", "aqua-topt-1/8", "aqua-pages-1/8", "aqua-planes-1/8", "aqua-bounds-1/8", "aqua-rerank-1/8"} <= impls
     assert all(r["shared"] > 0 and r["ctas_per_sm"] >= 1 for r in rows)

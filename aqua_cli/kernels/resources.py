@@ -260,24 +260,3 @@ def step_resources(step: Callable[[], Any], sms: int = 132, capability: int = 90
             cache[key] = compile_launch(launch, capability)
         out.append(dataclasses.replace(cache[key], grid=launch.grid))
     return out
-
-
-def bench_resources(config: Any, shape: Any, seq: int, sms: int = 132, capability: int = 90) -> list[dict[str, Any]]:
-    """One row per launch of every fused ``aqua bench`` implementation (``bench.decode_impls``, the same catalog and
-    configs as a timed run) at ``config.batch`` x ``seq`` for each of ``config.ks``: impl, k, then ``Resources``."""
-    from ..bench import _decode_inputs, decode_impls, random_projection
-
-    meta = torch.device("meta")
-    proj = random_projection(shape.num_kv_heads, shape.head_dim, torch.Generator().manual_seed(config.seed)).to(meta)
-    inputs = _decode_inputs(shape, config.batch, seq, proj, getattr(torch, config.dtype), meta, 1,
-                            config.bound_page or 64, bool(config.token_ratios))[0]
-    rows: list[dict[str, Any]] = []
-    cache: dict[str, Resources] = {}
-    for k in config.ks:
-        dims = max(1, min(shape.head_dim, round(k * shape.head_dim)))
-        for name, (fn, _) in decode_impls(config, shape, dims, proj, meta, seq).items():
-            if not name.startswith("aqua-"):
-                continue
-            for r in step_resources(lambda fn=fn: fn(inputs), sms, capability, cache):
-                rows.append({"impl": name, "k": k, "dims": dims, "seq": seq, "batch": config.batch, **r.as_dict()})
-    return rows
