@@ -1,16 +1,18 @@
 """What every launch of the fused decode step occupies on an H100/H200 SM, without a GPU.
 
-    PYTHONPATH=$PWD python3 scripts/kernel_resources.py --batch 8,1 --seq 32k,128k --k 0.25,0.5,0.75 --tokens 1/16,1/32 \
-        --json docs/results/kernel-resources-sm90.json
+    PYTHONPATH=$PWD python3 scripts/kernel_resources.py --batch 8,1 --seq 32k,128k --k 0.25,0.5,0.75 --tokens 1/16 \
+        --json docs/results/kernel-resources-sm90.json > docs/results/kernel-resources-sm90.txt
 
-For each ``aqua bench`` implementation (the same catalog and configs as a timed run) the step's launchers run on
-``meta`` tensors with the kernels recorded instead of launched, and each launch is compiled for sm_90 offline, as
-Triton's JIT would specialize it (``aqua_cli.bench.launch_resources``, ``aqua_cli.kernels.resources``). Printed per launch: grid, warps, stages, shared
-memory a program, registers and local (spilled) bytes a thread, asynchronous copies in the PTX (0: the loads were
-not pipelined through shared memory), programs an SM can hold, and whether two programs of the launch fit on one
-SM (``x2``: a one-program-per-SM layout relies on the scheduler spreading them) and whether one fits beside a
+(the committed files ran so under Triton 3.6, the version of the device tool's H100 image, in a venv of their own:
+``pip install torch==2.13.0 triton==3.6.0 && pip install -e .``). For each ``aqua bench`` implementation (the same
+catalog and configs as a timed run) the step's launchers run on ``meta`` tensors with the kernels recorded instead
+of launched, and each launch is compiled for sm_90 offline, as Triton's JIT would specialize it
+(``aqua_cli.bench.launch_resources``, ``aqua_cli.kernels.resources``). Printed per launch: grid, warps, stages,
+shared memory a program, registers and local (spilled) bytes a thread, asynchronous copies in the PTX (0: the loads
+were not pipelined through shared memory), programs an SM can hold, and whether two programs of the launch fit on
+one SM (``x2``: a one-program-per-SM layout relies on the scheduler spreading them) and whether one fits beside a
 program of the launch before it (``beside prev``: what programmatic dependent launch can overlap). The compiled
-code is that of the installed Triton: name the version with the numbers (the device tool's H100 image has 3.6).
+code is that of the installed Triton: name the version with the numbers.
 """
 
 from __future__ import annotations
