@@ -12,7 +12,8 @@ without a GPU, to be run in one call). Three parts, each written to the JSON as 
    docs/results/kernel-resources-sm90.json, Triton 3.6 as on the H100 image): at k=0.75 the stream kernel takes 255
    registers and spills 64 bytes a thread (none at 8 warps or 128-token steps); at k=0.5 two programs fit an SM
    (256 x 3 forces one); at batch 1 k=0.75 the split kernel's 136 KB allow one program an SM, so the 2-per-SM split
-   count runs two waves (``waves=1``). Whole steps through ``aqua_decode``, next to dense SDPA over the same sets.
+   count runs two waves (``waves=1``); the page scoring launch on key planes rounds its split count up to 576 programs
+   where 528 fit at once (``score_waves``). Whole steps through ``aqua_decode``, next to dense SDPA over the same sets.
 3. **The selection's parts**, alone and in front of the stream launch: a probe kernel (``_select_probe``) is the
    library's scatter-store selection without the cache write, with switches: ``TERMS`` of the split projection in
    qP (3 = the library's; 2 = hi + mid, P to ~2^-17, far under q's bf16 rounding, checked against the library's
@@ -38,6 +39,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _shared import PROJ as proj, input_sets, us  # noqa: E402
 from aqua_cli.kernels import decode as dk  # noqa: E402
+from aqua_cli.kernels.reference import key_planes  # noqa: E402
 from aqua_cli.kernels.decode import (_dims_range, _dims_selection, _gdc, _gdc_late, _group_qp, _merge_partials,  # noqa: E402
                                      _store_partial, _stream_slots, _top_dims)
 
@@ -319,6 +321,28 @@ for B, L, variants in [
             fns[name] = (lambda cfg=cfg: [dk.aqua_decode(q, None, v, kd, proj, cfg) for q, _, v, kd in sets], len(sets))
         result["launch"] += timed_rows(B, L, dense, dims, fns, checks)
     del sets, q, v, kd
+    torch.cuda.empty_cache()
+    save()
+
+# page top-T on key planes (k=0.5, T=L/16): the scoring launch's split count rounds up past the SMs' room
+# (64 KV groups x 9 splits = 576 programs where 4 an SM fit: 528, so 48 run as a second wave); 8 splits fit in one
+result["pages"] = []
+for B, L in [(8, 32768)]:
+    sets, dense = input_sets(B, L)
+    planes = [key_planes(kd) for _, _, _, kd in sets]
+    q, _, v, _ = sets[0]
+    fns, checks = {}, {}
+    base = None
+    for name, kw in {"default": {}, "score-waves-3.85": dict(score_waves=3.85), "score-waves-3": dict(score_waves=3.0),
+                     "score-waves-2": dict(score_waves=2.0)}.items():
+        cfg = dk.DecodeConfig(64, token_ratio=1 / 16, granularity="pages", page=64, **kw)
+        out = dk.aqua_decode(q, None, v, planes[0], proj, cfg)
+        base = out if base is None else base
+        checks[name] = dict(err_vs_default=rel(out, base))
+        fns[name] = (lambda cfg=cfg: [dk.aqua_decode(q, None, v, p, proj, cfg) for (q, _, v, _), p in zip(sets, planes)],
+                     len(sets))
+    result["pages"] += timed_rows(B, L, dense, 64, fns, checks)
+    del sets, planes, q, v
     torch.cuda.empty_cache()
     save()
 
