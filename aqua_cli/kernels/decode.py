@@ -262,6 +262,22 @@ def _group_qp(Q, PS, bh, h, HKV, G: tl.constexpr, GP: tl.constexpr, D: tl.conste
 
 
 @_jit
+def _scatter_selection(QSEL, IDX, bh, qpq, keep, slot, K, G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
+                       D: tl.constexpr):
+    """A group's selection written to its slots: the kept columns of ``qpq`` and their dims by a masked scatter store
+    (``keep``/``slot`` from ``_top_dims``), zeros in the slots past ``K`` (the page scores read qsel rows unmasked)."""
+    offs_g = tl.arange(0, GP)
+    offs_j = tl.arange(0, KP)
+    gmask = offs_g < G
+    pad = offs_j >= K
+    tl.store(IDX + bh * KP + offs_j, tl.zeros([KP], tl.int32), mask=pad)
+    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], tl.zeros([GP, KP], QSEL.dtype.element_ty),
+             mask=gmask[:, None] & pad[None, :])
+    tl.store(IDX + bh * KP + slot, tl.arange(0, D), mask=keep)
+    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + slot[None, :], qpq, mask=gmask[:, None] & keep[None, :])
+
+
+@_jit
 def _select_dims_kernel(
     Q,  # (B, Hq, D) queries (bf16), contiguous; query head h*G + g reads KV head h
     PS,  # (3, Hkv, D, D) bf16: the projection split in hi + mid + lo terms (``_proj_split``)
@@ -290,14 +306,8 @@ def _select_dims_kernel(
     gmask = offs_g < G
     if SCATTER and not ALL:
         qpq, kp = _group_qp(Q, PS, bh, h, HKV, G, GP, D, CK, KN, b * s_knb + h * s_knh, WRITE_KV)
-        offs_d = tl.arange(0, D)
         keep, slot = _top_dims(qpq, K, FAN, ITERS)
-        pad = offs_j >= K  # slots past K hold zeros (the page scores read qsel rows unmasked)
-        tl.store(IDX + bh * KP + offs_j, tl.zeros([KP], tl.int32), mask=pad)
-        tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], tl.zeros([GP, KP], QSEL.dtype.element_ty),
-                 mask=gmask[:, None] & pad[None, :])
-        tl.store(IDX + bh * KP + slot, offs_d, mask=keep)
-        tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + slot[None, :], qpq, mask=gmask[:, None] & keep[None, :])
+        _scatter_selection(QSEL, IDX, bh, qpq, keep, slot, K, G, GP, KP, D)
     else:
         qpq, qsel, idx, kp = _group_select(Q, PS, bh, h, HKV, K, G, GP, KP, D, CK, FAN, ITERS, ALL,
                                            KN, b * s_knb + h * s_knh, WRITE_KV)

@@ -41,7 +41,7 @@ from _shared import PROJ as proj, input_sets, us  # noqa: E402
 from aqua_cli.kernels import decode as dk  # noqa: E402
 from aqua_cli.kernels.reference import key_planes  # noqa: E402
 from aqua_cli.kernels.decode import (_dims_range, _dims_selection, _gdc, _gdc_late, _group_qp, _merge_partials,  # noqa: E402
-                                     _store_partial, _stream_slots, _top_dims)
+                                     _scatter_selection, _store_partial, _stream_slots, _top_dims)
 
 SCALE = 128 ** -0.5
 
@@ -53,22 +53,14 @@ def _select_probe(Q, PS, QSEL, IDX, CNT, HKV, K, G: tl.constexpr, GP: tl.constex
     _gdc(GDC)
     bh = tl.program_id(0)
     h = bh % HKV
-    offs_g = tl.arange(0, GP)
-    offs_j = tl.arange(0, KP)
     offs_d = tl.arange(0, D)
-    gmask = offs_g < G
     qpq, _ = _group_qp(Q, PS, bh, h, HKV, G, GP, D, CK, Q, 0, False, TERMS)
     if SEARCH:
         keep, slot = _top_dims(qpq, K, FAN, ITERS)
     else:
         keep = offs_d < K
         slot = offs_d
-    pad = offs_j >= K
-    tl.store(IDX + bh * KP + offs_j, tl.zeros([KP], tl.int32), mask=pad)
-    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], tl.zeros([GP, KP], QSEL.dtype.element_ty),
-             mask=gmask[:, None] & pad[None, :])
-    tl.store(IDX + bh * KP + slot, offs_d, mask=keep)
-    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + slot[None, :], qpq, mask=gmask[:, None] & keep[None, :])
+    _scatter_selection(QSEL, IDX, bh, qpq, keep, slot, K, G, GP, KP, D)
     _gdc_late(GDC)
     tl.store(CNT + bh, K)
 
@@ -100,20 +92,11 @@ def _select_ts(Q, PS, QSEL, IDX, CNT, TS, HKV, K, G: tl.constexpr, GP: tl.conste
     _stamp(ts, 1, tl.program_id(0))
     bh = tl.program_id(0)
     h = bh % HKV
-    offs_g = tl.arange(0, GP)
-    offs_j = tl.arange(0, KP)
-    offs_d = tl.arange(0, D)
-    gmask = offs_g < G
     qpq, _ = _group_qp(Q, PS, bh, h, HKV, G, GP, D, CK, Q, 0, False, TERMS)
     _stamp(ts, 2, tl.sum(qpq.to(tl.float32)).to(tl.int32, bitcast=True))
     keep, slot = _top_dims(qpq, K, FAN, ITERS)
     _stamp(ts, 3, tl.sum(slot))
-    pad = offs_j >= K
-    tl.store(IDX + bh * KP + offs_j, tl.zeros([KP], tl.int32), mask=pad)
-    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + offs_j[None, :], tl.zeros([GP, KP], QSEL.dtype.element_ty),
-             mask=gmask[:, None] & pad[None, :])
-    tl.store(IDX + bh * KP + slot, offs_d, mask=keep)
-    tl.store(QSEL + (bh * G + offs_g[:, None]) * KP + slot[None, :], qpq, mask=gmask[:, None] & keep[None, :])
+    _scatter_selection(QSEL, IDX, bh, qpq, keep, slot, K, G, GP, KP, D)
     _gdc_late(GDC)
     tl.store(CNT + bh, K)
     _stamp(ts, 4, tl.sum(slot))
