@@ -103,3 +103,39 @@ def test_script_prints_a_table_and_writes_json(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "kernel_resources.py"), "--k", "2"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _ptx_diff():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ptx_diff", os.path.join(ROOT, "scripts", "ptx_diff.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ptx_diff_compare_names_each_kind_of_difference():
+    compare = _ptx_diff().compare
+    row = dict(batch=8, seq=4096, impl="aqua-dims", k=0.5, index=0, kernel="_a", grid=[4], ptx="p", lines="l")
+    same = [row, {**row, "index": 1, "kernel": "_b"}]
+    assert compare(same, [dict(r) for r in same]) == []
+    out = compare(same, [{**row, "ptx": "q"}, {**row, "index": 1, "kernel": "_b", "ptx": "r", "lines": "m"},
+                         {**row, "index": 2, "kernel": "_c"}])
+    assert out == ["B8 x 4096 aqua-dims k=0.5 launch 0 (_a): the same instructions in another order",
+                   "B8 x 4096 aqua-dims k=0.5 launch 1 (_b): PTX differs",
+                   "B8 x 4096 aqua-dims k=0.5 launch 2: added (_c)"]
+    assert compare([row], [{**row, "grid": [8]}]) == ["B8 x 4096 aqua-dims k=0.5 launch 0: _a [4] -> _a [8]"]
+    assert compare([row], []) == ["B8 x 4096 aqua-dims k=0.5 launch 0: dropped (_a)"]
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, ".git")), reason="needs the git checkout")
+def test_ptx_diff_script_on_one_revision_and_a_bad_one(tmp_path):
+    script = os.path.join(ROOT, "scripts", "ptx_diff.py")
+    args = ["--model", "smollm2-135m", "--batch", "2", "--seq", "1k", "--k", "0.5", "--tokens", ""]
+    proc = subprocess.run([sys.executable, script, "--base", "HEAD", "--head", "HEAD", *args], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "3 launches compiled for sm_90 in each tree; 0 differ from HEAD"
+    bad = subprocess.run([sys.executable, script, "--base", "no-such-revision", *args], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: no such revision") and "Traceback" not in bad.stderr

@@ -548,23 +548,35 @@ def _dims_stream_kernel(
     bh0 = g0 // NB
     nseg = (g1 - 1) // NB - bh0 + 1
     for seg in range(0, nseg):
-        bh = bh0 + seg
-        b = bh // HKV
-        h = bh % HKV
-        q, idx, jmask = _dims_selection(Q, IDX, CNT, bh, G, GP, KP, FULL_ROWS, PLANES)
-        kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-        vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-        m_i, l_i, acc = _dims_range(q, idx, jmask, kbase, vbase, s_kd, s_vl, tl.maximum(g0 - bh * NB, 0),
-                                    tl.minimum(g1 - bh * NB, NB), L, qk_scale, GP, BLOCK_N, D, FULL_ROWS, PLANES)
-        first, n = _stream_slots(bh, NB, W)
-        _store_partial(O, M, LS, bh * S + pid - first, m_i, l_i, acc, G, GP, D)
-        if FUSE:  # the last of the group's programs to arrive merges
-            tl.debug_barrier()
-            arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
-            if arrived == n - 1:
-                _merge_partials(O, M, LS, OUT, bh, S, n, G, GP, D)
-                tl.store(CNTR + bh, 0)
+        _stream_segment(Q, IDX, CNT, KD, V, O, M, LS, CNTR, OUT, pid, bh0 + seg, g0, g1, L, NB, W, HKV, S, qk_scale,
+                        s_kb, s_kh, s_kd, s_vb, s_vh, s_vl, G, GP, KP, D, BLOCK_N, FULL_ROWS, PLANES, FUSE)
     _gdc_late(GDC)
+
+
+@_jit
+def _stream_segment(Q, IDX, CNT, KD, V, O, M, LS, CNTR, OUT, pid, bh, g0, g1, L, NB, W, HKV, S, qk_scale,
+                    s_kb, s_kh, s_kd, s_vb, s_vh, s_vl, G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, FULL_ROWS: tl.constexpr, PLANES: tl.constexpr,
+                    FUSE: tl.constexpr):
+    """Program ``pid``'s share ``[g0, g1)`` of KV group ``bh``'s blocks in ``_dims_stream_kernel``: its partial sum in
+    its slot and, with ``FUSE``, the group's merge if it arrives last; -> the partial's denominators (a value that
+    depends on the whole segment, for anyone timing it)."""
+    b = bh // HKV
+    h = bh % HKV
+    q, idx, jmask = _dims_selection(Q, IDX, CNT, bh, G, GP, KP, FULL_ROWS, PLANES)
+    kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    m_i, l_i, acc = _dims_range(q, idx, jmask, kbase, vbase, s_kd, s_vl, tl.maximum(g0 - bh * NB, 0),
+                                tl.minimum(g1 - bh * NB, NB), L, qk_scale, GP, BLOCK_N, D, FULL_ROWS, PLANES)
+    first, n = _stream_slots(bh, NB, W)
+    _store_partial(O, M, LS, bh * S + pid - first, m_i, l_i, acc, G, GP, D)
+    if FUSE:  # the last of the group's programs to arrive merges
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
+        if arrived == n - 1:
+            _merge_partials(O, M, LS, OUT, bh, S, n, G, GP, D)
+            tl.store(CNTR + bh, 0)
+    return l_i
 
 
 @_jit

@@ -217,8 +217,8 @@ def _cubin_usage(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(reg.group(1)) if reg else None), (spill if reg else None)
 
 
-def compile_launch(launch: Launch, capability: int = 90, sm: SMLimits = HOPPER) -> Resources:
-    """Compile one recorded launch for ``sm_{capability}`` offline and read what its program takes."""
+def compile_kernel(launch: Launch, capability: int = 90) -> Any:
+    """One recorded launch compiled for ``sm_{capability}`` offline (Triton's ``CompiledKernel``: asm, metadata)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDAOptions
@@ -227,8 +227,28 @@ def compile_launch(launch: Launch, capability: int = 90, sm: SMLimits = HOPPER) 
     sig, consts, attrs = _specialize(launch)
     known = {f.name for f in dataclasses.fields(CUDAOptions)}
     options = {k: v for k, v in launch.options.items() if k in known}
-    kernel = triton.compile(ASTSource(fn=launch.fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", capability, 32), options=options)
+    return triton.compile(ASTSource(fn=launch.fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def normalized_ptx(kernel: Any) -> str:
+    """A compiled kernel's PTX without what moves when only the source does: the debug sections, ``.loc``/``.file``
+    lines, comments and the numbering of temporary labels. Two trees whose kernels give the same text here run the
+    same instructions (what a refactor should leave alone)."""
+    lines = []
+    for line in kernel.asm.get("ptx", "").splitlines():
+        if re.match(r"\s*\.section\s+\.debug", line):
+            break
+        text = line.strip()
+        if text.startswith((".loc", ".file", "//")) or re.fullmatch(r"\$L__tmp\d+:", text):
+            continue
+        lines.append(re.sub(r"\$L__tmp\d+", "$L__tmp", line))
+    return "\n".join(lines)
+
+
+def compile_launch(launch: Launch, capability: int = 90, sm: SMLimits = HOPPER) -> Resources:
+    """Compile one recorded launch for ``sm_{capability}`` offline and read what its program takes."""
+    kernel = compile_kernel(launch, capability)
     ptx = kernel.asm.get("ptx", "")
     registers, local = _cubin_usage(kernel.asm.get("cubin", b""))
     num_warps = launch.options.get("num_warps", 4)

@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _shared import PROJ as proj, input_sets, us  # noqa: E402
 from aqua_cli.kernels import decode as dk  # noqa: E402
 from aqua_cli.kernels.reference import key_planes  # noqa: E402
-from aqua_cli.kernels.decode import (_dims_range, _dims_selection, _gdc, _gdc_late, _group_qp, _merge_partials,  # noqa: E402
-                                     _scatter_selection, _store_partial, _stream_slots, _top_dims)
+from aqua_cli.kernels.decode import (_gdc, _gdc_late, _group_qp, _scatter_selection, _stream_segment,  # noqa: E402
+                                     _top_dims)
 
 SCALE = 128 ** -0.5
 
@@ -107,7 +107,7 @@ def _stream_ts(Q, IDX, CNT, KD, V, O, M, LS, CNTR, OUT, TS, L, NB, W, TOTAL, HKV
                s_kb, s_kh, s_kd, s_vb, s_vh, s_vl, G: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
                D: tl.constexpr, BLOCK_N: tl.constexpr, FULL_ROWS: tl.constexpr, GDC: tl.constexpr):
     """``_dims_stream_kernel`` (bf16 keys, merge in the launch) stamped: start, after the PDL wait, after each
-    segment's blocks (slots 2-4), after the last merge (5)."""
+    segment (its blocks, its partial stored, the group merged if this program came last: slots 2-4), at the end (5)."""
     pid = tl.program_id(0)
     ts = TS + pid * 8
     _stamp(ts, 0, pid)
@@ -118,22 +118,9 @@ def _stream_ts(Q, IDX, CNT, KD, V, O, M, LS, CNTR, OUT, TS, L, NB, W, TOTAL, HKV
     bh0 = g0 // NB
     nseg = (g1 - 1) // NB - bh0 + 1
     for seg in range(0, nseg):
-        bh = bh0 + seg
-        b = bh // HKV
-        h = bh % HKV
-        q, idx, jmask = _dims_selection(Q, IDX, CNT, bh, G, GP, KP, FULL_ROWS, False)
-        kbase = KD + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-        vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-        m_i, l_i, acc = _dims_range(q, idx, jmask, kbase, vbase, s_kd, s_vl, tl.maximum(g0 - bh * NB, 0),
-                                    tl.minimum(g1 - bh * NB, NB), L, qk_scale, GP, BLOCK_N, D, FULL_ROWS, False)
+        l_i = _stream_segment(Q, IDX, CNT, KD, V, O, M, LS, CNTR, OUT, pid, bh0 + seg, g0, g1, L, NB, W, HKV, S, qk_scale,
+                              s_kb, s_kh, s_kd, s_vb, s_vh, s_vl, G, GP, KP, D, BLOCK_N, FULL_ROWS, False, True)
         _stamp(ts, 2 + tl.minimum(seg, 2), tl.sum(l_i).to(tl.int32, bitcast=True))
-        first, n = _stream_slots(bh, NB, W)
-        _store_partial(O, M, LS, bh * S + pid - first, m_i, l_i, acc, G, GP, D)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(CNTR + bh, 1, sem="acq_rel")
-        if arrived == n - 1:
-            _merge_partials(O, M, LS, OUT, bh, S, n, G, GP, D)
-            tl.store(CNTR + bh, 0)
     _gdc_late(GDC)
     _stamp(ts, 5, nseg)
 
@@ -183,7 +170,7 @@ def timeline(q, kd, v, dims, terms=3, early=False, block=256, stages=2, reps=5):
     last = torch.where(ts_str[:, 4].cpu() > 0, segs[:, 2], torch.where(ts_str[:, 3].cpu() > 0, segs[:, 1], segs[:, 0]))
     return dict(select_start=q_(a[:, 0]), select_released=q_(a[:, 1]), select_qp_done=q_(a[:, 2]),
                 select_search_done=q_(a[:, 3]), select_end=q_(a[:, 4]), stream_start=q_(b[:, 0]),
-                stream_released=q_(b[:, 1]), stream_blocks_done=q_(last), stream_end=q_(b[:, 5]),
+                stream_released=q_(b[:, 1]), stream_segments_done=q_(last), stream_end=q_(b[:, 5]),
                 stream_smids=len(set(ts_str[:, 7].tolist())), programs=programs,
                 out_err=rel(out, dk.launch_dims_stream(dk.launch_select_dims(q, proj, dims), kd, v, SCALE,
                                                        full_rows=dims == KP)))
