@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .budgets import k_dims
 from .cost import cost_model, pages_bytes, paper_break_even
 from .errors import ConfigError
 from .models import AttnShape
@@ -281,7 +282,7 @@ def bench_decode_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: torc
     # temporaries of the whole cache, once allocated, were seen to slow the kernels timed after them on one H100
     # (docs/bench.md, "a timing trap")
     for k in config.ks:
-        dims = max(1, min(shape.head_dim, round(k * shape.head_dim)))
+        dims = k_dims(k, shape.head_dim)
         for name, (fn, extra) in decode_impls(config, shape, dims, proj, device, seq).items():
             if name != "dense" or not runs:
                 runs.append((k, dims, name, fn, extra))
@@ -362,7 +363,7 @@ def bench_prefill_seq(config: BenchConfig, shape: AttnShape, seq: int, proj: tor
              "model_flops": cost_model(shape, config.batch, seq, "prefill", shape.head_dim, None, elem)["dense_flops"]}]
     group = shape.group
     for kr in config.ks:
-        dims = max(1, min(shape.head_dim, round(kr * shape.head_dim)))
+        dims = k_dims(kr, shape.head_dim)
         p = proj_d[:, :, :dims]
 
         def static(p: torch.Tensor = p) -> torch.Tensor:
@@ -410,8 +411,10 @@ def launch_resources(config: BenchConfig, shape: AttnShape, seq: int, sms: int =
                      capability: int = 90) -> list[dict[str, Any]]:
     """One row per launch of every fused implementation of ``decode_impls`` (the catalog and configs of a timed run)
     at ``config.batch`` x ``seq`` for each of ``config.ks``: impl, k, then what the launch's program occupies on an
-    SM (``kernels.resources``: the launchers run on meta tensors, each launch compiled offline for sm_{capability})."""
-    from .kernels.resources import step_resources
+    SM (``kernels.resources``: the launchers run on meta tensors, each launch compiled offline for sm_{capability}),
+    whether two of its programs fit one SM, and whether one fits beside a program of the step's launch before it
+    (None for a step's first launch)."""
+    from .kernels.resources import fit_together, step_resources
 
     meta = torch.device("meta")
     proj = random_projection(shape.num_kv_heads, shape.head_dim, torch.Generator().manual_seed(config.seed)).to(meta)
@@ -420,12 +423,16 @@ def launch_resources(config: BenchConfig, shape: AttnShape, seq: int, sms: int =
     rows: list[dict[str, Any]] = []
     cache: dict[str, Any] = {}
     for k in config.ks:
-        dims = max(1, min(shape.head_dim, round(k * shape.head_dim)))
+        dims = k_dims(k, shape.head_dim)
         for name, (fn, _) in decode_impls(config, shape, dims, proj, meta, seq).items():
             if not name.startswith("aqua-"):
                 continue
+            prev = None
             for r in step_resources(lambda fn=fn: fn(inputs), sms, capability, cache):
-                rows.append({"impl": name, "k": k, "dims": dims, "seq": seq, "batch": config.batch, **r.as_dict()})
+                rows.append({"impl": name, "k": k, "dims": dims, "seq": seq, "batch": config.batch, **r.as_dict(),
+                             "two_per_sm": fit_together(r, r),
+                             "beside_previous": None if prev is None else fit_together(prev, r)})
+                prev = r
     return rows
 
 

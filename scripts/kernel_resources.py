@@ -22,13 +22,12 @@ import json
 import sys
 
 
+
 def main() -> int:
+    from _catalog import add_catalog_args, catalog  # beside this script
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="llama-3.1-8b", help="a preset of aqua bench, a Hub id or a local model")
-    parser.add_argument("--batch", default="8", help="batch sizes, e.g. 8,1")
-    parser.add_argument("--seq", default="32k", help="sequence lengths (aqua bench's --seq syntax)")
-    parser.add_argument("--k", default="0.5,0.75", help="kept-dim ratios")
-    parser.add_argument("--tokens", default="1/16", help="T/L ratios of the top-T rows ('' for none)")
+    add_catalog_args(parser, batch="8", k="0.5,0.75")
     parser.add_argument("--rerank", type=int, default=4)
     parser.add_argument("--sms", type=int, default=132, help="SMs of the GPU the launchers plan for (H100/H200: 132)")
     parser.add_argument("--capability", type=int, default=90, help="compute capability to compile for (90: Hopper)")
@@ -37,36 +36,23 @@ def main() -> int:
 
     import triton
 
-    from aqua_cli.bench import BenchConfig, launch_resources, parse_seq
-    from aqua_cli.cli import number_list, ratio_list
+    from aqua_cli.bench import BenchConfig, launch_resources
     from aqua_cli.errors import AquaError
-    from aqua_cli.kernels.resources import HOPPER, Resources, fit_together
+    from aqua_cli.kernels.resources import HOPPER
     from aqua_cli.models import resolve_shape
 
     try:
-        shape = resolve_shape(args.model)
-        seqs = parse_seq(args.seq)
-        batches = number_list(args.batch, int, "--batch")
-        ks = ratio_list(args.k, "k")
-        ratios = ratio_list(args.tokens, "--tokens") if args.tokens else []
+        spec = catalog(args)
     except AquaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    shape = resolve_shape(spec["model"])
     rows = []
-    for batch in batches:
-        config = BenchConfig(seqs=seqs, batch=batch, ks=ks, token_ratios=ratios, hybrid=False, rerank=args.rerank,
-                             dtype="bfloat16")
-        for seq in seqs:
+    for batch in spec["batches"]:
+        config = BenchConfig(seqs=spec["seqs"], batch=batch, ks=spec["ks"], token_ratios=spec["ratios"], hybrid=False,
+                             rerank=args.rerank, dtype="bfloat16")
+        for seq in spec["seqs"]:
             rows += launch_resources(config, shape, seq, args.sms, args.capability)
-    fields = [f.name for f in Resources.__dataclass_fields__.values()]
-    prev = None
-    for r in rows:  # pairs: two programs of one launch, and a program beside one of the launch before it
-        res = Resources(**{k: r[k] for k in fields})
-        r["two_per_sm"] = fit_together(res, res)
-        same_step = prev is not None and (prev[0]["impl"], prev[0]["k"], prev[0]["seq"], prev[0]["batch"]) == (
-            r["impl"], r["k"], r["seq"], r["batch"])
-        r["beside_previous"] = fit_together(prev[1], res) if same_step else None
-        prev = (r, res)
     head = f"{'B':>2} {'seq':>7} {'impl':<17} {'k':>4} {'kernel':<22} {'grid':<10} {'w':>2} {'st':>2} " \
            f"{'smem KB':>7} {'reg':>4} {'spill':>5} {'cp.async':>8} {'/SM':>3} {'x2':>3} {'beside prev':>11}"
     print(f"triton {triton.__version__}, sm_{args.capability}, {args.sms} SMs, {shape.name} "

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import types
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -35,6 +36,7 @@ def child(spec: dict) -> list[dict]:
     import torch
 
     from aqua_cli import bench
+    from aqua_cli.budgets import k_dims
     from aqua_cli.kernels import resources
     from aqua_cli.models import resolve_shape
 
@@ -56,7 +58,7 @@ def child(spec: dict) -> list[dict]:
             inputs = bench._Inputs(**{name: value for name, value in t.items() if name in fields})
             config = bench.BenchConfig(seqs=[seq], batch=batch, ks=spec["ks"], token_ratios=spec["ratios"], hybrid=False)
             for k in spec["ks"]:
-                dims = max(1, min(shape.head_dim, round(k * shape.head_dim)))
+                dims = k_dims(k, shape.head_dim)
                 for name, (fn, _) in bench.decode_impls(config, shape, dims, proj, cuda, seq).items():
                     if not name.startswith("aqua-"):
                         continue
@@ -114,24 +116,19 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         print(json.dumps(child(json.loads(sys.argv[2]))))
         return 0
+    from _catalog import add_catalog_args, catalog  # beside this script
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="HEAD", help="the git revision to compare with (default HEAD)")
     parser.add_argument("--head", default=None, help="a git revision to compare instead of the work tree")
-    parser.add_argument("--model", default="llama-3.1-8b")
-    parser.add_argument("--batch", default="8,1")
-    parser.add_argument("--seq", default="32k")
-    parser.add_argument("--k", default="0.25,0.5,0.75")
-    parser.add_argument("--tokens", default="1/16", help="T/L ratios of the top-T rows ('' for none)")
+    add_catalog_args(parser, batch="8,1", k="0.25,0.5,0.75")
     args = parser.parse_args()
 
     sys.path.insert(0, ROOT)
-    from aqua_cli.bench import parse_seq
-    from aqua_cli.cli import number_list, ratio_list
     from aqua_cli.errors import AquaError
 
     try:
-        spec = dict(model=args.model, batches=list(number_list(args.batch, int, "--batch")), seqs=parse_seq(args.seq),
-                    ks=ratio_list(args.k, "k"), ratios=ratio_list(args.tokens, "--tokens") if args.tokens else [])
+        spec = catalog(args)
         with tempfile.TemporaryDirectory() as tmp_base, tempfile.TemporaryDirectory() as tmp_head:
             base = run_tree(base_tree(args.base, tmp_base), spec)
             work = run_tree(base_tree(args.head, tmp_head) if args.head else ROOT, spec)

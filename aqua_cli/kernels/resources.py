@@ -80,15 +80,19 @@ class Resources:
         return asdict(self)
 
 
+def _warp_registers(registers: int | None) -> int:
+    """Registers a warp is given: a thread's count times 32, in 256s."""
+    return -(-(registers or 0) * 32 // 256) * 256
+
+
 def ctas_per_sm(shared: int, registers: int | None, num_warps: int, sm: SMLimits = HOPPER) -> int:
     """Programs of one launch an SM can hold at once, the least of what shared memory, registers, threads and the
-    program limit allow (registers go out a warp at a time in 256s)."""
+    program limit allow."""
     if shared > sm.shared_per_cta:
         return 0
     limits = [sm.ctas, sm.threads // (32 * num_warps), sm.shared // (shared + sm.reserved_per_cta)]
     if registers:
-        per_warp = -(-registers * 32 // 256) * 256
-        limits.append((sm.registers // per_warp) // num_warps)
+        limits.append((sm.registers // _warp_registers(registers)) // num_warps)
     return max(0, min(limits))
 
 
@@ -97,7 +101,7 @@ def fit_together(a: Resources, b: Resources, sm: SMLimits = HOPPER) -> bool:
     launch allows, or two programs of one launch when ``a is b``)."""
     shared = a.shared + b.shared + 2 * sm.reserved_per_cta
     threads = 32 * (a.num_warps + b.num_warps)
-    regs = sum(-(-(r.registers or 0) * 32 // 256) * 256 * r.num_warps for r in (a, b))
+    regs = sum(_warp_registers(r.registers) * r.num_warps for r in (a, b))
     return shared <= sm.shared and threads <= sm.threads and regs <= sm.registers
 
 

@@ -38,6 +38,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _shared import PROJ as proj, input_sets, us  # noqa: E402
+from aqua_cli.bench import _rel_err as rel  # noqa: E402
 from aqua_cli.kernels import decode as dk  # noqa: E402
 from aqua_cli.kernels.reference import key_planes  # noqa: E402
 from aqua_cli.kernels.decode import (_gdc, _gdc_late, _group_qp, _scatter_selection, _stream_segment,  # noqa: E402
@@ -185,8 +186,8 @@ def probe(q, dims, terms=3, search=True, ck=64, warps=4, early=False):
     idx = torch.empty(batch * groups, KP, device=q.device, dtype=torch.int32)
     cnt = torch.empty(batch * groups, device=q.device, dtype=torch.int32)
     _select_probe[(batch * groups,)](q, dk._proj_split(proj), qsel, idx, cnt, groups, dims, G=rep, GP=dk._gp(rep),
-                                         KP=KP, D=dim, CK=ck, FAN=dk.DIM_FAN, ITERS=dk.DIM_ITERS, TERMS=terms,
-                                         SEARCH=search, GDC=1 if early else 2, launch_pdl=True, num_warps=warps)
+                                     KP=KP, D=dim, CK=ck, FAN=dk.DIM_FAN, ITERS=dk.DIM_ITERS, TERMS=terms,
+                                     SEARCH=search, GDC=1 if early else 2, launch_pdl=True, num_warps=warps)
     return qsel, idx, cnt
 
 
@@ -206,10 +207,6 @@ def select_variants(dims):
            "t2-ck32": lambda q: probe(q, dims, 2, ck=32), "t2-w8": lambda q: probe(q, dims, 2, warps=8),
            "t2-w2": lambda q: probe(q, dims, 2, warps=2)}
     return out
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 OUT = os.path.join(os.environ.get("OUT", "."), "step_cost.json")
