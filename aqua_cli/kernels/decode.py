@@ -341,6 +341,23 @@ def _select_dims_kernel(
 
 
 @_jit
+def _online_softmax(s, v, m_i, l_i, acc, SAFE: tl.constexpr = False):
+    """One block of the online softmax (scores already in log2 units): the running sum and output are rescaled to
+    the new maximum and the block's share is added. ``SAFE``: rows whose scores so far are all masked (-inf) take a
+    zero share instead of NaN; the token path needs it, since a block of its slots can be all padding."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SAFE:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@_jit
 def _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, n0, L, m_i, l_i, acc, qk_scale,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, FULL_ROWS: tl.constexpr,
                 PLANES: tl.constexpr = False):
@@ -374,12 +391,7 @@ def _dims_block(q, idx, jmask, kbase, vbase, s_kd, s_vl, n0, L, m_i, l_i, acc, q
     s = _dot(q, kd) * qk_scale  # (GP, BN)
     if MASKED:
         s = tl.where(nmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return _online_softmax(s, v, m_i, l_i, acc)
 
 
 @_jit
@@ -840,6 +852,32 @@ def select_width(n_pages: int, sinks: int, recent: int) -> int:
 
 
 @_jit
+def _page_block(q, kbase, vbase, pg, L, s_kp, s_kd, s_vl, m_i, l_i, acc, qk_scale, D: tl.constexpr,
+                PAGE: tl.constexpr, MASKED: tl.constexpr, PLANES: tl.constexpr):
+    """One chosen page of the exact pass: its projected keys (both byte planes joined where ``PLANES``) and its rows
+    of V; unmasked unless MASKED (the partial last page), so that a full page's loads are 16 bytes wide."""
+    offs_d = tl.arange(0, D)
+    offs_t = tl.arange(0, PAGE)
+    kptr = kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :]
+    if MASKED:
+        tok = pg * PAGE + offs_t
+        tmask = tok < L
+        kt = tl.load(kptr, mask=tmask[None, :], other=0.0)
+        if PLANES:
+            kt = _join_planes(kt, tl.load(kptr + D * s_kd, mask=tmask[None, :], other=0.0))
+        vt = tl.load(vbase + tok[:, None] * s_vl + offs_d[None, :], mask=tmask[:, None], other=0.0)
+    else:
+        kt = tl.load(kptr)  # (D, PAGE)
+        if PLANES:
+            kt = _join_planes(kt, tl.load(kptr + D * s_kd))
+        vt = tl.load(vbase + (pg * PAGE + offs_t)[:, None] * s_vl + offs_d[None, :])  # (PAGE, D)
+    s = _dot(q, kt) * qk_scale
+    if MASKED:
+        s = tl.where(tmask[None, :], s, float("-inf"))
+    return _online_softmax(s, vt, m_i, l_i, acc)
+
+
+@_jit
 def _page_attend_kernel(
     QF,  # (B*Hkv, G, D) projected queries
     LIST, NFULL,  # from _page_select_kernel
@@ -865,7 +903,6 @@ def _page_attend_kernel(
     n_here = tl.minimum(per_split, nfull - s0)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
-    offs_t = tl.arange(0, PAGE)
     gmask = offs_g < G
     q = tl.load(QF + (bh * G + offs_g[:, None]) * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
     if PLANES:
@@ -877,35 +914,12 @@ def _page_attend_kernel(
     acc = tl.zeros([GP, D], tl.float32)
     for i in range(0, n_here):
         pg = tl.load(LIST + bh * NSEL + s0 + i).to(tl.int64)
-        kptr = kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :]
-        kt = tl.load(kptr)  # (D, PAGE)
-        if PLANES:
-            kt = _join_planes(kt, tl.load(kptr + D * s_kd))
-        vt = tl.load(vbase + (pg * PAGE + offs_t)[:, None] * s_vl + offs_d[None, :])  # (PAGE, D)
-        s = _dot(q, kt) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        m_i, l_i, acc = _page_block(q, kbase, vbase, pg, L, s_kp, s_kd, s_vl, m_i, l_i, acc, qk_scale, D, PAGE,
+                                    False, PLANES)
     if (nfull < NSEL) & (split == nsplit - 1):  # the partial last page was chosen: it sits at slot nfull
         pg = tl.load(LIST + bh * NSEL + nfull).to(tl.int64)
-        tok = pg * PAGE + offs_t
-        tmask = tok < L
-        kptr = kbase + pg * s_kp + offs_d[:, None].to(tl.int64) * s_kd + offs_t[None, :]
-        kt = tl.load(kptr, mask=tmask[None, :], other=0.0)
-        if PLANES:
-            kt = _join_planes(kt, tl.load(kptr + D * s_kd, mask=tmask[None, :], other=0.0))
-        vt = tl.load(vbase + tok[:, None] * s_vl + offs_d[None, :], mask=tmask[:, None], other=0.0)
-        s = _dot(q, kt) * qk_scale
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        m_i, l_i, acc = _page_block(q, kbase, vbase, pg, L, s_kp, s_kd, s_vl, m_i, l_i, acc, qk_scale, D, PAGE,
+                                    True, PLANES)
     _gdc_late(GDC)
     _store_partial(O, M, LS, bh * nsplit + split, m_i, l_i, acc, G, GP, D)
 
@@ -1005,14 +1019,8 @@ def _tokens_split_kernel(
         k = tl.load(kbase + tok[:, None] * s_kl + offs_d[None, :], mask=smask[:, None], other=0.0)  # (BN, D)
         s = _dot(q, tl.trans(k)) * qk_scale  # (GP, BN)
         s = tl.where(smask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vbase + tok[:, None] * s_vl + offs_d[None, :], mask=smask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, SAFE=True)
     _gdc_late(GDC)
     _store_partial(O, M, LS, bh * nsplit + split, m_i, l_i, acc, G, GP, D)
 
