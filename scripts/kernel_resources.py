@@ -22,7 +22,6 @@ import json
 import sys
 
 
-
 def main() -> int:
     from _catalog import add_catalog_args, catalog  # beside this script
 
